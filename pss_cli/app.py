@@ -1,0 +1,96 @@
+"""The Typer app, and the ONE place where errors become ``Error: ...`` text and exit codes.
+
+Importing this module must not import torch (``pss --help`` / ``--version`` stay fast): commands
+import the library lazily, inside their bodies.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pss_cli import __version__
+from pss_cli.commands.scan import scan_command
+from pss_cli.errors import ExitCode, PssError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="pss",
+    help=(
+        "Diagnose and repair singular weight spectra in neural-network checkpoints "
+        "(Parametric Singularity Smoothing, arXiv 2602.01308)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def report_error(message: str, hint: str | None) -> None:
+    """Print a one-line error (and its hint) to stderr."""
+    print(f"Error: {message}", file=sys.stderr)
+    if hint:
+        print(f"Hint: {hint}", file=sys.stderr)
+
+
+def guarded(command: F) -> F:
+    """Turn library errors into text and exit codes; never show a traceback for them."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PssError as exc:
+            report_error(exc.message, exc.hint)
+            raise typer.Exit(int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            report_error("interrupted", None)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            report_error(
+                "out of memory",
+                "use --include to scan fewer tensors, or a machine with more memory",
+            )
+            raise typer.Exit(int(ExitCode.INPUT)) from None
+        except Exception as exc:
+            if os.environ.get("PSS_DEBUG"):
+                raise
+            report_error(
+                f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "this is a bug in pss; rerun with PSS_DEBUG=1 for a traceback and report it",
+            )
+            raise typer.Exit(int(ExitCode.INPUT)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"pss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Diagnose and repair singular weight spectra in neural-network checkpoints."""
+
+
+app.command("scan", no_args_is_help=True)(guarded(scan_command))
+
+
+def main() -> None:
+    app()

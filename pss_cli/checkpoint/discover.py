@@ -1,0 +1,227 @@
+"""Turn a user-given path into a validated CheckpointLayout (headers only, no tensor data).
+
+Accepted: a ``.safetensors`` file; a ``*.safetensors.index.json`` (HF sharded format) or a folder
+holding one; a folder of ``.safetensors`` files without an index (e.g. an HF Trainer
+``checkpoint-N/``, whose optimizer.pt, trainer_state.json, ... are ignored here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from pss_cli.checkpoint.header import read_header, require_regular_file, stat_path
+from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.errors import CheckpointNotFoundError, CorruptCheckpointError, UsageError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+DEFAULT_INDEX_NAME = "model.safetensors.index.json"
+# Formats we recognise only to say so clearly; reading them means unpickling (unsafe) or DCP.
+_UNSUPPORTED_SUFFIXES = {
+    ".bin": "PyTorch pickle",
+    ".pt": "PyTorch pickle",
+    ".pth": "PyTorch pickle",
+    ".ckpt": "PyTorch pickle",
+    ".distcp": "torch.distributed.checkpoint",
+    ".gguf": "GGUF",
+}
+_CONVERT_HINT = "convert the weights to safetensors (e.g. safetensors.torch.save_file) first"
+_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def open_checkpoint(path: Path) -> CheckpointLayout:
+    """Discover and validate the checkpoint at ``path``; raise a CheckpointError subclass with a
+    one-line message naming the file (and tensor) when it is missing or inconsistent."""
+    st = stat_path(path)
+    if stat.S_ISDIR(st.st_mode):
+        return _open_directory(path)
+    name = path.name
+    if name.endswith(".json"):
+        return _open_sharded(path, index=path)
+    suffix = path.suffix.lower()
+    if suffix in _UNSUPPORTED_SUFFIXES:
+        raise CheckpointNotFoundError(
+            f"'{path}' is a {_UNSUPPORTED_SUFFIXES[suffix]} file; "
+            "only safetensors is supported yet",
+            hint=_CONVERT_HINT,
+        )
+    # Any other regular file is tried as safetensors: the header checks reject non-safetensors
+    # input with a clear message, and extension-less downloads still work.
+    entries, metadata = read_header(path)
+    return CheckpointLayout(
+        root=path,
+        kind=LayoutKind.SINGLE_FILE,
+        files=(path,),
+        entries=tuple(entries),
+        metadata={path: metadata},
+    )
+
+
+def _open_directory(folder: Path) -> CheckpointLayout:
+    children = _list_files(folder)
+    index = _find_index(folder, children)
+    if index is not None:
+        return _open_sharded(folder, index=index)
+    shards = sorted(p for p in children if p.name.endswith(SAFETENSORS_SUFFIX))
+    if not shards:
+        raise _no_safetensors_error(folder, children)
+    entries, metadata = _read_all(shards)
+    _reject_duplicates(entries)
+    return CheckpointLayout(
+        root=folder,
+        kind=LayoutKind.DIRECTORY,
+        files=tuple(shards),
+        entries=tuple(entries),
+        metadata=metadata,
+    )
+
+
+def _find_index(folder: Path, children: list[Path]) -> Path | None:
+    indexes = sorted(p for p in children if p.name.endswith(INDEX_SUFFIX))
+    by_name = {p.name: p for p in indexes}
+    if DEFAULT_INDEX_NAME in by_name:
+        return by_name[DEFAULT_INDEX_NAME]
+    if len(indexes) > 1:
+        names = ", ".join(p.name for p in indexes)
+        raise UsageError(
+            f"folder '{folder}' holds several safetensors indexes ({names})",
+            hint="pass the index file you mean instead of the folder",
+        )
+    return indexes[0] if indexes else None
+
+
+def _open_sharded(root: Path, index: Path) -> CheckpointLayout:
+    weight_map = _read_weight_map(index)
+    shard_names = sorted(set(weight_map.values()))
+    shards = [index.parent / name for name in shard_names]
+    for shard in shards:
+        if not shard.exists():
+            raise CorruptCheckpointError(
+                f"shard '{shard}' named in index '{index}' does not exist",
+                hint="the download is incomplete: fetch the missing shard (e.g. git lfs pull)",
+            )
+    entries, metadata = _read_all(shards)
+    _reject_duplicates(entries)
+    location = {e.name: e.file for e in entries}
+    for tensor, shard_name in weight_map.items():
+        expected = index.parent / shard_name
+        actual = location.get(tensor)
+        if actual != expected:
+            found = f" (it is in '{actual}')" if actual is not None else ""
+            raise CorruptCheckpointError(
+                f"tensor '{tensor}' is mapped to shard '{expected}' by index '{index}' "
+                f"but that shard does not hold it{found}",
+                hint="the index and the shards come from different saves; re-download them",
+            )
+    # Tensors present in a shard but missing from the weight_map stay in: they are in the files,
+    # and a repair must write them back unchanged.
+    return CheckpointLayout(
+        root=root,
+        kind=LayoutKind.SHARDED,
+        files=tuple(shards),
+        entries=tuple(entries),
+        index_file=index,
+        metadata=metadata,
+    )
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    require_regular_file(index)
+    hint = "the index is damaged; re-download model.safetensors.index.json"
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CorruptCheckpointError(f"index '{index}' is not UTF-8 text", hint=hint) from None
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(
+            f"index '{index}' is not valid JSON ({exc.msg} at line {exc.lineno})", hint=hint
+        ) from None
+    except OSError as exc:
+        raise CorruptCheckpointError(f"cannot read index '{index}': {exc.strerror}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(
+            f"'{index}' is not a safetensors index: it has no 'weight_map' object",
+            hint="pass the checkpoint folder or a .safetensors file instead",
+        )
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CorruptCheckpointError(
+                f"index '{index}' maps tensor '{tensor}' to {shard!r}, expected a shard file name",
+                hint=hint,
+            )
+    return weight_map
+
+
+def _read_all(files: Iterable[Path]) -> tuple[list[TensorEntry], dict[Path, dict[str, str]]]:
+    entries: list[TensorEntry] = []
+    metadata: dict[Path, dict[str, str]] = {}
+    for file in files:
+        file_entries, metadata[file] = read_header(file)
+        entries.extend(file_entries)
+    return entries, metadata
+
+
+def _reject_duplicates(entries: Iterable[TensorEntry]) -> None:
+    # Two files holding one name would make "which one is the model?" a guess: refuse.
+    seen: dict[str, Path] = {}
+    for entry in entries:
+        if entry.name in seen:
+            raise CorruptCheckpointError(
+                f"tensor '{entry.name}' appears in both '{seen[entry.name]}' and '{entry.file}'",
+                hint="the folder mixes two checkpoints (e.g. consolidated.safetensors next to "
+                "shards); pass one file or index",
+            )
+        seen[entry.name] = entry.file
+
+
+def _list_files(folder: Path) -> list[Path]:
+    """Regular files (symlinks followed, as in the HF cache) directly in ``folder``, by name."""
+    try:
+        with os.scandir(folder) as it:
+            found = [Path(e.path) for e in it if _is_file(e)]
+    except PermissionError:
+        raise CheckpointNotFoundError(
+            f"cannot list folder '{folder}': permission denied",
+            hint="check the folder's permissions (ls -ld)",
+        ) from None
+    return sorted(found)
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()  # follows symlinks; a dangling or looping link is not a file
+    except OSError:
+        return False
+
+
+def _no_safetensors_error(folder: Path, children: list[Path]) -> CheckpointNotFoundError:
+    found = ", ".join(p.name for p in children[:8]) or "nothing"
+    if len(children) > 8:
+        found += f", ... ({len(children)} files)"
+    unsupported = sorted({p.suffix for p in children if p.suffix.lower() in _UNSUPPORTED_SUFFIXES})
+    note = f"; {'/'.join(unsupported)} files are not supported yet" if unsupported else ""
+    message = f"folder '{folder}' holds no .safetensors files (found: {found}){note}"
+    latest = _latest_checkpoint_dir(folder)
+    if latest is not None:
+        hint = f"it holds trainer checkpoints: pass one of them, e.g. '{latest}'"
+    elif unsupported:
+        hint = _CONVERT_HINT
+    else:
+        hint = "pass a folder or file that holds .safetensors weights"
+    return CheckpointNotFoundError(message, hint=hint)
+
+
+def _latest_checkpoint_dir(folder: Path) -> Path | None:
+    try:
+        subdirs = [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT_DIR.fullmatch(p.name)]
+    except OSError:
+        return None
+    if not subdirs:
+        return None
+    return max(subdirs, key=lambda p: int(p.name.split("-")[1]))

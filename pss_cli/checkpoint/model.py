@@ -1,0 +1,49 @@
+"""Plain descriptions of a checkpoint on disk (torch-free, so they can be built from headers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class LayoutKind(StrEnum):
+    SINGLE_FILE = "single-file"  # one .safetensors file
+    SHARDED = "sharded"  # model.safetensors.index.json + shards
+    DIRECTORY = (
+        "directory"  # a folder (e.g. HF Trainer checkpoint-N/) with one or more .safetensors
+    )
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as its file's header describes it (nothing read yet)."""
+
+    name: str
+    file: Path  # the .safetensors file holding it
+    dtype: str  # safetensors dtype string: "F32", "BF16", "F16", "F64", "I8", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]  # byte range inside the file's data area
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """A validated checkpoint: every header parsed and checked, no tensor data loaded."""
+
+    root: Path  # what the user named (file or directory)
+    kind: LayoutKind
+    files: tuple[Path, ...]  # safetensors files, in a stable order
+    entries: tuple[TensorEntry, ...]  # every tensor, in file order then header order
+    index_file: Path | None = None
+    metadata: dict[Path, dict[str, str]] = field(default_factory=dict)  # per-file __metadata__

@@ -1,0 +1,216 @@
+"""Which tensors are analysed as matrices, with their role and block index (torch-free).
+
+Roles come from tensor names through one ordered regex table (first match wins), covering the
+HF names of GPT-2, BERT, Llama/Mistral/Qwen2, Phi, Falcon/Bloom, GPT-NeoX, GPT-J, OPT, T5,
+Mixtral and stacked-expert MoE, and Meta's original Llama names. Unknown names get ``other``:
+a wrong role is worse than none, because thresholds depend on the role (NOTES: embeddings
+have tiny stable ranks by nature).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from fnmatch import fnmatchcase
+from math import prod
+from typing import TYPE_CHECKING
+
+from pss_cli.checkpoint.model import TensorEntry
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Role(StrEnum):
+    EMBEDDING = "embedding"
+    ATTN_Q = "attn_q"
+    ATTN_K = "attn_k"
+    ATTN_V = "attn_v"
+    ATTN_O = "attn_o"
+    ATTN_QKV = "attn_qkv"  # fused Q, K, V (GPT-2 c_attn, Falcon/NeoX query_key_value, Phi-3)
+    MLP_UP = "mlp_up"
+    MLP_GATE = "mlp_gate"
+    MLP_GATE_UP = "mlp_gate_up"  # fused gate and up projections
+    MLP_DOWN = "mlp_down"
+    LM_HEAD = "lm_head"
+    OTHER = "other"
+
+
+class MatrixView(StrEnum):
+    MATRIX = "matrix"  # 2-D (m, n)
+    CONV = "conv"  # (out, in, *kernel) seen as (out, in * prod(kernel))
+    STACKED = "stacked"  # (E, m, n): E matrices analysed one by one (e.g. MoE experts)
+
+
+ANALYSED_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _seg(names: str) -> str:
+    """Regex for one dotted name segment among ``names`` (an alternation)."""
+    return rf"(?:^|\.)(?:{names})(?:\.|$)"
+
+
+# Ordered: context-specific patterns (BERT attention.output.dense, GPT-2 attn.c_proj vs
+# mlp.c_proj, T5 DenseReluDense.wo vs Llama attention.wo) come before the generic ones.
+_ROLE_TABLE: tuple[tuple[re.Pattern[str], Role], ...] = tuple(
+    (re.compile(pattern), role)
+    for pattern, role in (
+        # Output heads. GPT-NeoX's embed_out is its LM head; Meta's Llama names it output.weight.
+        (_seg("lm_head|embed_out"), Role.LM_HEAD),
+        (r"^output\.weight$", Role.LM_HEAD),
+        (r"(?:^|\.)cls\.predictions\.decoder\.", Role.LM_HEAD),
+        # MoE routers are (E, d) scoring matrices, not projections.
+        (_seg(r"router|gate|shared_expert_gate"), Role.OTHER),
+        # Embedding tables.
+        (
+            _seg(
+                r"wte|wpe|shared|embed_tokens|embed_positions|tok_embeddings|embed_in"
+                r"|relative_attention_bias|\w*_embeddings?|embeddings?"
+            ),
+            Role.EMBEDDING,
+        ),
+        # Fused attention input projections.
+        (_seg(r"c_attn|query_key_value|qkv_proj|Wqkv|qkv|in_proj_weight"), Role.ATTN_QKV),
+        # Attention outputs (before the generic MLP "dense"/"c_proj"/"wo" patterns).
+        (r"(?:^|\.)attention\.output\.dense\.", Role.ATTN_O),
+        (
+            r"(?:^|\.)(?:attn|self_attn|self_attention|attention)\.(?:c_proj|dense|wo)(?:\.|$)",
+            Role.ATTN_O,
+        ),
+        (_seg(r"o_proj|out_proj|out_lin|to_out|o"), Role.ATTN_O),
+        # Separate Q, K, V.
+        (_seg(r"q_proj|query|wq|q_lin|to_q|q|q_attn"), Role.ATTN_Q),
+        (_seg(r"k_proj|key|wk|k_lin|to_k|k"), Role.ATTN_K),
+        (_seg(r"v_proj|value|wv|v_lin|to_v|v"), Role.ATTN_V),
+        # Fused MLP input.
+        (_seg(r"gate_up_proj|w13|gate_up"), Role.MLP_GATE_UP),
+        # Mixtral experts and Meta's feed_forward: w1 = gate, w3 = up, w2 = down.
+        (r"(?:experts\.\d+|feed_forward)\.w1(?:\.|$)", Role.MLP_GATE),
+        (r"(?:experts\.\d+|feed_forward)\.w3(?:\.|$)", Role.MLP_UP),
+        (r"(?:experts\.\d+|feed_forward)\.w2(?:\.|$)", Role.MLP_DOWN),
+        # T5: DenseReluDense.wi (or gated wi_0 = gate, wi_1 = up) and wo.
+        (r"(?:^|\.)DenseReluDense\.wi_0(?:\.|$)", Role.MLP_GATE),
+        (r"(?:^|\.)DenseReluDense\.wi(?:_1)?(?:\.|$)", Role.MLP_UP),
+        (r"(?:^|\.)DenseReluDense\.wo(?:\.|$)", Role.MLP_DOWN),
+        # MLP projections; BERT's "intermediate.dense" and "output.dense" after attention ones.
+        (_seg(r"gate_proj"), Role.MLP_GATE),
+        (r"(?:^|\.)intermediate\.dense\.", Role.MLP_UP),
+        (_seg(r"up_proj|c_fc|fc1|fc_in|dense_h_to_4h|lin1"), Role.MLP_UP),
+        (r"(?:^|\.)(?:mlp|ffn)\.c_proj\.", Role.MLP_DOWN),
+        (r"(?:^|\.)output\.dense\.", Role.MLP_DOWN),
+        (_seg(r"down_proj|fc2|fc_out|dense_4h_to_h|lin2"), Role.MLP_DOWN),
+    )
+)
+
+# The first "<container>.<int>" in the name is the transformer block; later integers are
+# sub-layers (T5 block.N.layer.M) or experts (experts.N).
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder_layers)\.(\d+)(?:\.|$)")
+
+
+def classify(name: str) -> tuple[Role, int | None]:
+    """Role of tensor ``name`` and its block index (None when the name has none)."""
+    block_match = _BLOCK_INDEX.search(name)
+    block = int(block_match.group(1)) if block_match else None
+    for pattern, role in _ROLE_TABLE:
+        if pattern.search(name):
+            return role, block
+    return Role.OTHER, block
+
+
+@dataclass(frozen=True)
+class MatrixTarget:
+    """A tensor analysed as ``batch`` matrices of shape ``matrix_shape``."""
+
+    entry: TensorEntry
+    role: Role
+    block: int | None
+    batch: int
+    matrix_shape: tuple[int, int]  # (m, n) of each matrix
+    view: MatrixView
+
+    def as_matrices(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (``entry.shape``) as (batch, m, n); a view whenever ``t`` is contiguous.
+
+        Transposed storage (HF Conv1D keeps (in, out)) is not undone: singular values of W and
+        W^T are equal, so spectra do not care.
+        """
+        if tuple(t.shape) != self.entry.shape:
+            raise ValueError(f"tensor shape {tuple(t.shape)} != header shape {self.entry.shape}")
+        return t.reshape(self.batch, *self.matrix_shape)
+
+
+@dataclass(frozen=True)
+class SkippedTarget:
+    entry: TensorEntry
+    reason: str  # human readable, e.g. "1-D tensor (bias or norm scale)"
+
+
+def select(
+    entries: Iterable[TensorEntry],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> tuple[list[MatrixTarget], list[SkippedTarget]]:
+    """Split ``entries`` into analysed matrices and skipped tensors (with reasons).
+
+    ``include``/``exclude`` are fnmatch globs on the full name (case-sensitive); an empty
+    ``include`` means every tensor. Exclusion wins over inclusion.
+    """
+    targets: list[MatrixTarget] = []
+    skipped: list[SkippedTarget] = []
+    for entry in entries:
+        reason = _filter_reason(entry.name, include, exclude) or _shape_dtype_reason(entry)
+        if reason is not None:
+            skipped.append(SkippedTarget(entry, reason))
+            continue
+        view, batch, matrix_shape = _view_of(entry)
+        if min(matrix_shape) == 1:
+            # Stable rank of a rank-1 matrix is exactly 1: reporting it would be a false alarm.
+            skipped.append(SkippedTarget(entry, "a dimension of 1 (stable rank is always 1)"))
+            continue
+        role, block = classify(entry.name)
+        targets.append(MatrixTarget(entry, role, block, batch, matrix_shape, view))
+    return targets, skipped
+
+
+def _filter_reason(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:
+    for pattern in exclude:
+        if fnmatchcase(name, pattern):
+            return f"excluded by --exclude '{pattern}'"
+    if include and not any(fnmatchcase(name, pattern) for pattern in include):
+        return "not matched by --include"
+    return None
+
+
+def _shape_dtype_reason(entry: TensorEntry) -> str | None:
+    ndim, dtype = len(entry.shape), entry.dtype
+    if ndim == 0:
+        return "scalar"
+    if ndim == 1:
+        return "1-D tensor (bias or norm scale)"
+    if 0 in entry.shape:
+        return "empty tensor (a zero-sized dimension)"
+    if dtype in ANALYSED_DTYPES:
+        return None
+    if dtype == "BOOL":
+        return "BOOL dtype"
+    if dtype[0] in "IU":
+        return f"integer dtype {dtype} (quantized or index data)"
+    if dtype.startswith("F8"):
+        return f"{dtype} (8-bit float without a scale)"
+    if dtype.startswith(("F4", "F6")):
+        return f"{dtype} ({dtype[1]}-bit float without a scale)"
+    return f"unsupported dtype {dtype}"
+
+
+def _view_of(entry: TensorEntry) -> tuple[MatrixView, int, tuple[int, int]]:
+    shape, lowered = entry.shape, entry.name.lower()
+    if len(shape) == 2:
+        return MatrixView.MATRIX, 1, (shape[0], shape[1])
+    # 3-D is ambiguous: a conv1d kernel (out, in, k) has a small k, stacked experts (E, m, n)
+    # do not; the name settles it when it can.
+    is_conv_3d = "conv" in lowered or (shape[-1] <= 7 and "expert" not in lowered)
+    if len(shape) == 3 and not is_conv_3d:
+        return MatrixView.STACKED, shape[0], (shape[1], shape[2])
+    return MatrixView.CONV, 1, (shape[0], prod(shape[1:]))

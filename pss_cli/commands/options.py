@@ -1,0 +1,39 @@
+"""Option declarations shared by commands (declared once, defaults from pss_cli.config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pss_cli.config import OutputFormat
+
+CheckpointArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A .safetensors file, a sharded checkpoint folder (model.safetensors.index.json), "
+        "or a folder such as a Hugging Face Trainer checkpoint-N/.",
+        show_default=False,
+    ),
+]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--include", help="Only tensors whose name matches this glob (repeatable)."),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Skip tensors whose name matches this glob (repeatable)."),
+]
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="Output format on stdout.")
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Also write the report to FILE (only on success)."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto: CUDA when available).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random start blocks.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]

@@ -1,0 +1,89 @@
+"""``pss scan``: per-layer singularity metrics of a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pss_cli.commands.options import (
+    CheckpointArg,
+    DeviceOpt,
+    ExcludeOpt,
+    FormatOpt,
+    IncludeOpt,
+    OutputOpt,
+    QuietOpt,
+    SeedOpt,
+)
+from pss_cli.config import (
+    DEFAULT_DEVICE,
+    DEFAULT_MIN_STABLE_RANK,
+    DEFAULT_SEED,
+    DEFAULT_TOP_K,
+    ComputeDtype,
+    OutputFormat,
+    ScanConfig,
+)
+from pss_cli.errors import UsageError
+
+
+def scan_command(
+    checkpoint: CheckpointArg,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="How many top singular values to compute and report.")
+    ] = DEFAULT_TOP_K,
+    min_stable_rank: Annotated[
+        float,
+        typer.Option(
+            "--min-stable-rank",
+            help="Flag matrices whose stable rank is below this (lowered to a quarter of "
+            "min(m, n) for small matrices).",
+        ),
+    ] = DEFAULT_MIN_STABLE_RANK,
+    exact: Annotated[
+        bool,
+        typer.Option("--exact", help="Full SVD of every matrix (slow reference path); adds "
+                     "the entropy effective rank."),
+    ] = False,
+    dtype: Annotated[
+        ComputeDtype, typer.Option("--dtype", help="Compute dtype, whatever the stored dtype.")
+    ] = ComputeDtype.FLOAT32,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    seed: SeedOpt = DEFAULT_SEED,
+    output_format: FormatOpt = OutputFormat.TABLE,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Table: show only the N worst layers.")
+    ] = None,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute per-layer singularity metrics (stable rank, sigma_max, ...) of a checkpoint."""
+    if top_k < 1:
+        raise UsageError(f"--top-k must be at least 1 (got {top_k})")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    config = ScanConfig(
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        top_k=top_k,
+        min_stable_rank=min_stable_rank,
+        exact=exact,
+        device=device,
+        seed=seed,
+        compute_dtype=dtype,
+    )
+    from pss_cli.pipeline import scan_checkpoint
+    from pss_cli.report.progress import stderr_progress
+    from pss_cli.report.render import render_scan
+
+    with stderr_progress(enabled=not quiet) as progress:
+        report = scan_checkpoint(checkpoint, config, progress)
+    text = render_scan(report, output_format, limit=limit)
+    if output is not None:
+        from pss_cli.report.files import write_text_atomically
+
+        write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))
+    typer.echo(text, nl=not text.endswith("\n"))

@@ -1,0 +1,52 @@
+"""Typed errors. Each carries a one-line message naming the file or tensor, a hint, and the exit
+code; they become ``Error: ...`` text in exactly one place (``pss_cli.app``)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Documented in the README ("Exit codes"); tests keep the two in sync."""
+
+    OK = 0
+    FINDINGS = 1  # scan: at least one matrix flagged (only with --fail-on-flags)
+    USAGE = 2  # bad command line or configuration
+    INPUT = 3  # unreadable, missing or corrupt input, or a runtime failure
+
+
+class PssError(Exception):
+    """Base class: ``message`` says what went wrong and where, ``hint`` what to do next."""
+
+    exit_code: ExitCode = ExitCode.INPUT
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(PssError):
+    """The command line or configuration is wrong (exit 2)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class CheckpointError(PssError):
+    """The checkpoint cannot be found, read or trusted (exit 3)."""
+
+    exit_code = ExitCode.INPUT
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """The path does not exist or holds no checkpoint."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file or index is malformed, truncated or inconsistent."""
+
+
+class ComputeError(PssError):
+    """The numerics failed in a way the user cannot fix by changing the input (exit 3)."""
+
+    exit_code = ExitCode.INPUT

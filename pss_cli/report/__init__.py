@@ -1,0 +1,1 @@
+"""Renderers of result data (tables, JSON) and stderr progress. No numerics, no checkpoint I/O."""

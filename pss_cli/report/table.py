@@ -1,0 +1,91 @@
+"""Rich table for people: worst stable rank first, flagged rows highlighted, one summary line."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pss_cli.results import LayerResult, ScanReport
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+
+
+def _severity_key(layer: LayerResult) -> tuple[int, float]:
+    # Non-finite and all-zero matrices first (no stable rank at all), then lowest stable rank.
+    if layer.stable_rank is None:
+        return (0, 0.0)
+    return (1, layer.stable_rank)
+
+
+def render_table(report: ScanReport, limit: int | None = None, color: bool | None = None) -> str:
+    if color is None:
+        color = sys.stdout.isatty()
+    width = shutil.get_terminal_size((160, 24)).columns if color else 160
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer, force_terminal=color, no_color=not color, width=width, highlight=False
+    )
+    rows = sorted(report.layers, key=_severity_key)
+    shown = rows[:limit] if limit is not None else rows
+    k = report.settings.get("top_k", 16)
+    table = Table(
+        title=f"pss scan: {report.checkpoint}",
+        caption=None,
+        show_lines=False,
+        header_style="bold",
+    )
+    table.add_column("layer", overflow="fold")
+    table.add_column("role")
+    table.add_column("shape", justify="right")
+    table.add_column("dtype")
+    table.add_column("stable rank", justify="right")
+    table.add_column("sigma_max", justify="right")
+    table.add_column("s1/s2", justify="right")
+    table.add_column(f"top-{k} energy", justify="right")
+    table.add_column("flags")
+    for layer in shown:
+        style = "bold red" if layer.flags else None
+        table.add_row(
+            layer.display_name,
+            layer.role,
+            "x".join(str(d) for d in layer.matrix_shape),
+            layer.dtype,
+            _fmt(layer.stable_rank, 2),
+            _fmt(layer.sigma_max, 4),
+            _fmt(layer.sigma1_over_sigma2, 2),
+            _fmt(layer.topk_energy_share, 3),
+            ",".join(layer.flags) or "",
+            style=style,
+        )
+    console.print(table)
+    if limit is not None and len(rows) > limit:
+        console.print(f"({len(rows) - limit} more layers not shown; drop --limit to see all)")
+    console.print(_summary_line(report))
+    return buffer.getvalue()
+
+
+def _summary_line(report: ScanReport) -> Text:
+    s = report.summary
+    floor = report.settings.get("min_stable_rank")
+    text = Text()
+    text.append(f"{s.matrices} matrices, ")
+    text.append(f"{s.flagged} flagged", style="bold red" if s.flagged else "bold green")
+    text.append(f" (stable rank < {floor}")
+    if s.nonfinite_matrices:
+        text.append(f", {s.nonfinite_matrices} with NaN/Inf")
+    text.append(f"), {s.skipped} tensors skipped")
+    if s.min_stable_rank is not None:
+        text.append(f"; lowest stable rank {s.min_stable_rank:.2f} in {s.min_stable_rank_layer}")
+    text.append(f"; {report.method} on {report.device}, {report.timings['total_seconds']:.2f} s")
+    return text

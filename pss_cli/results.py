@@ -1,0 +1,127 @@
+"""Frozen, torch-free result types and their JSON form (schema versioned).
+
+JSON schema, version 1 (additions keep the version; renames or removals bump it):
+top level: schema_version, pss_version, checkpoint, layout, device, seed, method, settings,
+layers[], skipped[], summary, timings. `timings` is the only field that changes between two
+runs on the same input and seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Metrics of one weight matrix (one expert of a stacked tensor is one matrix).
+
+    Spectral fields are None when they are undefined: non-finite entries, or an all-zero matrix
+    (sigma_max = 0 makes the stable rank 0/0).
+    """
+
+    name: str  # tensor name in the checkpoint
+    index: int | None  # position in a stacked (E, m, n) tensor, else None
+    file: str  # the file holding it, relative to the checkpoint root
+    shape: tuple[int, ...]  # stored shape
+    matrix_shape: tuple[int, int]  # (m, n) as analysed (conv kernels flattened)
+    dtype: str  # stored safetensors dtype
+    role: str
+    block: int | None
+    view: str  # matrix | conv | stacked
+    sigma_max: float | None
+    frobenius_norm: float | None
+    stable_rank: float | None
+    top_singular_values: tuple[float, ...]
+    topk_energy_share: float | None
+    sigma1_over_sigma2: float | None
+    entropy_effective_rank: float | None  # only with --exact (needs the whole spectrum)
+    nonfinite_count: int
+    flags: tuple[str, ...]
+    solver: str  # krylov | exact | exact-fallback | none
+    iterations: int
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.index is None else f"{self.name}[{self.index}]"
+
+
+@dataclass(frozen=True)
+class SkippedResult:
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    matrices: int
+    flagged: int
+    skipped: int
+    nonfinite_matrices: int
+    min_stable_rank: float | None
+    min_stable_rank_layer: str | None
+    max_sigma_max: float | None
+    max_sigma_max_layer: str | None
+    flag_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    pss_version: str
+    checkpoint: str
+    layout: str
+    device: str
+    seed: int
+    method: str  # "block-krylov" or "exact"
+    settings: dict[str, Any]
+    layers: tuple[LayerResult, ...]
+    skipped: tuple[SkippedResult, ...]
+    summary: ScanSummary
+    timings: dict[str, float]
+    schema_version: int = SCHEMA_VERSION
+
+
+def report_to_json_dict(report: ScanReport) -> dict[str, Any]:
+    """The JSON form: key order fixed, NaN/Inf replaced by null (JSON has neither)."""
+    layers = []
+    for layer in report.layers:
+        row = asdict(layer)
+        row["shape"] = list(layer.shape)
+        row["matrix_shape"] = list(layer.matrix_shape)
+        row["top_singular_values"] = list(layer.top_singular_values)
+        row["flags"] = list(layer.flags)
+        layers.append(row)
+    return _finite(
+        {
+            "schema_version": report.schema_version,
+            "pss_version": report.pss_version,
+            "checkpoint": report.checkpoint,
+            "layout": report.layout,
+            "device": report.device,
+            "seed": report.seed,
+            "method": report.method,
+            "settings": report.settings,
+            "layers": layers,
+            "skipped": [
+                {**asdict(s), "shape": list(s.shape)} for s in report.skipped
+            ],
+            "summary": asdict(report.summary),
+            "timings": report.timings,
+        }
+    )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
