@@ -62,8 +62,9 @@ def guarded(command: F) -> F:
         except Exception as exc:
             if os.environ.get("PSS_DEBUG"):
                 raise
+            detail = str(exc).splitlines()[0] if str(exc) else ""
             report_error(
-                f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                f"internal error: {type(exc).__name__}: {detail}",
                 "this is a bug in pss; rerun with PSS_DEBUG=1 for a traceback and report it",
             )
             raise typer.Exit(int(ExitCode.INPUT)) from None
@@ -82,7 +83,10 @@ def root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Show the version and exit.",
         ),
     ] = False,
 ) -> None:

@@ -1,4 +1,6 @@
-"""Orchestration of a scan: layout -> selection -> shape groups -> device batches -> core -> results.
+"""Orchestration of a scan.
+
+layout -> selection -> shape groups -> device batches -> core -> results.
 
 No printing and no CLI here: progress goes through a callback, results come back as data.
 """
@@ -195,17 +197,17 @@ def _analyse_chunk(
     tall_m, tall_n = chunk[0].tall_shape
     buffer = torch.empty(len(chunk), tall_m, tall_n, dtype=dtype, device=device)
     nonfinite: list[int] = []
-    frobenius_sq: list[float] = []
+    frobenius: list[float] = []
     for slot, item in enumerate(chunk):
         source = _source_matrix(reader, item)  # (m, n) in the stored dtype, mmap-backed
         bad = int(source.numel() - torch.isfinite(source).sum())
         nonfinite.append(bad)
-        norm_sq = 0.0 if bad else float(torch.linalg.vector_norm(source, dtype=torch.float64)) ** 2
-        frobenius_sq.append(norm_sq)
+        norm = 0.0 if bad else _frobenius_norm(source)
+        frobenius.append(norm)
         oriented = source if source.shape[0] >= source.shape[1] else source.mT
         # Scale to unit Frobenius norm: values that overflow or underflow float32 (huge float64
         # weights, tiny fp16 ones) stay representable; singular values are rescaled afterwards.
-        scale = 1.0 / norm_sq**0.5 if norm_sq > 0.0 else 0.0
+        scale = 1.0 / norm if norm > 0.0 else 0.0
         if source.dtype == torch.float64 and dtype == torch.float32:
             buffer[slot].copy_(oriented * scale)
         else:
@@ -213,7 +215,7 @@ def _analyse_chunk(
             buffer[slot].copy_(oriented)
             buffer[slot].mul_(scale)
 
-    usable = [slot for slot in range(len(chunk)) if nonfinite[slot] == 0 and frobenius_sq[slot] > 0]
+    usable = [slot for slot in range(len(chunk)) if nonfinite[slot] == 0 and frobenius[slot] > 0]
     k = min(config.top_k, tall_n)
     top = torch.zeros(len(chunk), k, dtype=torch.float64)
     full: dict[int, torch.Tensor] = {}
@@ -224,7 +226,7 @@ def _analyse_chunk(
         if config.exact:
             spectra = exact_singular_values(matrices).to("cpu", torch.float64)
             for row, slot in enumerate(usable):
-                full[slot] = spectra[row] * frobenius_sq[slot] ** 0.5
+                full[slot] = spectra[row] * frobenius[slot]
                 top[slot] = full[slot][:k]
                 solver[slot] = "exact"
         else:
@@ -233,7 +235,7 @@ def _analyse_chunk(
                 start = gaussian_start([chunk[s].seed for s in usable], tall_n, settings.block_size)
             result = top_singular_values(matrices, k, start, settings)
             for row, slot in enumerate(usable):
-                top[slot] = result.values[row] * frobenius_sq[slot] ** 0.5
+                top[slot] = result.values[row] * frobenius[slot]
                 iterations[slot] = result.iterations[row]
                 if result.iterations[row] == 0:
                     solver[slot] = "exact"
@@ -246,14 +248,36 @@ def _analyse_chunk(
         if nonfinite[slot]:
             metrics = SpectralMetrics(None, None, None, None, None)
         else:
-            metrics = spectral_metrics(top[slot], frobenius_sq[slot], full.get(slot))
+            metrics = spectral_metrics(top[slot], frobenius[slot], full.get(slot))
         results.append(
             _layer_result(
-                item, layout, metrics, top[slot] if slot in usable else None,
-                frobenius_sq[slot], nonfinite[slot], solver[slot], iterations[slot], config,
+                item,
+                layout,
+                metrics,
+                top[slot] if slot in usable else None,
+                frobenius[slot],
+                nonfinite[slot],
+                solver[slot],
+                iterations[slot],
+                config,
             )
         )
     return results
+
+
+def _frobenius_norm(source: torch.Tensor) -> float:
+    """||W||_F accumulated in float64, safe from overflow/underflow of the squares.
+
+    torch's vector_norm squares without scaling: float64 weights near 1e300 give inf, near 1e-200
+    give 0. Only then is the (costlier) rescaled form used.
+    """
+    norm = float(torch.linalg.vector_norm(source, dtype=torch.float64))
+    if 0.0 < norm < float("inf"):
+        return norm
+    largest = float(source.abs().max())
+    if largest == 0.0:
+        return 0.0
+    return largest * float(torch.linalg.vector_norm(source.to(torch.float64) / largest))
 
 
 def _source_matrix(reader: TensorReader, item: _Item) -> torch.Tensor:
@@ -266,7 +290,7 @@ def _layer_result(
     layout: CheckpointLayout,
     metrics: SpectralMetrics,
     top: torch.Tensor | None,
-    frobenius_sq: float,
+    frobenius: float,
     nonfinite: int,
     solver: str,
     iterations: int,
@@ -276,7 +300,7 @@ def _layer_result(
     flags = []
     if nonfinite:
         flags.append(FLAG_NONFINITE)
-    elif frobenius_sq <= 0.0:
+    elif frobenius <= 0.0:
         flags.append(FLAG_ZERO)
     floor = stable_rank_floor(
         config.min_stable_rank, min(target.matrix_shape), MIN_STABLE_RANK_FRACTION_OF_RANK
@@ -294,7 +318,7 @@ def _layer_result(
         block=target.block,
         view=str(target.view),
         sigma_max=metrics.sigma_max,
-        frobenius_norm=None if nonfinite else frobenius_sq**0.5,
+        frobenius_norm=None if nonfinite else frobenius,
         stable_rank=metrics.stable_rank,
         top_singular_values=tuple(float(v) for v in top) if top is not None else (),
         topk_energy_share=metrics.topk_energy_share,

@@ -97,7 +97,7 @@ def report_to_json_dict(report: ScanReport) -> dict[str, Any]:
         row["top_singular_values"] = list(layer.top_singular_values)
         row["flags"] = list(layer.flags)
         layers.append(row)
-    return _finite(
+    data: dict[str, Any] = _finite(
         {
             "schema_version": report.schema_version,
             "pss_version": report.pss_version,
@@ -108,13 +108,12 @@ def report_to_json_dict(report: ScanReport) -> dict[str, Any]:
             "method": report.method,
             "settings": report.settings,
             "layers": layers,
-            "skipped": [
-                {**asdict(s), "shape": list(s.shape)} for s in report.skipped
-            ],
+            "skipped": [{**asdict(s), "shape": list(s.shape)} for s in report.skipped],
             "summary": asdict(report.summary),
             "timings": report.timings,
         }
     )
+    return data
 
 
 def _finite(value: Any) -> Any:

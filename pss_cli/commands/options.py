@@ -25,9 +25,7 @@ ExcludeOpt = Annotated[
     list[str] | None,
     typer.Option("--exclude", help="Skip tensors whose name matches this glob (repeatable)."),
 ]
-FormatOpt = Annotated[
-    OutputFormat, typer.Option("--format", "-f", help="Output format on stdout.")
-]
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format on stdout.")]
 OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", "-o", help="Also write the report to FILE (only on success)."),

@@ -45,8 +45,10 @@ def scan_command(
     ] = DEFAULT_MIN_STABLE_RANK,
     exact: Annotated[
         bool,
-        typer.Option("--exact", help="Full SVD of every matrix (slow reference path); adds "
-                     "the entropy effective rank."),
+        typer.Option(
+            "--exact",
+            help="Full SVD of every matrix (slow reference path); adds the entropy effective rank.",
+        ),
     ] = False,
     dtype: Annotated[
         ComputeDtype, typer.Option("--dtype", help="Compute dtype, whatever the stored dtype.")

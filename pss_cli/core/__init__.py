@@ -1,1 +1,3 @@
-"""Pure numerics: tensors in, tensors or frozen results out. No files, printing, env or device picking."""
+"""Pure numerics: tensors in, tensors or frozen results out.
+
+No files, printing, environment variables or device picking."""

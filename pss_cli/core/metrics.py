@@ -18,30 +18,31 @@ class SpectralMetrics:
 
 
 def spectral_metrics(
-    top_values: torch.Tensor, frobenius_sq: float, full_spectrum: torch.Tensor | None = None
+    top_values: torch.Tensor, frobenius_norm: float, full_spectrum: torch.Tensor | None = None
 ) -> SpectralMetrics:
     """Metrics of one matrix.
 
     top_values: (k,) float64 descending top singular values.
-    frobenius_sq: ||W||_F^2, exact (sum of squared entries), float64.
+    frobenius_norm: ||W||_F, exact (from every entry), float64. Ratios are formed before squaring
+        so that float64 weights near 1e300 do not overflow.
     full_spectrum: (min(m, n),) all singular values when known (exact path), for the entropy rank.
 
     Stable rank SR = ||W||_F^2 / sigma_1^2 uses the exact Frobenius norm rather than the sum of the
     top-k values, so it is exact up to the error of sigma_1 alone (relative error <= 2x that of
     sigma_1). All-zero matrices have no defined stable rank: None, never a division by zero.
     """
-    if top_values.numel() == 0 or float(top_values[0]) <= 0.0 or frobenius_sq <= 0.0:
+    if top_values.numel() == 0 or float(top_values[0]) <= 0.0 or frobenius_norm <= 0.0:
         return SpectralMetrics(
-            sigma_max=0.0 if frobenius_sq <= 0.0 else None,
+            sigma_max=0.0 if frobenius_norm <= 0.0 else None,
             stable_rank=None,
             topk_energy_share=None,
             sigma1_over_sigma2=None,
             entropy_effective_rank=None,
         )
     sigma_max = float(top_values[0])
-    stable_rank = frobenius_sq / sigma_max**2
+    stable_rank = (frobenius_norm / sigma_max) ** 2
     # Rounding can push the top-k energy a hair above the total when the spectrum has <= k values.
-    energy = min(1.0, float((top_values**2).sum()) / frobenius_sq)
+    energy = min(1.0, float(((top_values / frobenius_norm) ** 2).sum()))
     ratio = None
     if top_values.numel() > 1 and float(top_values[1]) > 0.0:
         ratio = sigma_max / float(top_values[1])

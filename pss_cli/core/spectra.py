@@ -6,10 +6,10 @@ per-matrix convergence test, falling back to exact ``torch.linalg.svdvals`` wher
 
 Why block Krylov and not plain subspace (power) iteration: on the flat Marchenko-Pastur bulks of
 random-init or early-training weights, sigma_2/sigma_1 is ~0.999 and subspace iteration converges
-like (sigma_{l+1}/sigma_1)^(2q). Measured here on a 4096x4096 bulk, subspace iteration with l=48 needed
-~21 iterations (42 products of width 48) for a 1e-3 error on sigma_1, block Lanczos with b=16 ~10
-iterations of width 16 (Musco & Musco 2015, "Randomized Block Krylov Methods for Stronger and Faster
-Approximate SVD": Krylov depends on sqrt(gap), power iteration on gap).
+like (sigma_{l+1}/sigma_1)^(2q). Measured here on a 4096x4096 bulk, subspace iteration with l=48
+needed ~21 iterations (42 products of width 48) for a 1e-3 error on sigma_1, block Lanczos with
+b=16 ~10 iterations of width 16 (Musco & Musco 2015, "Randomized Block Krylov Methods for
+Stronger and Faster Approximate SVD": Krylov depends on sqrt(gap), power iteration on gap).
 
 Why float32 products on the CPU: on the AVX2-only CPUs we run on, torch's bf16 GEMM was 50-300x
 *slower* than fp32 (no native bf16 kernel), so the range finder stays in the compute dtype.
@@ -32,6 +32,8 @@ DEFAULT_TOL_TOP_K = 3e-3
 # Iterations before the estimate is trusted: it needs two successive changes, and a spike that the
 # random start barely touches shows up only after a couple of products.
 MIN_ITERATIONS = 3
+# Values below this fraction of sigma_1 are resolved relative to it, not to themselves.
+RELATIVE_FLOOR = 1e-3
 # At or below this smaller dimension the exact SVD is cheaper than the Krylov bookkeeping, and the
 # Krylov space would cover a large part of the matrix anyway (measured: pss_cli/config.py).
 DEFAULT_EXACT_MAX_DIM = 512
@@ -81,14 +83,15 @@ def exact_singular_values(matrices: torch.Tensor) -> torch.Tensor:
     LAPACK was 2.5-3.5x slower on a wide matrix than on its transpose here: use the tall side.
     """
     tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
-    return torch.linalg.svdvals(tall)
+    values: torch.Tensor = torch.linalg.svdvals(tall)
+    return values
 
 
 def top_singular_values(
     matrices: torch.Tensor,
     k: int,
     start: torch.Tensor | None,
-    settings: KrylovSettings = KrylovSettings(),  # noqa: B008 - frozen, immutable default
+    settings: KrylovSettings = KrylovSettings(),
 ) -> BatchSpectrum:
     """Top-k singular values of each matrix of a batch.
 
@@ -109,7 +112,9 @@ def top_singular_values(
         raise ValueError("the Krylov path needs start blocks")
     # Work on the tall orientation: the Krylov vectors of the short side are cheaper to keep.
     tall = matrices if m >= n else matrices.mT
-    result = _block_lanczos(tall, k, start.to(device=matrices.device, dtype=matrices.dtype), settings)
+    result = _block_lanczos(
+        tall, k, start.to(device=matrices.device, dtype=matrices.dtype), settings
+    )
     return result
 
 
@@ -126,8 +131,8 @@ def _block_lanczos(
 
     tall: (B, m, n) with m >= n. start: (B, n, b).
     Recurrence: A V_j = U_{j-1} S_{j-1}^T + U_j R_j and A^T U_j = V_j R_j^T + V_{j+1} S_j, so
-    U^T A V is block upper-bidiagonal T (R_j on the diagonal, S_j^T above it); the singular values of
-    T are the Ritz values, lower bounds that increase towards the true ones.
+    U^T A V is block upper-bidiagonal T (R_j on the diagonal, S_j^T above it); the singular values
+    of T are the Ritz values, lower bounds that increase towards the true ones.
     """
     batch, _, n = tall.shape
     block = start.shape[-1]
@@ -206,12 +211,15 @@ def _block_lanczos(
 def _orthogonalise(block: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
     """Classical Gram-Schmidt twice ("twice is enough") against every earlier block.
 
-    Full re-orthogonalisation keeps Lanczos free of ghost copies of converged values.
+    Full re-orthogonalisation keeps Lanczos free of ghost copies of converged values. The blocks
+    are concatenated so that each pass is two wide products instead of 2J narrow ones.
     block: (B, d, b); basis: list of (B, d, b) orthonormal blocks.
     """
+    if not basis:
+        return block
+    q = basis[0] if len(basis) == 1 else torch.cat(basis, dim=-1)  # (B, d, J*b)
     for _ in range(2):
-        for q in basis:
-            block = block - q @ (q.mT @ block)
+        block = block - q @ (q.mT @ block)
     return block
 
 
@@ -231,7 +239,7 @@ def _block_bidiagonal(r_blocks: list[torch.Tensor], s_blocks: list[torch.Tensor]
 def _remaining_error(
     older: torch.Tensor, previous: torch.Tensor, latest: torch.Tensor
 ) -> torch.Tensor:
-    """Estimated remaining relative error of each Ritz value, relative to sigma_1: (B, k).
+    """Estimated remaining relative error of each Ritz value: (B, k).
 
     Ritz values grow monotonically to the true values, roughly geometrically once the Krylov space
     has found them. With the last two increments d1, d0 and rate rho = d1/d0, the rest of the
@@ -242,5 +250,9 @@ def _remaining_error(
     d1 = (latest - previous).clamp_min(0)
     d0 = (previous - older).clamp_min(0)
     rho = (d1 / d0.clamp_min(torch.finfo(latest.dtype).tiny)).clamp(0.0, 0.95)
-    scale = latest[:, :1].clamp_min(torch.finfo(latest.dtype).tiny)
+    # Each value's error relative to itself (a bulk under large spikes must be right too), but
+    # never relative to less than RELATIVE_FLOOR * sigma_1: values at rounding level (rank-deficient
+    # matrices) cannot be resolved relative to themselves.
+    floor = latest[:, :1] * RELATIVE_FLOOR
+    scale = torch.maximum(latest, floor).clamp_min(torch.finfo(latest.dtype).tiny)
     return d1 * rho / (1 - rho) / scale

@@ -18,7 +18,9 @@ _RENDERERS: dict[OutputFormat, Renderer] = {
 
 
 def render_scan(
-    report: ScanReport, output_format: OutputFormat, limit: int | None = None,
+    report: ScanReport,
+    output_format: OutputFormat,
+    limit: int | None = None,
     color: bool | None = None,
 ) -> str:
     """The report as text; `color=None` means: colour only when stdout is a terminal."""

@@ -1,0 +1,835 @@
+"""End-to-end benchmark of `pss scan` against exact and randomized SVD baselines.
+
+    python benchmarks/bench_scan.py [--workload llama-block|gpt2-small|all] [--repeats N]
+                                    [--out FILE.md] [--exact-device cpu|cuda] [--ww-site DIR]
+
+Each workload is a synthetic safetensors checkpoint written to a temporary folder (deleted at the
+end). Every matrix is a Marchenko-Pastur bulk (i.i.d. Gaussian entries scaled 1/sqrt(long side))
+plus 0-3 rank-1 spikes. The spike-free matrices are the hard case of NOTES.md "Numerics":
+sigma_2/sigma_1 ~ 0.99+, where few-step subspace iteration underestimates sigma_1 by percents.
+
+Every method runs in its own fresh subprocess (this script with the hidden `--method` flag) so
+that its peak RSS (`ru_maxrss` at its end) is not hidden by another method's allocations, and so
+that no method profits from another one's warmed-up allocator or thread pool. Process start-up and
+imports are not timed; reading the file is (from the page cache: the file was just written).
+
+The reference for every error is the exact fp32 `torch.linalg.svdvals` of the tall orientation
+(method `exact`), with the Frobenius norm accumulated in float64 for the stable rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TOP_K = 16  # pss's default --top-k; every method is compared on these values
+SEED = 20240611
+# Rows generated per chunk: Gaussian noise is drawn in float32 a few MiB at a time and copied into
+# the (possibly BF16) output, so generation needs no full-size float32 temporary per matrix.
+CHUNK_ELEMENTS = 2**22
+# Spike strengths are chosen so that sigma_1 / bulk edge falls in this range (NOTES: realistic
+# weights show outliers a little to a few times above the bulk).
+SPIKE_RATIO_RANGE = (1.2, 3.0)
+# pss's Krylov block width (pss_cli.core.spectra.DEFAULT_BLOCK_SIZE): the floor uses the same.
+FLOOR_BLOCK_SIZE = 32
+# The NOTES.md figures for WeightWatcher 0.7.7 on this CPU, quoted when it cannot be measured.
+WW_NOTES_SECONDS = {(4096, 4096): 9.5, (11008, 4096): 14.0, (4096, 11008): 14.0}
+
+# Goals (product requirements; reported, never tuned for).
+GOAL_SPEEDUP_VS_EXACT = 20.0
+GOAL_SPEEDUP_VS_WW = 40.0
+GOAL_FLOOR_RATIO = 1.5
+GOAL_SIGMA_MAX_ERR = 1e-3
+GOAL_TOP_K_ERR = 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    name: str
+    shape: tuple[int, int]  # as stored
+    spikes: int  # number of rank-1 outliers above the bulk
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    dtype: torch.dtype  # storage dtype of every tensor
+    matrices: tuple[MatrixSpec, ...]
+    vectors: tuple[tuple[str, int, float], ...]  # 1-D tensors: (name, length, centre)
+
+
+def llama_block() -> Workload:
+    prefix = "model.layers.0."
+    shapes = [
+        ("self_attn.q_proj", (4096, 4096)),
+        ("self_attn.k_proj", (4096, 4096)),
+        ("self_attn.v_proj", (4096, 4096)),
+        ("self_attn.o_proj", (4096, 4096)),
+        ("mlp.gate_proj", (11008, 4096)),
+        ("mlp.up_proj", (11008, 4096)),
+        ("mlp.down_proj", (4096, 11008)),
+    ]
+    # Three spike-free matrices (the slow, flat-bulk case), one of each large shape among them.
+    spikes = [0, 1, 2, 3, 0, 1, 0]
+    matrices = tuple(
+        MatrixSpec(f"{prefix}{name}.weight", shape, count)
+        for (name, shape), count in zip(shapes, spikes, strict=True)
+    )
+    vectors = (
+        (f"{prefix}input_layernorm.weight", 4096, 1.0),
+        (f"{prefix}post_attention_layernorm.weight", 4096, 1.0),
+    )
+    return Workload(
+        "llama-block", "one Llama-7B-shaped block, BF16", torch.bfloat16, matrices, vectors
+    )
+
+
+def gpt2_small() -> Workload:
+    shapes: list[tuple[str, tuple[int, int]]] = [("wte", (50257, 768)), ("wpe", (1024, 768))]
+    vectors: list[tuple[str, int, float]] = []
+    for block in range(12):
+        p = f"h.{block}."
+        # HF GPT-2 stores Conv1D weights as (in, out).
+        shapes += [
+            (p + "attn.c_attn", (768, 2304)),
+            (p + "attn.c_proj", (768, 768)),
+            (p + "mlp.c_fc", (768, 3072)),
+            (p + "mlp.c_proj", (3072, 768)),
+        ]
+        vectors += [
+            (p + "ln_1.weight", 768, 1.0),
+            (p + "ln_1.bias", 768, 0.0),
+            (p + "attn.c_attn.bias", 2304, 0.0),
+            (p + "attn.c_proj.bias", 768, 0.0),
+            (p + "ln_2.weight", 768, 1.0),
+            (p + "ln_2.bias", 768, 0.0),
+            (p + "mlp.c_fc.bias", 3072, 0.0),
+            (p + "mlp.c_proj.bias", 768, 0.0),
+        ]
+    vectors += [("ln_f.weight", 768, 1.0), ("ln_f.bias", 768, 0.0)]
+    # (i + i // 4) % 4 cycles the spike count across blocks, so that every matrix type (c_attn,
+    # c_proj, ...) appears with 0, 1, 2 and 3 spikes.
+    matrices = tuple(
+        MatrixSpec(f"{name}.weight", shape, (i + i // 4) % 4)
+        for i, (name, shape) in enumerate(shapes)
+    )
+    return Workload(
+        "gpt2-small", "GPT-2-small-shaped checkpoint, F32", torch.float32, matrices, tuple(vectors)
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "llama-block": llama_block,
+    "gpt2-small": gpt2_small,
+}
+
+
+def bulk_edge(shape: tuple[int, int]) -> float:
+    """Largest singular value of the bulk: sigma0 (sqrt(m) + sqrt(n)) with sigma0 = 1/sqrt(long)."""
+    short, long = sorted(shape)
+    return (math.sqrt(short) + math.sqrt(long)) / math.sqrt(long)
+
+
+def spike_strength(ratio: float, shape: tuple[int, int]) -> float:
+    """Strength theta of a rank-1 spike theta u v^T whose outlier lands at ratio x the bulk edge.
+
+    Benaych-Georges & Nadakuditi (2012): for X with i.i.d. entries of variance 1/long and aspect
+    c = short/long, X + t u v^T has an outlier at sqrt((1 + t^2)(c + t^2)) / t once t > c^(1/4)
+    (below that threshold the spike hides in the bulk). Solved for t by bisection; the function is
+    increasing above the threshold. Our entries already have variance 1/long, so theta = t.
+    """
+    short, long = sorted(shape)
+    c = short / long
+    target = ratio * (1 + math.sqrt(c))
+
+    def outlier(t: float) -> float:
+        return math.sqrt((1 + t * t) * (c + t * t)) / t
+
+    lo = hi = c**0.25
+    while outlier(hi) < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if outlier(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def build_matrix(spec: MatrixSpec, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    rows, cols = spec.shape
+    scale = 1.0 / math.sqrt(max(rows, cols))
+    low, high = SPIKE_RATIO_RANGE
+    draws = torch.rand(spec.spikes, generator=generator, dtype=torch.float64)
+    ratios = sorted((low + (high - low) * draws).tolist(), reverse=True)
+    thetas = torch.tensor([spike_strength(r, spec.shape) for r in ratios], dtype=torch.float32)
+    # Orthonormal spike directions, so that the outliers do not interact.
+    u = torch.linalg.qr(torch.randn(rows, spec.spikes, generator=generator)).Q * thetas
+    v = torch.linalg.qr(torch.randn(cols, spec.spikes, generator=generator)).Q
+    out = torch.empty(rows, cols, dtype=dtype)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        chunk = torch.randn(r1 - r0, cols, generator=generator).mul_(scale)
+        if spec.spikes:
+            chunk.addmm_(u[r0:r1], v.mT)
+        out[r0:r1].copy_(chunk)
+    return out
+
+
+def write_checkpoint(workload: Workload, path: Path) -> None:
+    generator = torch.Generator().manual_seed(SEED)
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in workload.matrices:
+        tensors[spec.name] = build_matrix(spec, workload.dtype, generator)
+    for name, length, centre in workload.vectors:
+        values = centre + 0.02 * torch.randn(length, generator=generator)
+        tensors[name] = values.to(workload.dtype)
+    save_file(tensors, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Methods (each runs inside its own subprocess; see `run_method`)
+# --------------------------------------------------------------------------------------------
+
+MatrixResult = dict[str, object]  # top (list[float]), sigma_max, stable_rank, ...
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tall(a: torch.Tensor) -> torch.Tensor:
+    # LAPACK svdvals was 2.5-3.5x slower on a wide matrix than on its transpose (NOTES.md).
+    return a if a.shape[0] >= a.shape[1] else a.mT
+
+
+def _frobenius_sq_float64(w: torch.Tensor) -> float:
+    """||W||_F^2 accumulated in float64, a few rows at a time (no full float64 copy in RSS)."""
+    step = max(1, CHUNK_ELEMENTS // w.shape[1])
+    total = 0.0
+    for r0 in range(0, w.shape[0], step):
+        total += float(w[r0 : r0 + step].double().square().sum())
+    return total
+
+
+def method_exact(args: argparse.Namespace, names: list[str]) -> tuple[list[float], dict]:
+    device = torch.device(args.exact_device)
+    times, spectra = [], {}
+    for _ in range(args.repeats):
+        spectra = {}
+        _sync(device)
+        t0 = time.perf_counter()
+        with safe_open(args.checkpoint, framework="pt", device="cpu") as f:
+            for name in names:
+                a = f.get_tensor(name).to(device=device, dtype=torch.float32)
+                spectra[name] = torch.linalg.svdvals(_tall(a)).cpu()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    results = {}
+    with safe_open(args.checkpoint, framework="pt", device="cpu") as f:
+        for name in names:
+            s = spectra[name].double()
+            results[name] = {
+                "top": s[:TOP_K].tolist(),
+                "sigma_max": float(s[0]),
+                # What a user of the exact method gets: sum of the fp32 values squared.
+                "stable_rank": float(s.square().sum() / s[0] ** 2),
+                # Not timed: the float64 Frobenius norm of the stored matrix, the reference's.
+                "frobenius_sq_ref": _frobenius_sq_float64(f.get_tensor(name)),
+            }
+    return times, results
+
+
+def method_pss(args: argparse.Namespace, names: list[str]) -> tuple[list[float], dict]:
+    from pss_cli.config import ScanConfig
+    from pss_cli.pipeline import scan_checkpoint
+
+    config = ScanConfig() if args.pss_device == "auto" else ScanConfig(device=args.pss_device)
+    times, report = [], None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        report = scan_checkpoint(Path(args.checkpoint), config, None)
+        times.append(time.perf_counter() - t0)
+    assert report is not None
+    results = {
+        layer.name: {
+            "top": list(layer.top_singular_values),
+            "sigma_max": layer.sigma_max,
+            "stable_rank": layer.stable_rank,
+            "iterations": layer.iterations,
+            "solver": layer.solver,
+        }
+        for layer in report.layers
+    }
+    results["__report__"] = {"device": report.device, "timings": report.timings}
+    return times, results
+
+
+def method_lowrank(args: argparse.Namespace, names: list[str]) -> tuple[list[float], dict]:
+    q, niter = (int(x) for x in args.lowrank.split(","))
+    device = torch.device(args.compute_device)
+    times, results = [], {}
+    for _ in range(args.repeats):
+        torch.manual_seed(SEED)  # svd_lowrank draws its test matrix from the global generator
+        results = {}
+        _sync(device)
+        t0 = time.perf_counter()
+        with safe_open(args.checkpoint, framework="pt", device="cpu") as f:
+            for name in names:
+                a = _tall(f.get_tensor(name).to(device=device, dtype=torch.float32))
+                _, s, _ = torch.svd_lowrank(a, q=q, niter=niter)
+                # The stable rank needs ||A||_F as well; fp32 is what a user would write.
+                frobenius_sq = float(torch.linalg.vector_norm(a)) ** 2
+                results[name] = (s[:TOP_K].cpu(), frobenius_sq)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, {
+        name: {
+            "top": s.double().tolist(),
+            "sigma_max": float(s[0]),
+            "stable_rank": fro / float(s[0]) ** 2,
+        }
+        for name, (s, fro) in results.items()
+    }
+
+
+def method_floor(args: argparse.Namespace, names: list[str]) -> tuple[list[float], dict]:
+    """Only the products pss does: per matrix, the fp32 conversion copy plus `iterations` pairs
+    A @ V, A^T @ U of width 32, on a preallocated buffer (no orthogonalisation, no Ritz SVDs, no
+    norm or finiteness checks, no batching copies)."""
+    iterations: dict[str, int] = json.loads(Path(args.iterations).read_text())
+    device = torch.device(args.compute_device)
+    generator = torch.Generator().manual_seed(SEED)
+    sources, buffers, blocks = {}, {}, {}
+    with safe_open(args.checkpoint, framework="pt", device="cpu") as f:
+        for name in names:
+            # clone(): make the stored bytes resident, so the timed copy is a pure conversion.
+            source = _tall(f.get_tensor(name).clone())
+            sources[name] = source
+            shape = tuple(source.shape)
+            if shape not in buffers:
+                buffers[shape] = torch.empty(shape, dtype=torch.float32, device=device)
+                m, n = shape
+                blocks[shape] = (
+                    torch.randn(n, FLOOR_BLOCK_SIZE, generator=generator).to(device),
+                    torch.randn(m, FLOOR_BLOCK_SIZE, generator=generator).to(device),
+                )
+    times = []
+    for _ in range(args.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for name in names:
+            source = sources[name]
+            shape = tuple(source.shape)
+            a, (v, u) = buffers[shape], blocks[shape]
+            a.copy_(source)
+            for _ in range(iterations.get(name, 0)):
+                # Results are discarded: only the products' time is the floor.
+                a @ v
+                a.mT @ u
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, {}
+
+
+def method_weightwatcher(args: argparse.Namespace, names: list[str]) -> tuple[list[float], dict]:
+    if args.ww_site:
+        sys.path.append(args.ww_site)  # appended: the main environment's packages win
+    import logging
+
+    import weightwatcher  # type: ignore[import-not-found]
+
+    logging.getLogger("weightwatcher").setLevel(logging.WARNING)
+    times, frame = [], None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        # WeightWatcher analyses a model, not a file: wrap every matrix in a bias-free Linear
+        # (built on the meta device, so no random init is paid for and then thrown away).
+        layers = torch.nn.ModuleList()
+        with safe_open(args.checkpoint, framework="pt", device="cpu") as f:
+            for name in names:
+                w = f.get_tensor(name).to(torch.float32)
+                layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                layer.weight = torch.nn.Parameter(w, requires_grad=False)
+                layers.append(layer)
+        frame = weightwatcher.WeightWatcher(model=layers).analyze()
+        times.append(time.perf_counter() - t0)
+    assert frame is not None
+    results: dict[str, MatrixResult] = {}
+    for _, row in frame.iterrows():
+        index = int(str(row["name"]))
+        results[names[index]] = {
+            "top": [],  # analyze() reports sigma_max and the stable rank, not the top-k
+            "sigma_max": float(row["sv_max"]),
+            "stable_rank": float(row["stable_rank"]),
+        }
+    return times, results
+
+
+def method_baseline(args: argparse.Namespace, names: list[str]) -> tuple[list[float], dict]:
+    """Peak RSS of the interpreter with torch, safetensors and pss imported, doing nothing."""
+    import pss_cli.pipeline  # noqa: F401 - imported for its memory footprint
+
+    return [], {}
+
+
+METHODS: dict[str, Callable[[argparse.Namespace, list[str]], tuple[list[float], dict]]] = {
+    "exact": method_exact,
+    "pss": method_pss,
+    "lowrank": method_lowrank,
+    "floor": method_floor,
+    "weightwatcher": method_weightwatcher,
+    "baseline": method_baseline,
+}
+
+
+def run_method(args: argparse.Namespace) -> None:
+    """Subprocess entry point: run one method, write times, values and peak RSS as JSON."""
+    names = json.loads(Path(args.manifest).read_text())
+    times, results = METHODS[args.method](args, names)
+    payload = {
+        "times": times,
+        "results": results,
+        # Linux reports ru_maxrss in KiB.
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.result).write_text(json.dumps(payload))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    method: str
+    device: str
+    seconds: float | None
+    runs: int
+    speedup: float | None
+    err_sigma: float | None
+    err_top: float | None
+    err_sr: float | None
+    rss_mib: float | None
+    note: str = ""
+
+
+def spawn(
+    method: str, workdir: Path, checkpoint: Path, repeats: int, options: argparse.Namespace,
+    extra: Sequence[str] = (),
+) -> dict | None:
+    result = workdir / f"{method}-{len(list(workdir.glob('*.json')))}.json"
+    log = workdir / f"{method}.log"
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--method", method,
+        "--checkpoint", str(checkpoint), "--manifest", str(workdir / "manifest.txt"),
+        "--result", str(result), "--repeats", str(repeats),
+        "--exact-device", options.exact_device, "--pss-device", options.pss_device,
+        "--compute-device", options.compute_device, *extra,
+    ]
+    if options.ww_site:
+        command += ["--ww-site", options.ww_site]
+    with log.open("w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        print(f"  [{method} failed with exit code {code}: {' | '.join(tail)}]", flush=True)
+        return None
+    return json.loads(result.read_text())
+
+
+def weightwatcher_available(options: argparse.Namespace) -> bool:
+    code = "import sys\n"
+    if options.ww_site:
+        code += f"sys.path.append({options.ww_site!r})\n"
+    code += "import weightwatcher\n"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    return probe.returncode == 0
+
+
+def relative(value: float, reference: float) -> float:
+    return abs(value - reference) / abs(reference)
+
+
+def errors(
+    results: dict, reference: dict, names: list[str]
+) -> tuple[float | None, float | None, float | None, dict[str, tuple[float, float, float]]]:
+    """Max relative errors of sigma_max, of each top-k value, and of the stable rank."""
+    per: dict[str, tuple[float, float, float]] = {}
+    for name in names:
+        if name not in results:
+            continue
+        got, ref = results[name], reference[name]
+        ref_top = ref["top"]
+        ref_sr = ref["frobenius_sq_ref"] / ref_top[0] ** 2
+        top = got["top"]
+        e_top = (
+            max(relative(a, b) for a, b in zip(top, ref_top, strict=True)) if top else math.nan
+        )
+        per[name] = (
+            relative(got["sigma_max"], ref_top[0]),
+            e_top,
+            relative(got["stable_rank"], ref_sr),
+        )
+    if not per:
+        return None, None, None, per
+
+    def worst(i: int) -> float | None:
+        values = [p[i] for p in per.values() if not math.isnan(p[i])]
+        return max(values) if values else None
+
+    return worst(0), worst(1), worst(2), per
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def fmt_seconds(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return f"{t:.1f}" if t >= 10 else f"{t:.2f}" if t >= 1 else f"{t:.3f}"
+
+
+def fmt_err(e: float | None) -> str:
+    return "-" if e is None else "0" if e == 0 else f"{e:.1e}"
+
+
+def fmt_x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
+    names = [spec.name for spec in workload.matrices]
+    params = sum(math.prod(s.shape) for s in workload.matrices) + sum(
+        n for _, n, _ in workload.vectors
+    )
+    fast = options.repeats or 3
+    slow = options.repeats or 1
+    out: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        out.append(text)
+
+    with tempfile.TemporaryDirectory(prefix=f"pss-bench-{workload.name}-") as tmp:
+        workdir = Path(tmp)
+        checkpoint = workdir / "model.safetensors"
+        t0 = time.perf_counter()
+        write_checkpoint(workload, checkpoint)
+        print(
+            f"[{workload.name}] wrote {params / 1e6:.1f}M parameters "
+            f"({checkpoint.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        (workdir / "manifest.txt").write_text(json.dumps(names))
+
+        def progress(label: str) -> None:
+            print(f"[{workload.name}] running {label} ...", flush=True)
+
+        progress("exact svdvals")
+        exact = spawn("exact", workdir, checkpoint, slow, options)
+        if exact is None:
+            raise SystemExit("the exact baseline failed: no reference, no benchmark")
+        reference = exact["results"]
+        exact_s = median(exact["times"])
+
+        rows: list[Row] = []
+
+        def add(
+            label: str, device: str, run: dict | None, note: str = "", top_applies: bool = True
+        ) -> float | None:
+            if run is None:
+                rows.append(Row(label, device, None, 0, None, None, None, None, None, "failed"))
+                return None
+            seconds = median(run["times"])
+            e_sigma, e_top, e_sr, _ = errors(run["results"], reference, names)
+            rows.append(
+                Row(
+                    label, device, seconds, len(run["times"]), exact_s / seconds,
+                    e_sigma, e_top if top_applies else None, e_sr, run["rss_mib"], note,
+                )
+            )
+            return seconds
+
+        progress("pss scan")
+        pss = spawn("pss", workdir, checkpoint, fast, options)
+        if pss is None:
+            raise SystemExit("pss scan failed")
+        pss_device = pss["results"]["__report__"]["device"]
+        pss_s = add("pss scan (library, defaults)", pss_device, pss)
+        add("exact fp32 svdvals (reference)", options.exact_device, exact)
+
+        progress("pss matmul floor")
+        iterations = {n: int(pss["results"][n]["iterations"]) for n in names}
+        iterations_file = workdir / "iterations.txt"
+        iterations_file.write_text(json.dumps(iterations))
+        floor = spawn(
+            "floor", workdir, checkpoint, fast, options, ["--iterations", str(iterations_file)]
+        )
+        floor_s = None
+        if floor is not None:
+            floor_s = median(floor["times"])
+            rows.append(
+                Row(
+                    "pss matmul floor (fp32 copy + A@V, A^T@U)", options.compute_device, floor_s,
+                    len(floor["times"]), exact_s / floor_s, None, None, None, floor["rss_mib"],
+                )
+            )
+
+        for q, niter in ((16, 2), (16, 4), (32, 4)):
+            progress(f"svd_lowrank q={q} niter={niter}")
+            extra = ["--lowrank", f"{q},{niter}"]
+            run = spawn("lowrank", workdir, checkpoint, fast, options, extra)
+            add(f"torch.svd_lowrank q={q} niter={niter}", options.compute_device, run)
+
+        ww_s: float | None = None
+        ww_note = ""
+        if weightwatcher_available(options):
+            progress("WeightWatcher analyze()")
+            run = spawn("weightwatcher", workdir, checkpoint, slow, options)
+            ww_s = add("WeightWatcher 0.7.7 analyze()", "cpu", run, top_applies=False)
+            if run is not None:
+                missing = [n for n in names if n not in run["results"]]
+                if missing:
+                    ww_note = f"WeightWatcher skipped {len(missing)} matrices: {', '.join(missing)}"
+        else:
+            quoted = [WW_NOTES_SECONDS.get(s.shape) for s in workload.matrices]
+            if all(q is not None for q in quoted):
+                estimate = sum(q for q in quoted if q is not None)
+                ww_note = (
+                    f"WeightWatcher: not installed. NOT MEASURED: NOTES.md quotes ~9.5 s per "
+                    f"4096x4096 and ~14 s per 11008x4096 on this CPU, i.e. ~{estimate:.0f} s "
+                    "for this workload."
+                )
+            else:
+                ww_note = "WeightWatcher: not installed (no NOTES.md figure for these shapes)."
+        progress("import-only baseline")
+        baseline = spawn("baseline", workdir, checkpoint, 0, options)
+
+    # ---- summary table ----
+    say(f"\n### {workload.name}: {workload.description}\n")
+    say(
+        f"{len(names)} matrices, {params / 1e6:.1f}M parameters; "
+        f"spikes per matrix: {[s.spikes for s in workload.matrices]}.\n"
+    )
+    headers = [
+        "Method", "Device", "Wall s (median)", "Runs", "Speed-up vs exact",
+        "sigma_max max rel err", "top-16 max rel err", "stable-rank max rel err", "Peak RSS MiB",
+    ]
+    table = [
+        [
+            r.method, r.device, fmt_seconds(r.seconds), str(r.runs), fmt_x(r.speedup),
+            fmt_err(r.err_sigma), fmt_err(r.err_top), fmt_err(r.err_sr),
+            "-" if r.rss_mib is None else f"{r.rss_mib:.0f}",
+        ]
+        for r in rows
+    ]
+    say(md_table(headers, table))
+    notes = []
+    if baseline is not None:
+        notes.append(
+            "Peak RSS of a process that only imports torch and pss: "
+            f"{baseline['rss_mib']:.0f} MiB; "
+            f"torch threads: {baseline['threads']}."
+        )
+    if ww_note:
+        notes.append(ww_note)
+    report_timings = pss["results"]["__report__"]["timings"]
+    notes.append(
+        f"pss report timings (last run): total {report_timings['total_seconds']:.3f} s, "
+        f"of which read + convert + solve {report_timings['compute_seconds']:.3f} s."
+    )
+    say("\n" + "\n".join(f"- {n}" for n in notes))
+
+    # ---- per-matrix detail of pss, grouped over blocks ----
+    _, _, _, per = errors(pss["results"], reference, names)
+    groups: dict[tuple[str, tuple[int, int], int], list[str]] = {}
+    for spec in workload.matrices:
+        pattern = ".".join("*" if part.isdigit() else part for part in spec.name.split("."))
+        groups.setdefault((pattern, spec.shape, spec.spikes), []).append(spec.name)
+    detail = []
+    for (pattern, shape, spikes), members in groups.items():
+        ref = [reference[n]["top"] for n in members]
+        its = [int(pss["results"][n]["iterations"]) for n in members]
+        solvers = sorted({str(pss["results"][n]["solver"]) for n in members})
+        ratio_edge = [r[0] / bulk_edge(shape) for r in ref]
+        gap = [r[1] / r[0] for r in ref]
+        detail.append(
+            [
+                pattern, f"{shape[0]}x{shape[1]}", str(len(members)), str(spikes),
+                f"{min(ratio_edge):.2f}-{max(ratio_edge):.2f}", f"{max(gap):.4f}",
+                "/".join(solvers),
+                f"{min(its)}-{max(its)}" if min(its) != max(its) else str(its[0]),
+                fmt_err(max(per[n][0] for n in members)),
+                fmt_err(max(per[n][1] for n in members)),
+                fmt_err(max(per[n][2] for n in members)),
+            ]
+        )
+    say("\npss per matrix (grouped over blocks; errors are the group's maximum):\n")
+    say(
+        md_table(
+            [
+                "Tensor", "Shape", "Count", "Spikes", "sigma_1/edge", "max sigma_2/sigma_1",
+                "Solver", "Iterations", "sigma_max err", "top-16 err", "SR err",
+            ],
+            detail,
+        )
+    )
+
+    # ---- goals ----
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    goals = []
+    assert pss_s is not None
+    speedup = exact_s / pss_s
+    goals.append(
+        f"{verdict(speedup >= GOAL_SPEEDUP_VS_EXACT)} (a) pss >= {GOAL_SPEEDUP_VS_EXACT:.0f}x "
+        f"faster than exact svdvals: {speedup:.1f}x"
+    )
+    if ww_s is not None:
+        goals.append(
+            f"{verdict(ww_s / pss_s >= GOAL_SPEEDUP_VS_WW)} (a) pss >= {GOAL_SPEEDUP_VS_WW:.0f}x "
+            f"faster than WeightWatcher: {ww_s / pss_s:.1f}x"
+        )
+    else:
+        goals.append("n/a  (a) pss vs WeightWatcher: not measured")
+    goals.append(f"{verdict(pss_s < exact_s)} (b) pss faster than exact svdvals end to end")
+    if floor_s is not None:
+        ratio = pss_s / floor_s
+        goals.append(
+            f"{verdict(ratio <= GOAL_FLOOR_RATIO)} (b) pss within {GOAL_FLOOR_RATIO}x of its "
+            f"matmul floor: {ratio:.2f}x ({fmt_seconds(pss_s)} s vs {fmt_seconds(floor_s)} s)"
+        )
+    worst_sigma = max(p[0] for p in per.values())
+    worst_top = max(p[1] for p in per.values())
+    goals.append(
+        f"{verdict(worst_sigma <= GOAL_SIGMA_MAX_ERR)} (b) sigma_max rel err <= "
+        f"{GOAL_SIGMA_MAX_ERR:g} on every matrix: worst {worst_sigma:.1e}"
+    )
+    goals.append(
+        f"{verdict(worst_top <= GOAL_TOP_K_ERR)} (b) each top-16 rel err <= {GOAL_TOP_K_ERR:g} "
+        f"on every matrix: worst {worst_top:.1e}"
+    )
+    say("\nGoals:\n")
+    say("\n".join(f"- {g}" for g in goals))
+    return "\n".join(out)
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
+        f"- CPU: {cpu} ({_cpu_count()} logical CPUs visible)\n"
+        f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}\n"
+        f"- CUDA device: {cuda}\n"
+        f"- Python {platform.python_version()}"
+    )
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="timed runs per method (median reported); default 3 for fast methods "
+        "(pss, floor, svd_lowrank) and 1 for exact svdvals and WeightWatcher",
+    )
+    parser.add_argument("--out", type=Path, help="also write the tables as Markdown to this file")
+    parser.add_argument(
+        "--exact-device", default="cpu", help="device of the exact baseline (default cpu)"
+    )
+    parser.add_argument(
+        "--pss-device", default="auto", help="pss ScanConfig.device (default auto: cuda if any)"
+    )
+    parser.add_argument(
+        "--ww-site", default=None,
+        help="extra folder appended to sys.path to import weightwatcher from (e.g. one made "
+        "with `pip install --target DIR weightwatcher==0.7.7`)",
+    )
+    # Hidden: the subprocess side of one method.
+    for flag in ("--method", "--checkpoint", "--manifest", "--result", "--iterations",
+                 "--lowrank", "--compute-device"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1 and args.method is None:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = parse_args(argv)
+    if options.method:
+        run_method(options)
+        return
+    # svd_lowrank and the floor run where pss computes, so that they are compared like for like.
+    if options.pss_device == "auto":
+        options.compute_device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        options.compute_device = options.pss_device
+    started = time.perf_counter()
+    header = "## pss scan benchmark\n\n" + machine_info()
+    print(header, flush=True)
+    sections = [header]
+    names = list(WORKLOADS) if options.workload == "all" else [options.workload]
+    for name in names:
+        sections.append(bench_workload(WORKLOADS[name](), options))
+    footer = f"\nTotal benchmark wall time: {time.perf_counter() - started:.0f} s"
+    print(footer)
+    sections.append(footer)
+    if options.out:
+        options.out.write_text("\n".join(sections) + "\n")
+        print(f"Markdown written to {options.out}")
+
+
+if __name__ == "__main__":
+    main()

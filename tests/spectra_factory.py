@@ -1,0 +1,47 @@
+"""Matrices of known spectrum, built as U diag(s) V^T with Haar-random U, V (for tests)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """(rows, cols) with orthonormal columns (rows >= cols), float64."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    # Fix column signs so that the distribution is Haar and the result is deterministic.
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int) -> torch.Tensor:
+    """(m, n) float64 matrix whose singular values are exactly `singular_values` (descending)."""
+    generator = torch.Generator().manual_seed(seed)
+    r = singular_values.numel()
+    u = orthonormal(m, r, generator)
+    v = orthonormal(n, r, generator)
+    return (u * singular_values.to(torch.float64)) @ v.T
+
+
+def spiky(r: int, spikes: tuple[float, ...] = (8.0, 5.0)) -> torch.Tensor:
+    """A flat-ish bulk in [0.5, 1] with a few outlying spikes on top (a collapsing layer)."""
+    bulk = torch.linspace(1.0, 0.5, r - len(spikes), dtype=torch.float64)
+    return torch.cat([torch.tensor(spikes, dtype=torch.float64), bulk])
+
+
+def power_law(r: int, exponent: float = 0.6) -> torch.Tensor:
+    """s_i = (i + 1)^-exponent: the heavy-tailed spectra of trained weights."""
+    return (torch.arange(r, dtype=torch.float64) + 1.0) ** -exponent
+
+
+def flat_bulk(r: int) -> torch.Tensor:
+    """Quarter-circle (square Marchenko-Pastur) singular values: sigma_2/sigma_1 ~ 0.99+.
+
+    The hard case for randomized SVD (NOTES.md): quantiles of the density (1/pi) sqrt(4 - s^2).
+    """
+    # Inverse of the CDF of the quarter-circle law, by interpolation on a fine grid.
+    grid = torch.linspace(0.0, 2.0, 20001, dtype=torch.float64)
+    density = torch.sqrt((4.0 - grid**2).clamp_min(0.0)) / torch.pi
+    cdf = torch.cumsum(density, 0)
+    cdf = cdf / cdf[-1]
+    quantiles = (torch.arange(r, dtype=torch.float64) + 0.5) / r
+    index = torch.searchsorted(cdf, 1.0 - quantiles).clamp(max=grid.numel() - 1)
+    return grid[index]

@@ -1,0 +1,176 @@
+"""The CLI through typer's CliRunner: output formats, streams, exit codes, error text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pss_cli import __version__
+from pss_cli.app import app
+from pss_cli.errors import ExitCode
+from tests.safetensors_factory import write_tensors, write_truncated
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+DIVERGED = SAMPLES / "diverged" / "model.safetensors"
+REQUIRED_LAYER_KEYS = {
+    "name",
+    "file",
+    "shape",
+    "dtype",
+    "role",
+    "sigma_max",
+    "frobenius_norm",
+    "stable_rank",
+    "top_singular_values",
+    "topk_energy_share",
+    "nonfinite_count",
+    "flags",
+}
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"pss {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["scan", "--help"]])
+def test_help_and_version_do_not_import_torch(argv: list[str]) -> None:
+    code = (
+        "import sys; from pss_cli.app import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'scipy' not in sys.modules, 'scipy imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_table_on_the_diverged_sample(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["scan", str(DIVERGED), "--limit", "5"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any("transformer.h.3.mlp.c_fc.weight" in line for line in lines)
+    assert "(13 more layers not shown" in result.stdout
+    assert "18 matrices, 3 flagged (stable rank < 5.0)" in result.stdout
+    # Worst first: the first data row is the lowest stable rank.
+    body = [line for line in lines if "transformer." in line]
+    assert "h.3.mlp.c_fc" in body[0]
+
+
+def test_json_is_clean_and_complete(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["scan", str(DIVERGED), "--format", "json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)  # stdout holds the JSON and nothing else
+    for key in (
+        "schema_version",
+        "pss_version",
+        "checkpoint",
+        "device",
+        "seed",
+        "method",
+        "layers",
+        "skipped",
+        "summary",
+    ):
+        assert key in report
+    assert report["schema_version"] == 1 and report["pss_version"] == __version__
+    assert all(set(layer) >= REQUIRED_LAYER_KEYS for layer in report["layers"])
+    assert all({"name", "reason"} <= set(s) for s in report["skipped"])
+    assert report["summary"]["flagged"] == 3
+
+
+def test_output_file_written_only_on_success(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["scan", str(DIVERGED), "-f", "json", "-o", str(out)])
+    assert result.exit_code == 0
+    assert json.loads(out.read_text())["summary"]["matrices"] == 18
+    failed = tmp_path / "failed.json"
+    result = runner.invoke(app, ["scan", str(tmp_path / "missing"), "-o", str(failed)])
+    assert result.exit_code == ExitCode.INPUT
+    assert not failed.exists()
+
+
+def test_missing_path_is_one_line_error_exit_3(runner: CliRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    result = runner.invoke(app, ["scan", str(missing)])
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[0] == f"Error: path '{missing}' does not exist"
+    assert result.stderr.splitlines()[1].startswith("Hint: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_truncated_file_names_the_file(runner: CliRunner, tmp_path: Path) -> None:
+    path = write_truncated(tmp_path / "cut.safetensors")
+    result = runner.invoke(app, ["scan", str(path)])
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"Error: '{path}': file is truncated")
+
+
+def test_directory_without_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    result = runner.invoke(app, ["scan", str(tmp_path)])
+    assert result.exit_code == 3
+    assert "holds no .safetensors files" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scan", "--format", "xml", str(DIVERGED)],
+        ["scan", "--top-k", "0", str(DIVERGED)],
+        ["scan", "--device", "tpu", str(DIVERGED)],
+        ["scan", "--no-such-flag", str(DIVERGED)],
+    ],
+)
+def test_usage_errors_exit_2(runner: CliRunner, argv: list[str]) -> None:
+    result = runner.invoke(app, argv)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "Traceback" not in result.output
+
+
+def test_cuda_requested_without_cuda_is_a_usage_error(runner: CliRunner) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    result = runner.invoke(app, ["scan", "--device", "cuda", str(DIVERGED)])
+    assert result.exit_code == 2
+    assert "CUDA is not available" in result.stderr
+
+
+def test_nan_weights_scan_and_report_null(runner: CliRunner, tmp_path: Path) -> None:
+    import torch
+
+    w = torch.randn(8, 8)
+    w[0, 0] = float("nan")
+    path = write_tensors(tmp_path / "m.safetensors", {"w": w, "v": torch.randn(8, 8)})
+    result = runner.invoke(app, ["scan", str(path), "-f", "json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    bad = next(x for x in report["layers"] if x["name"] == "w")
+    assert bad["stable_rank"] is None and bad["nonfinite_count"] == 1
+    assert "nonfinite" in bad["flags"]
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pss_cli", "scan", str(DIVERGED), "-f", "json", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["summary"]["flagged"] == 3
+    assert done.stderr == ""  # no progress bar when stderr is not a terminal
