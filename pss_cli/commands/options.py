@@ -15,23 +15,35 @@ CheckpointArg = Annotated[
         help="A .safetensors file, a sharded checkpoint folder (model.safetensors.index.json), "
         "or a folder such as a Hugging Face Trainer checkpoint-N/.",
         show_default=False,
+        metavar="CHECKPOINT",
     ),
 ]
 IncludeOpt = Annotated[
     list[str] | None,
-    typer.Option("--include", help="Only tensors whose name matches this glob (repeatable)."),
+    typer.Option(
+        "--include", metavar="GLOB", help="Only tensors whose name matches this glob (repeatable)."
+    ),
 ]
 ExcludeOpt = Annotated[
     list[str] | None,
-    typer.Option("--exclude", help="Skip tensors whose name matches this glob (repeatable)."),
+    typer.Option(
+        "--exclude", metavar="GLOB", help="Skip tensors whose name matches this glob (repeatable)."
+    ),
 ]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format on stdout.")]
 OutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="Also write the report to FILE (only on success)."),
+    typer.Option(
+        "--output", "-o", metavar="FILE", help="Also write the report to FILE (only on success)."
+    ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto: CUDA when available).")
+    str,
+    typer.Option(
+        "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (auto: CUDA when available)."
+    ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random start blocks.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", metavar="INT", help="Seed of the random start blocks.")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]

@@ -33,12 +33,16 @@ def scan_command(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     top_k: Annotated[
-        int, typer.Option("--top-k", help="How many top singular values to compute and report.")
+        int,
+        typer.Option(
+            "--top-k", metavar="K", help="How many top singular values to compute and report."
+        ),
     ] = DEFAULT_TOP_K,
     min_stable_rank: Annotated[
         float,
         typer.Option(
             "--min-stable-rank",
+            metavar="SR",
             help="Flag matrices whose stable rank is below this (lowered to a quarter of "
             "min(m, n) for small matrices).",
         ),
@@ -57,7 +61,8 @@ def scan_command(
     seed: SeedOpt = DEFAULT_SEED,
     output_format: FormatOpt = OutputFormat.TABLE,
     limit: Annotated[
-        int | None, typer.Option("--limit", help="Table: show only the N worst layers.")
+        int | None,
+        typer.Option("--limit", metavar="N", help="Table: show only the N worst layers."),
     ] = None,
     output: OutputOpt = None,
     quiet: QuietOpt = False,

@@ -1,0 +1,71 @@
+"""The README stays in sync with the CLI: quickstart, options, exit codes, CI's test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pss_cli.app import app
+from pss_cli.errors import ExitCode
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    match = re.search(rf"^##+ {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def test_quickstart_has_exactly_two_commands() -> None:
+    blocks = re.findall(r"```bash\n(.*?)```", _section("Quickstart"), re.S)
+    assert len(blocks) == 2
+    scan, tests = (block.strip() for block in blocks)
+    assert "pss scan sample_checkpoints/" in scan
+    assert tests.endswith("python -m pytest -q")
+    # Each installs torch 2.13.0 first so pip never pulls a CUDA build on a CPU machine.
+    for command in (scan, tests):
+        assert command.index("torch==2.13.0") < command.index(
+            "pip install -e" if "-e" in command else "pip install ."
+        )
+    sample = scan.split("pss scan ", 1)[1].split()[0]
+    assert (ROOT / sample).exists()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().splitlines()[-1] == "python -m pytest -q"
+    assert "pip install --quiet torch==2.13.0" in ci
+
+
+def test_exit_code_table_matches_the_enum() -> None:
+    rows = re.findall(r"^\| (\d) \| ", _section("Exit codes"), re.M)
+    assert sorted(int(code) for code in rows) == sorted(int(code) for code in ExitCode)
+
+
+def test_every_scan_option_is_documented() -> None:
+    result = CliRunner().invoke(app, ["scan", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    documented = _section("`pss scan`")
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", result.stdout)) - {"--help"}
+    assert options, "no options parsed from --help"
+    missing = sorted(o for o in options if not re.search(rf"`[^`]*{o}(?![\w-])", documented))
+    assert not missing, f"options missing from the README's scan table: {missing}"
+
+
+def test_readme_example_output_matches_a_real_scan() -> None:
+    result = CliRunner().invoke(
+        app,
+        ["scan", "sample_checkpoints/diverged/model.safetensors", "--limit", "4"],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0
+    example = _section("Reading the output")
+    for line in result.stdout.splitlines():
+        if "│ transformer." in line:
+            assert line.strip() in example, line
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.split("; block-krylov")[0] in example
