@@ -430,12 +430,12 @@ class Row:
     device: str
     seconds: float | None
     runs: int
+    spread: str  # min-max over the runs: the machine is shared and noisy
     speedup: float | None
     err_sigma: float | None
     err_top: float | None
     err_sr: float | None
     rss_mib: float | None
-    note: str = ""
 
 
 def spawn(
@@ -509,6 +509,10 @@ def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
+def spread(times: list[float]) -> str:
+    return f"{fmt_seconds(min(times))}-{fmt_seconds(max(times))}" if len(times) > 1 else "-"
+
+
 def fmt_seconds(t: float | None) -> str:
     if t is None:
         return "-"
@@ -571,17 +575,18 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
         rows: list[Row] = []
 
         def add(
-            label: str, device: str, run: dict | None, note: str = "", top_applies: bool = True
+            label: str, device: str, run: dict | None, top_applies: bool = True
         ) -> float | None:
             if run is None:
-                rows.append(Row(label, device, None, 0, None, None, None, None, None, "failed"))
+                rows.append(Row(label, device, None, 0, "-", None, None, None, None, None))
                 return None
             seconds = median(run["times"])
             e_sigma, e_top, e_sr, _ = errors(run["results"], reference, names)
             rows.append(
                 Row(
-                    label, device, seconds, len(run["times"]), exact_s / seconds,
-                    e_sigma, e_top if top_applies else None, e_sr, run["rss_mib"], note,
+                    label, device, seconds, len(run["times"]), spread(run["times"]),
+                    exact_s / seconds,
+                    e_sigma, e_top if top_applies else None, e_sr, run["rss_mib"],
                 )
             )
             return seconds
@@ -607,7 +612,8 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
             rows.append(
                 Row(
                     "pss matmul floor (fp32 copy + A@V, A^T@U)", options.compute_device, floor_s,
-                    len(floor["times"]), exact_s / floor_s, None, None, None, floor["rss_mib"],
+                    len(floor["times"]), spread(floor["times"]), exact_s / floor_s,
+                    None, None, None, floor["rss_mib"],
                 )
             )
 
@@ -648,12 +654,12 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
         f"spikes per matrix: {[s.spikes for s in workload.matrices]}.\n"
     )
     headers = [
-        "Method", "Device", "Wall s (median)", "Runs", "Speed-up vs exact",
+        "Method", "Device", "Wall s (median)", "Runs", "Min-max s", "Speed-up vs exact",
         "sigma_max max rel err", "top-16 max rel err", "stable-rank max rel err", "Peak RSS MiB",
     ]
     table = [
         [
-            r.method, r.device, fmt_seconds(r.seconds), str(r.runs), fmt_x(r.speedup),
+            r.method, r.device, fmt_seconds(r.seconds), str(r.runs), r.spread, fmt_x(r.speedup),
             fmt_err(r.err_sigma), fmt_err(r.err_top), fmt_err(r.err_sr),
             "-" if r.rss_mib is None else f"{r.rss_mib:.0f}",
         ]

@@ -1,0 +1,607 @@
+"""Write a repaired copy of a checkpoint without ever touching the input.
+
+Each output safetensors file is the input file with a new ``__metadata__`` and the byte ranges of
+the replaced tensors overwritten; everything else is streamed across in fixed-size chunks, so
+memory stays bounded by one chunk plus one replacement tensor, and untouched tensors are
+byte-identical by construction (STYLE.md rule 8). Tensor entries, dtypes, shapes and data_offsets
+are kept exactly, which is valid because a replacement has the same shape and dtype, hence the
+same byte size (NOTES.md "safetensors facts": offsets must tile the data area).
+
+Atomicity: everything is staged beside ``out`` (same parent, so the final rename never crosses a
+filesystem), fsynced, then moved into place with one rename; on any failure, Ctrl-C included, the
+staging area is removed, so ``out`` is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import secrets
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pss_cli.checkpoint.header import MAX_HEADER_BYTES, METADATA_KEY, read_header
+from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.errors import CheckpointError, UsageError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+# 16 MiB: large enough that per-call overhead vanishes against disk bandwidth, small enough that
+# a repair of a 100 GB checkpoint stays within a few tens of MB of memory.
+CHUNK_BYTES = 16 * 1024 * 1024
+_TMP_TAG = ".pss-tmp-"
+_OLD_TAG = ".pss-old-"
+
+# torch dtype -> safetensors dtype string. Optional torch dtypes (newer releases only) are added
+# below when this torch has them.
+_TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+}
+for _attr, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+):
+    if isinstance(getattr(torch, _attr, None), torch.dtype):
+        _TORCH_TO_SAFETENSORS[getattr(torch, _attr)] = _code
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """What ``write_repaired_checkpoint`` produced (all paths are final, under ``out``)."""
+
+    out: Path  # final path (file or folder)
+    files: tuple[Path, ...]  # safetensors files written
+    copied: tuple[Path, ...]  # other top-level files and folders copied unchanged
+    replaced: tuple[str, ...]  # tensor names whose bytes were replaced, sorted
+
+
+def write_repaired_checkpoint(
+    layout: CheckpointLayout,
+    out: Path,
+    replacements: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, str],
+    *,
+    force: bool = False,
+    extra_files: Callable[[Path, Path], None] | None = None,
+    skip_copy: Callable[[Path], bool] | None = None,
+) -> WrittenCheckpoint:
+    """Write ``layout`` to ``out`` with ``replacements`` (same shape and dtype as stored, else
+    ValueError) and ``provenance`` merged into every file's ``__metadata__``.
+
+    ``out`` is a ``.safetensors`` file only for a single-file input; otherwise a folder with the
+    same file names, a regenerated index (sharded) and every other input file copied unchanged
+    (except those ``skip_copy`` refuses). ``extra_files(input_folder, staging_dir)`` runs after
+    the copy, before the final rename, so a caller can add or replace files (e.g. optimizer.pt).
+    Raises UsageError for a bad ``out`` and CheckpointError when the disk fails.
+    """
+    by_name = {entry.name: entry for entry in layout.entries}
+    _check_replacements(by_name, replacements)
+    _check_provenance(provenance)
+    to_file = out.name.endswith(SAFETENSORS_SUFFIX)
+    if to_file and layout.kind is not LayoutKind.SINGLE_FILE:
+        raise UsageError(
+            f"output '{out}' names a .safetensors file but the input '{layout.root}' is a "
+            f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
+            hint="pass a folder as the output path",
+        )
+    if to_file and extra_files is not None:
+        raise ValueError("extra_files needs a folder output, not a single .safetensors file")
+    input_folder = _input_folder(layout)
+    _check_out_path(layout, input_folder, out, force=force)
+
+    replaced = tuple(sorted(replacements))
+    try:
+        if to_file:
+            _write_single_file(layout.files[0], out, layout, replacements, provenance, force)
+            return WrittenCheckpoint(out=out, files=(out,), copied=(), replaced=replaced)
+        names, copied = _write_folder(
+            layout, input_folder, out, replacements, provenance, force, extra_files, skip_copy
+        )
+    except OSError as exc:
+        raise _disk_error(out, layout, exc) from exc
+    return WrittenCheckpoint(
+        out=out,
+        files=tuple(out / name for name in names),
+        copied=tuple(out / name for name in copied),
+        replaced=replaced,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_replacements(
+    by_name: Mapping[str, TensorEntry], replacements: Mapping[str, torch.Tensor]
+) -> None:
+    for name, tensor in replacements.items():
+        entry = by_name.get(name)
+        if entry is None:
+            raise ValueError(f"replacement for tensor '{name}', which the checkpoint does not hold")
+        dtype = _TORCH_TO_SAFETENSORS.get(tensor.dtype)
+        if dtype != entry.dtype:
+            raise ValueError(
+                f"replacement for tensor '{name}' has dtype {tensor.dtype} but the checkpoint "
+                f"stores {entry.dtype}: cast it back before writing"
+            )
+        if tuple(tensor.shape) != entry.shape:
+            raise ValueError(
+                f"replacement for tensor '{name}' has shape {tuple(tensor.shape)} but the "
+                f"checkpoint stores {entry.shape}"
+            )
+
+
+def _check_provenance(provenance: Mapping[str, str]) -> None:
+    for key, value in provenance.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            # safetensors metadata is str -> str only; the library would refuse the file.
+            raise ValueError(f"provenance must map strings to strings (got {key!r}: {value!r})")
+
+
+def _input_folder(layout: CheckpointLayout) -> Path:
+    """The folder whose other files travel with the checkpoint (the file's parent for a single
+    file, which is NOT copied: the user named one file)."""
+    if layout.kind is LayoutKind.SINGLE_FILE:
+        return layout.root.parent
+    if layout.index_file is not None:
+        return layout.index_file.parent
+    return layout.root
+
+
+def _check_out_path(
+    layout: CheckpointLayout, input_folder: Path, out: Path, *, force: bool
+) -> None:
+    out_real = out.resolve()
+    # Resolved input files too: in the Hugging Face cache the files are symlinks into blobs/,
+    # and writing over (or force-deleting a folder holding) a link's target harms the input.
+    inputs = {p.resolve() for p in layout.files} | {layout.root.resolve()}
+    if layout.index_file is not None:
+        inputs.add(layout.index_file.resolve())
+    hint = "choose an output path outside the input checkpoint, e.g. a sibling folder"
+    if out_real in inputs or (
+        layout.kind is not LayoutKind.SINGLE_FILE and out_real == input_folder.resolve()
+    ):
+        raise UsageError(
+            f"output '{out}' is the input checkpoint '{layout.root}'; pss never overwrites "
+            "its input",
+            hint=hint,
+        )
+    if layout.kind is not LayoutKind.SINGLE_FILE and out_real.is_relative_to(
+        input_folder.resolve()
+    ):
+        raise UsageError(
+            f"output '{out}' is inside the input folder '{input_folder}'",
+            hint=hint,
+        )
+    if any(p.is_relative_to(out_real) for p in inputs):
+        raise UsageError(
+            f"the input checkpoint '{layout.root}' is inside the output '{out}'",
+            hint=hint,
+        )
+    if not out.parent.is_dir():
+        raise UsageError(
+            f"the folder '{out.parent}' for output '{out}' does not exist",
+            hint=f"create it first (mkdir -p '{out.parent}') or choose another output path",
+        )
+    if os.path.lexists(out) and not force:
+        raise _exists_error(out)
+
+
+def _exists_error(out: Path) -> UsageError:
+    return UsageError(
+        f"output '{out}' already exists",
+        hint="choose a new path, or pass --force to replace it",
+    )
+
+
+def _disk_error(out: Path, layout: CheckpointLayout, exc: OSError) -> CheckpointError:
+    where = f"'{exc.filename}'" if exc.filename else f"'{out}'"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = sum(_size(p) for p in layout.files) / 1e9
+        return CheckpointError(
+            f"cannot write the repaired checkpoint to '{out}': no space left on the device "
+            f"holding {where}",
+            hint=f"free at least {need:.2f} GB there (the weights alone need that much) or "
+            "choose an output on another disk",
+        )
+    reason = exc.strerror or str(exc)
+    return CheckpointError(
+        f"cannot write the repaired checkpoint to '{out}': {reason} ({where})",
+        hint="check that the output folder is writable and the disk is mounted",
+    )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout-level writing
+
+
+def _write_single_file(
+    src: Path,
+    out: Path,
+    layout: CheckpointLayout,
+    replacements: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, str],
+    force: bool,
+) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write_safetensors(src, tmp, layout, replacements, provenance)
+        _validate(src, tmp, layout, replacements, provenance)
+        _commit_file(tmp, out, force)
+    except BaseException:
+        # BaseException: Ctrl-C must not leave a half-written hidden file behind either.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(out.parent)
+
+
+def _write_folder(
+    layout: CheckpointLayout,
+    input_folder: Path,
+    out: Path,
+    replacements: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, str],
+    force: bool,
+    extra_files: Callable[[Path, Path], None] | None,
+    skip_copy: Callable[[Path], bool] | None,
+) -> tuple[list[str], list[str]]:
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent))
+    try:
+        names = []
+        for src in layout.files:
+            _write_safetensors(src, staging / src.name, layout, replacements, provenance)
+            names.append(src.name)
+        if layout.index_file is not None:
+            _write_index(layout, staging / layout.index_file.name, provenance)
+        copied: list[str] = []
+        if layout.kind is not LayoutKind.SINGLE_FILE:
+            written = {src.name for src in layout.files}
+            if layout.index_file is not None:
+                written.add(layout.index_file.name)
+            copied = _copy_others(input_folder, staging, written, skip_copy)
+        if extra_files is not None:
+            extra_files(input_folder, staging)
+        for src in layout.files:
+            _validate(src, staging / src.name, layout, replacements, provenance)
+        _fsync_tree(staging)
+        _commit_dir(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
+    return names, copied
+
+
+def _write_index(layout: CheckpointLayout, dst: Path, provenance: Mapping[str, str]) -> None:
+    """Same weight_map and other keys; total_size recomputed from the headers (HF defines it as
+    the sum of the tensors' byte sizes, so it does not change, but a stale input value is fixed)."""
+    assert layout.index_file is not None
+    raw: Any = json.loads(layout.index_file.read_text(encoding="utf-8"))
+    # open_checkpoint already checked it is an object with a weight_map; keep every other key.
+    metadata = raw.get("metadata")
+    metadata = dict(metadata) if isinstance(metadata, dict) else {}
+    metadata["total_size"] = sum(entry.nbytes for entry in layout.entries)
+    metadata["pss_provenance"] = dict(provenance)
+    raw["metadata"] = metadata
+    with open(dst, "x", encoding="utf-8") as f:
+        f.write(json.dumps(raw, indent=2) + "\n")
+
+
+def _copy_others(
+    input_folder: Path,
+    staging: Path,
+    written: set[str],
+    skip_copy: Callable[[Path], bool] | None,
+) -> list[str]:
+    """Copy every other entry of ``input_folder`` unchanged; symlinks stay links (copying their
+    targets could pull in whole caches), metadata (mtime, mode) kept by copy2."""
+
+    def skipped(path: Path) -> bool:
+        return skip_copy is not None and skip_copy(path)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {name for name in names if skipped(Path(folder) / name)}
+
+    copied = []
+    with os.scandir(input_folder) as it:
+        children = sorted(it, key=lambda e: e.name)
+    for child in children:
+        src = Path(child.path)
+        if child.name in written or skipped(src):
+            continue
+        dst = staging / child.name
+        if child.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif child.is_dir(follow_symlinks=False):
+            shutil.copytree(src, dst, symlinks=True, ignore=ignore, copy_function=shutil.copy2)
+        elif child.is_file(follow_symlinks=False):
+            shutil.copy2(src, dst, follow_symlinks=False)
+        else:
+            continue  # FIFOs, sockets, devices: copying them could block or never end
+        copied.append(child.name)
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# One safetensors file
+
+
+def _write_safetensors(
+    src: Path,
+    dst: Path,
+    layout: CheckpointLayout,
+    replacements: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, str],
+) -> None:
+    # Re-read the header now (cheap): the file may have changed since it was opened, and copying
+    # a data area that no longer matches the layout's offsets would corrupt the output silently.
+    entries, metadata = read_header(src)
+    expected = sorted((e for e in layout.entries if e.file == src), key=_entry_key)
+    if sorted(entries, key=_entry_key) != [_rebase(e, src) for e in expected]:
+        raise CheckpointError(
+            f"'{src}' changed since it was opened (its header no longer matches)",
+            hint="make sure nothing else writes to the input, then run pss again",
+        )
+    merged = {**metadata, **provenance}
+    header = _encode_header(entries, merged)
+    if len(header) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"the new header of '{dst.name}' would exceed the 100 MB safetensors limit"
+        )
+    # (begin, end, tensor) in data order: segments to overwrite while streaming.
+    patches = sorted(
+        (
+            (e.data_offsets[0], e.data_offsets[1], replacements[e.name])
+            for e in entries
+            if e.name in replacements
+        ),
+        key=lambda p: p[0],
+    )
+    data_len = entries[-1].data_offsets[1] if entries else 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        (in_header_len,) = struct.unpack("<Q", fin.read(8))
+        fin.seek(8 + in_header_len)
+        _write_chunk(fout, struct.pack("<Q", len(header)) + header)
+        buffer = bytearray(CHUNK_BYTES)
+        cursor = 0
+        for begin, end, tensor in patches:
+            _copy_bytes(fin, fout, begin - cursor, buffer)
+            _write_tensor(fout, tensor, end - begin)
+            fin.seek(end - begin, os.SEEK_CUR)
+            cursor = end
+        _copy_bytes(fin, fout, data_len - cursor, buffer)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def _entry_key(entry: TensorEntry) -> tuple[tuple[int, int], str]:
+    return entry.data_offsets, entry.name
+
+
+def _rebase(entry: TensorEntry, file: Path) -> TensorEntry:
+    return TensorEntry(entry.name, file, entry.dtype, entry.shape, entry.data_offsets)
+
+
+def _encode_header(entries: list[TensorEntry], metadata: Mapping[str, str]) -> bytes:
+    """Compact JSON padded with spaces to a multiple of 8, as safetensors writes it: the data
+    area then starts 8-byte aligned, which the library relies on for zero-copy mmap views."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(metadata)
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": list(entry.data_offsets),
+        }
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _copy_bytes(
+    fin: io.BufferedReader, fout: io.BufferedWriter, n_bytes: int, buffer: bytearray
+) -> None:
+    view = memoryview(buffer)
+    remaining = n_bytes
+    while remaining > 0:
+        n_read = fin.readinto(view[: min(remaining, len(buffer))])
+        if not n_read:
+            raise CheckpointError(
+                f"'{fin.name}' ended {remaining} bytes early while copying",
+                hint="the file was truncated while pss was reading it; re-download it",
+            )
+        _write_chunk(fout, view[:n_read])
+        remaining -= n_read
+
+
+def _write_tensor(fout: io.BufferedWriter, tensor: torch.Tensor, n_bytes: int) -> None:
+    # safetensors stores little-endian; torch's in-memory layout is the host's.
+    if sys.byteorder != "little":
+        raise NotImplementedError("writing safetensors on a big-endian host is not supported")
+    # reshape(-1) first: view(torch.uint8) refuses 0-d tensors. The uint8 view reinterprets the
+    # bytes without conversion, which bf16 (no numpy dtype) and fp8 need.
+    raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() != n_bytes:
+        raise ValueError(f"replacement is {raw.numel()} bytes, the slot is {n_bytes}")
+    view = raw.numpy().data  # 1-D uint8, so slicing is by byte
+    for start in range(0, n_bytes, CHUNK_BYTES):
+        _write_chunk(fout, view[start : start + CHUNK_BYTES])
+
+
+def _write_chunk(fout: io.BufferedWriter, chunk: bytes | memoryview) -> None:
+    """Every output byte goes through here (one place to fail in tests, e.g. ENOSPC)."""
+    fout.write(chunk)
+
+
+def _validate(
+    src: Path,
+    dst: Path,
+    layout: CheckpointLayout,
+    replacements: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, str],
+) -> None:
+    """Reopen the staged file with our parser and with the library before anything is
+    published: a bug here must cost a failed run, never a broken checkpoint at ``out``."""
+    src_entries, src_metadata = read_header(src)
+    entries, metadata = read_header(dst)
+    if [_rebase(e, dst) for e in src_entries] != entries or metadata != {
+        **src_metadata,
+        **provenance,
+    }:
+        raise CheckpointError(
+            f"internal error: the rewritten '{dst.name}' does not match '{src}'",
+            hint="please report this bug; the input was not modified",
+        )
+    names = [e.name for e in entries if e.name in replacements]
+    try:
+        with safe_open(str(dst), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name in names:
+                stored = f.get_tensor(name)
+                expected = replacements[name].detach().to("cpu").contiguous()
+                if not torch.equal(
+                    stored.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)
+                ):
+                    raise ValueError(f"tensor '{name}' reads back different bytes")
+    except Exception as exc:
+        raise CheckpointError(
+            f"internal error: safetensors cannot read the rewritten '{dst.name}': {exc}",
+            hint="please report this bug; the input was not modified",
+        ) from exc
+    if keys != {e.name for e in entries}:
+        raise CheckpointError(
+            f"internal error: safetensors lists other tensors in the rewritten '{dst.name}'",
+            hint="please report this bug; the input was not modified",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing: rename the staged result into place
+
+
+def _commit_file(tmp: Path, out: Path, force: bool) -> None:
+    if force and not out.is_dir():
+        os.replace(tmp, out)  # atomic even when out exists: no moment without a valid out
+        return
+    if force:
+        _swap_in(tmp, out)
+        return
+    try:
+        # link() fails with EEXIST when out appeared meanwhile (another writer): no silent
+        # overwrite, unlike rename(), which replaces files.
+        os.link(tmp, out)
+    except FileExistsError:
+        raise _exists_error(out) from None
+    except OSError:
+        # Filesystems without hard links (some FUSE/SMB mounts): best effort check then rename.
+        if os.path.lexists(out):
+            raise _exists_error(out) from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
+def _commit_dir(staging: Path, out: Path, force: bool) -> None:
+    if force and os.path.lexists(out):
+        _swap_in(staging, out)
+        return
+    try:
+        # rename() of a folder onto an existing non-empty folder (or a file) fails, so a
+        # concurrent writer that finished first wins and we report "exists".
+        os.rename(staging, out)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise _exists_error(out) from None
+        raise
+
+
+def _swap_in(staged: Path, out: Path) -> None:
+    """--force: move the old out aside, rename the new one in, then delete the old one; put the
+    old one back if the second rename fails, so a failure never loses the previous output."""
+    aside = out.parent / f".{out.name}{_OLD_TAG}{secrets.token_hex(6)}"
+    os.rename(out, aside)
+    try:
+        os.rename(staged, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            aside.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Durability
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and folder under ``root`` (copies included): rename is atomic,
+    but without fsync a crash could publish a folder whose files are still empty."""
+    for path in _walk(root):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    yield root
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            yield Path(folder) / name
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Directory fsync makes the rename itself durable; not all platforms allow it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,171 @@
+"""Smoothing functions on descending singular values, and their application to a matrix.
+
+Each function maps the top singular values s (descending) to new values s' of the same length;
+`apply_spectrum_change` then forms W' = W + U_k diag(s'_k - s_k) V_k^T, so singular vectors and
+every value outside the top k are unchanged (the paper says only the dominant values change;
+arXiv 2602.01308, and NOTES.md for what its code does differently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+
+class SmoothingMethod(StrEnum):
+    CAP = "cap"
+    CONV = "conv"
+    SOFTMAX = "softmax"
+    CLIP = "clip"
+
+
+class NeedMoreValues(Exception):
+    """The change reaches below the known top-k values: the caller must compute more of them."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"need at least {needed} singular values")
+        self.needed = needed
+
+
+@dataclass(frozen=True)
+class SmoothingParams:
+    method: SmoothingMethod = SmoothingMethod.CAP
+    target_stable_rank: float | None = None  # cap: required
+    temperature: float = 4.0  # softmax: s' = softmax(s / t); the paper's code uses 0.25 s (t = 4)
+    clip_count: int = 1  # clip: s_1..s_j -> s_{j+1}; j = 1 is the reviewers' sigma_1 -> sigma_2
+
+
+def smooth_values(
+    top: torch.Tensor, frobenius_norm: float, rank: int, params: SmoothingParams
+) -> torch.Tensor:
+    """New top singular values (same length as `top`).
+
+    top: (k,) float64 descending, the k largest singular values (k < rank unless all are known).
+    frobenius_norm: ||W||_F, exact. rank: min(m, n).
+    Raises NeedMoreValues when the requested change touches values beyond the known k.
+    """
+    if params.method is SmoothingMethod.CAP:
+        if params.target_stable_rank is None:
+            raise ValueError("cap needs a target stable rank")
+        return cap_values(top, frobenius_norm, rank, params.target_stable_rank)
+    stable_rank = (frobenius_norm / float(top[0])) ** 2
+    window = min(rank, math.ceil(stable_rank - 1e-12))
+    if params.method is SmoothingMethod.CONV:
+        return conv_values(top, window, rank)
+    if params.method is SmoothingMethod.SOFTMAX:
+        return softmax_values(top, window, params.temperature)
+    return clip_values(top, params.clip_count)
+
+
+def cap_level(top: torch.Tensor, frobenius_norm: float, rank: int, target: float) -> float:
+    """The level c such that capping every value at c gives stable rank `target`.
+
+    With j values above c, SR(c) = (F^2 - sum_{i<=j} s_i^2) / c^2 + j: continuous and decreasing
+    in c from SR(s_1) (nothing capped) to `rank` (everything capped), so for a target between
+    them there is exactly one c, found in closed form on the interval [s_{j+1}, s_j] that holds
+    it. Among caps that reach the target it changes W least in Frobenius norm: every value above
+    c must come down to c for the energy bound, and nothing below c needs to move.
+    """
+    f_sq = frobenius_norm**2
+    current = f_sq / float(top[0]) ** 2
+    if target <= current:
+        return float(top[0])
+    if target > rank:
+        raise ValueError(f"target stable rank {target:g} exceeds the rank {rank}")
+    values = top.tolist()
+    slack = 1e-12  # rounding at the interval ends must not make the search miss its interval
+    head_energy = 0.0
+    for j in range(1, len(values) + 1):
+        head_energy += values[j - 1] ** 2
+        tail = max(f_sq - head_energy, 0.0)
+        if target - j <= slack * target:
+            # Every value so far capped already gives SR >= target: only reachable when
+            # target == j, i.e. all values equal (target == rank); the smallest change is s_j.
+            return values[j - 1]
+        level = math.sqrt(tail / (target - j))
+        if j == len(values):
+            if j >= rank:
+                break
+            # The level falls below every known value: it cannot be checked against s_{k+1}.
+            raise NeedMoreValues(min(rank, 2 * len(values)))
+        lower, upper = values[j], values[j - 1]
+        if lower * (1 - slack) <= level <= upper * (1 + slack):
+            return min(max(level, lower), upper)
+    raise NeedMoreValues(min(rank, 2 * len(values)))
+
+
+def cap_values(top: torch.Tensor, frobenius_norm: float, rank: int, target: float) -> torch.Tensor:
+    level = cap_level(top, frobenius_norm, rank, target)
+    return top.clamp(max=level)
+
+
+def conv_values(top: torch.Tensor, window: int, rank: int) -> torch.Tensor:
+    """The paper's 3-tap moving average over the top `window` values (window = ceil(SR)).
+
+    Reflect padding at the top gives sigma_1' = (sigma_1 + 2 sigma_2) / 3 as in the paper; at the
+    bottom of the window the real next value s_{window+1} is used, so the result equals the
+    paper's whole-spectrum filter restricted to the values it is said to change.
+    """
+    window = max(1, min(window, rank))
+    if rank == 1:
+        return top.clone()
+    needed = window + 1 if window < rank else window
+    if top.numel() < needed:
+        raise NeedMoreValues(needed)
+    # (window + 2,): s_2 (reflect), s_1..s_window, then s_{window+1} or, at the true bottom of the
+    # spectrum, s_{window-1} (reflect).
+    bottom = top[window : window + 1] if window < rank else top[window - 2 : window - 1]
+    padded = torch.cat([top[1:2], top[:window], bottom])
+    smoothed = top.clone()
+    smoothed[:window] = (padded[:-2] + padded[1:-1] + padded[2:]) / 3.0
+    return smoothed
+
+
+def softmax_values(top: torch.Tensor, window: int, temperature: float) -> torch.Tensor:
+    """s' = softmax(s / t) * sum(s) over the top `window` values: keeps their sum and order.
+
+    Scale-dependent (NOTES.md): with large gaps it can sharpen rather than smooth; the report
+    shows the resulting stable rank so that this is visible.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    window = max(1, min(window, top.numel()))
+    s = top.clone()
+    head = top[:window]
+    s[:window] = torch.softmax(head / temperature, dim=0) * head.sum()
+    return s
+
+
+def clip_values(top: torch.Tensor, count: int) -> torch.Tensor:
+    """s_1..s_j -> s_{j+1} (the reviewers' "set sigma_1 to sigma_2" ablation, generalised)."""
+    if count < 1:
+        raise ValueError("clip count must be at least 1")
+    if top.numel() <= count:
+        raise NeedMoreValues(count + 1)
+    s = top.clone()
+    s[:count] = top[count]
+    return s
+
+
+def apply_spectrum_change(
+    matrix: torch.Tensor,
+    left: torch.Tensor,
+    values: torch.Tensor,
+    right: torch.Tensor,
+    new_values: torch.Tensor,
+) -> torch.Tensor:
+    """W' = W + U_k diag(s'_k - s_k) V_k^T, computed in the matrix's (float32/64) dtype.
+
+    matrix: (m, n); left: (m, k); values, new_values: (k,); right: (n, k).
+    Only columns whose value changes contribute, so untouched directions are exactly preserved.
+    """
+    delta = (new_values - values).to(matrix.dtype)
+    changed = delta != 0
+    if not bool(changed.any()):
+        return matrix.clone()
+    u = left[:, changed].to(matrix.dtype)
+    v = right[:, changed].to(matrix.dtype)
+    return matrix + (u * delta[changed]) @ v.T
