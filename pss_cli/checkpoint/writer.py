@@ -261,6 +261,7 @@ def _write_single_file(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        shutil.copymode(src, tmp)  # mkstemp makes it 0600; keep the input's permissions
         _write_safetensors(src, tmp, layout, replacements, provenance)
         _validate(src, tmp, layout, replacements, provenance)
         _commit_file(tmp, out, force)
@@ -284,6 +285,7 @@ def _write_folder(
 ) -> tuple[list[str], list[str]]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent))
     try:
+        shutil.copymode(input_folder, staging)  # mkdtemp makes it 0700
         names = []
         for src in layout.files:
             _write_safetensors(src, staging / src.name, layout, replacements, provenance)

@@ -77,15 +77,21 @@ def cap_level(top: torch.Tensor, frobenius_norm: float, rank: int, target: float
         raise ValueError(f"target stable rank {target:g} exceeds the rank {rank}")
     values = top.tolist()
     slack = 1e-12  # rounding at the interval ends must not make the search miss its interval
-    head_energy = 0.0
+    # Tail energies are summed from the known values plus the energy beyond them, not formed as
+    # F^2 - head: that difference cancels catastrophically when sigma_1 dominates (1e5 x sigma_2).
+    beyond = 0.0 if len(values) >= rank else max(f_sq - sum(v * v for v in values), 0.0)
+    suffix = [0.0] * (len(values) + 1)
+    for i in range(len(values) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + values[i] ** 2
     for j in range(1, len(values) + 1):
-        head_energy += values[j - 1] ** 2
-        tail = max(f_sq - head_energy, 0.0)
+        tail = suffix[j] + beyond
         if target - j <= slack * target:
             # Every value so far capped already gives SR >= target: only reachable when
             # target == j, i.e. all values equal (target == rank); the smallest change is s_j.
             return values[j - 1]
         level = math.sqrt(tail / (target - j))
+        if j == 1 and level >= values[0]:
+            return values[0]  # the target is already met (up to rounding): nothing to cap
         if j == len(values):
             if j >= rank:
                 break
