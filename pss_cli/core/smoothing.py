@@ -75,7 +75,7 @@ def cap_level(top: torch.Tensor, frobenius_norm: float, rank: int, target: float
         return float(top[0])
     if target > rank:
         raise ValueError(f"target stable rank {target:g} exceeds the rank {rank}")
-    values = top.tolist()
+    values: list[float] = [float(v) for v in top.tolist()]
     slack = 1e-12  # rounding at the interval ends must not make the search miss its interval
     # Tail energies are summed from the known values plus the energy beyond them, not formed as
     # F^2 - head: that difference cancels catastrophically when sigma_1 dominates (1e5 x sigma_2).
