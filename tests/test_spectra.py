@@ -147,3 +147,21 @@ def test_cuda_matches_cpu() -> None:
     start = gaussian_start([3], 900, FORCE_KRYLOV.block_size)
     gpu = top_singular_values(a.cuda(), 16, start, FORCE_KRYLOV).values[0]
     assert _relative_errors(gpu, cpu).max() <= 1e-3
+
+
+@pytest.mark.parametrize("shape", [(900, 700), (700, 900)])
+@pytest.mark.parametrize("settings", [FORCE_KRYLOV, KrylovSettings()], ids=["krylov", "exact"])
+def test_triplets_reconstruct_the_dominant_part(shape, settings) -> None:
+    from pss_cli.core.spectra import top_singular_triplets
+
+    m, n = shape
+    truth = spiky(min(m, n), spikes=(20.0, 10.0, 6.0))
+    a = with_spectrum(m, n, truth, seed=12).to(torch.float32)
+    start = gaussian_start([4], min(m, n), settings.block_size)[0]
+    t = top_singular_triplets(a, 16, start, settings)
+    assert t.left.shape == (m, 16) and t.right.shape == (n, 16)
+    # The spikes' triplets are accurate: A v_i = s_i u_i and A^T u_i = s_i v_i.
+    s = t.values[:3].to(torch.float32)
+    torch.testing.assert_close(a @ t.right[:, :3], t.left[:, :3] * s, rtol=0, atol=1e-4)
+    torch.testing.assert_close(a.T @ t.left[:, :3], t.right[:, :3] * s, rtol=0, atol=1e-4)
+    assert _relative_errors(t.values[:3], truth[:3]).max() <= 1e-5

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -175,7 +176,11 @@ def _load_state_dict(src: Path) -> dict[str, Any]:
         "(restart the optimizer)"
     )
     try:
-        loaded: Any = torch.load(src, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Raw (non-zip) pickles make torch warn about the protocol before refusing them; the
+            # refusal below says all the user needs.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded: Any = torch.load(src, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise CheckpointError(
             f"cannot read optimizer state '{src}': {exc.strerror or exc}", hint=hint
@@ -183,10 +188,10 @@ def _load_state_dict(src: Path) -> dict[str, Any]:
     except Exception as exc:
         # weights_only=True raises UnpicklingError for any global outside torch's allow-list:
         # the file needs full pickle, which can run arbitrary code, so refuse instead.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"optimizer state '{src}' cannot be loaded safely: it needs pickle, and pss "
-            f"refuses to unpickle ({first_line[:200]})",
+            "refuses to unpickle (that can run arbitrary code), or it is damaged "
+            f"({_torch_reason(exc)})",
             hint=hint,
         ) from None
     if not (
@@ -199,6 +204,18 @@ def _load_state_dict(src: Path) -> dict[str, Any]:
             hint=hint,
         )
     return loaded
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The informative part of torch's multi-paragraph weights_only error, on one line (e.g.
+    "Unsupported global: GLOBAL io.open was not an allowed global by default")."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch embeds ANSI bold codes
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        text = text.split(". Please", 1)[0].split("\n\nCheck the documentation", 1)[0]
+    text = " ".join(text.split()).rstrip(".")
+    return text[:200] or type(exc).__name__
 
 
 def _moment_shapes(src: Path, state: dict[Any, Any]) -> dict[int, tuple[int, ...]]:

@@ -125,7 +125,11 @@ def uses_exact_path(m: int, n: int, k: int, settings: KrylovSettings) -> bool:
 
 
 def _block_lanczos(
-    tall: torch.Tensor, k: int, start: torch.Tensor, settings: KrylovSettings
+    tall: torch.Tensor,
+    k: int,
+    start: torch.Tensor,
+    settings: KrylovSettings,
+    vectors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> BatchSpectrum:
     """Block Golub-Kahan-Lanczos bidiagonalisation with full re-orthogonalisation (CGS2).
 
@@ -133,6 +137,8 @@ def _block_lanczos(
     Recurrence: A V_j = U_{j-1} S_{j-1}^T + U_j R_j and A^T U_j = V_j R_j^T + V_{j+1} S_j, so
     U^T A V is block upper-bidiagonal T (R_j on the diagonal, S_j^T above it); the singular values
     of T are the Ritz values, lower bounds that increase towards the true ones.
+    With `vectors` given, it is filled with the Ritz vectors (left (m, k), right (n, k)) of each
+    matrix, U Y_k and V X_k from T = Y diag(s) X^T.
     """
     batch, _, n = tall.shape
     block = start.shape[-1]
@@ -176,10 +182,18 @@ def _block_lanczos(
         if not bool(done.any()):
             continue
         done_cpu = done.cpu()
+        if vectors is not None:
+            y, _, xh = torch.linalg.svd(_block_bidiagonal(r_blocks, s_blocks))
+            u_all, v_all = torch.cat(u_blocks, dim=-1), torch.cat(v_blocks[:-1], dim=-1)
         for local in torch.nonzero(done_cpu).flatten().tolist():
             global_index = int(active[local])
             values[global_index] = history[-1][local].to("cpu", torch.float64)
             iterations[global_index] = iteration
+            if vectors is not None:
+                vectors[global_index] = (
+                    u_all[local] @ y[local, :, :k],
+                    v_all[local] @ xh[local, :k].mT,
+                )
         if iteration == max_iterations:
             # Not converged within the budget: pay for the full SVD rather than report a value
             # that may be off (the flat-bulk trap of NOTES.md).
@@ -189,8 +203,12 @@ def _block_lanczos(
             )
             for local in torch.nonzero(not_converged.cpu()).flatten().tolist():
                 global_index = int(active[local])
-                full = exact_singular_values(a[local : local + 1])[0, :k]
-                values[global_index] = full.to("cpu", torch.float64)
+                if vectors is None:
+                    full = exact_singular_values(a[local : local + 1])[0, :k]
+                else:
+                    u, full, vh = torch.linalg.svd(a[local], full_matrices=False)
+                    vectors[global_index] = (u[:, :k], vh[:k].mT)
+                values[global_index] = full[:k].to("cpu", torch.float64)
                 exact[global_index] = True
             break
         keep = torch.nonzero(~done).flatten()
@@ -256,3 +274,48 @@ def _remaining_error(
     floor = latest[:, :1] * RELATIVE_FLOOR
     scale = torch.maximum(latest, floor).clamp_min(torch.finfo(latest.dtype).tiny)
     return d1 * rho / (1 - rho) / scale
+
+
+@dataclass(frozen=True)
+class Triplets:
+    """Top-k singular triplets of one matrix: W ~ left diag(values) right^T on those directions.
+
+    left: (m, k), right: (n, k) in the matrix's dtype and device; values: (k,) float64 on CPU.
+    """
+
+    left: torch.Tensor
+    values: torch.Tensor
+    right: torch.Tensor
+    exact: bool
+    iterations: int
+
+
+def top_singular_triplets(
+    matrix: torch.Tensor,
+    k: int,
+    start: torch.Tensor | None,
+    settings: KrylovSettings = KrylovSettings(),  # noqa: B008 - frozen, immutable default
+) -> Triplets:
+    """Top-k singular triplets of one (m, n) matrix (float32/64), for smoothing.
+
+    start: (min(m, n), block_size) Gaussian block, or None when `uses_exact_path` holds. The
+    Krylov path returns Ritz triplets: exact for the converged dominant directions, which are the
+    ones smoothing changes; `pss smooth` re-measures the result to prove it.
+    """
+    m, n = matrix.shape
+    k = min(k, m, n)
+    if uses_exact_path(m, n, k, settings):
+        u, values, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return Triplets(u[:, :k], values[:k].to("cpu", torch.float64), vh[:k].mT, True, 0)
+    if start is None:
+        raise ValueError("the Krylov path needs a start block")
+    transposed = m < n
+    tall = (matrix.mT if transposed else matrix).unsqueeze(0)
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    spectrum = _block_lanczos(
+        tall, k, start.unsqueeze(0).to(device=matrix.device, dtype=matrix.dtype), settings, found
+    )
+    left, right = found[0]
+    if transposed:
+        left, right = right, left
+    return Triplets(left, spectrum.values[0], right, spectrum.exact[0], spectrum.iterations[0])
