@@ -16,6 +16,7 @@ import typer
 
 from pss_cli import __version__
 from pss_cli.commands.scan import scan_command
+from pss_cli.commands.smooth import smooth_command
 from pss_cli.errors import ExitCode, PssError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,6 +95,7 @@ def root(
 
 
 app.command("scan", no_args_is_help=True)(guarded(scan_command))
+app.command("smooth", no_args_is_help=True)(guarded(smooth_command))
 
 
 def main() -> None:

@@ -11,6 +11,23 @@ class OutputFormat(StrEnum):
     JSON = "json"
 
 
+class SmoothMethodName(StrEnum):
+    """Mirror of pss_cli.core.smoothing.SmoothingMethod, torch-free for the CLI's --help."""
+
+    CAP = "cap"
+    CONV = "conv"
+    SOFTMAX = "softmax"
+    CLIP = "clip"
+
+
+class OptimizerStatePolicy(StrEnum):
+    """Mirror of pss_cli.checkpoint.optimizer.OptimizerPolicy, torch-free for --help."""
+
+    RESET = "reset"
+    KEEP = "keep"
+    DROP = "drop"
+
+
 class ComputeDtype(StrEnum):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
@@ -25,6 +42,8 @@ DEFAULT_MIN_STABLE_RANK = 5.0
 # s * this fraction so that tiny matrices (token-type embeddings, 2 x 384) raise no false alarm.
 MIN_STABLE_RANK_FRACTION_OF_RANK = 0.25
 DEFAULT_SEED = 0
+# softmax smoothing: the PSS authors' code uses softmax(0.25 * s), i.e. a temperature of 4.
+DEFAULT_SOFTMAX_TEMPERATURE = 4.0
 DEFAULT_DEVICE = "auto"
 # Host memory for one CPU batch of float32 matrices; on CUDA the batch is sized from free memory.
 # At or below this short side a full SVD is used: measured here (2 cores), the exact SVD of a

@@ -124,3 +124,77 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+@dataclass(frozen=True)
+class SmoothedLayer:
+    """One matrix changed (or planned to change) by `pss smooth`.
+
+    `*_after` values are re-measured from the written checkpoint (None in a dry run, where
+    `predicted_stable_rank` says what the new spectrum will give).
+    """
+
+    name: str
+    index: int | None
+    role: str
+    matrix_shape: tuple[int, int]
+    dtype: str
+    k: int  # singular triplets used
+    changed_values: int  # how many of them the method changed
+    target_stable_rank: float | None  # cap only
+    target_source: str | None  # where the target came from (option, or the median it used)
+    sigma_max_before: float
+    stable_rank_before: float
+    predicted_stable_rank: float
+    sigma_max_after: float | None
+    stable_rank_after: float | None
+    relative_change: float  # ||W' - W||_F / ||W||_F, measured on the stored (cast) tensor
+    verified: bool | None  # None in a dry run
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.index is None else f"{self.name}[{self.index}]"
+
+
+@dataclass(frozen=True)
+class SmoothReport:
+    pss_version: str
+    input: str
+    output: str | None
+    dry_run: bool
+    method: str
+    parameters: dict[str, Any]
+    layers: tuple[SmoothedLayer, ...]
+    not_smoothed: tuple[SkippedResult, ...]  # selected but left alone, with the reason
+    untouched_tensors_verified: int  # tensors whose bytes were compared with the input
+    optimizer: dict[str, Any]
+    messages: tuple[str, ...]
+    timings: dict[str, float]
+    schema_version: int = SCHEMA_VERSION
+
+
+def smooth_report_to_json_dict(report: SmoothReport) -> dict[str, Any]:
+    layers = []
+    for layer in report.layers:
+        row = asdict(layer)
+        row["matrix_shape"] = list(layer.matrix_shape)
+        layers.append(row)
+    data: dict[str, Any] = _finite(
+        {
+            "schema_version": report.schema_version,
+            "pss_version": report.pss_version,
+            "command": "smooth",
+            "input": report.input,
+            "output": report.output,
+            "dry_run": report.dry_run,
+            "method": report.method,
+            "parameters": report.parameters,
+            "layers": layers,
+            "not_smoothed": [{**asdict(s), "shape": list(s.shape)} for s in report.not_smoothed],
+            "untouched_tensors_verified": report.untouched_tensors_verified,
+            "optimizer": report.optimizer,
+            "messages": list(report.messages),
+            "timings": report.timings,
+        }
+    )
+    return data

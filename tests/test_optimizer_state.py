@@ -91,7 +91,7 @@ def test_reset_exact_zeroes_only_the_modified_ids(tmp_path: Path) -> None:
     assert sha(src) == before
     # the rewritten state loads into a fresh AdamW for the same model and can step
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    fresh.load_state_dict(new)  # type: ignore[arg-type]
+    fresh.load_state_dict(new)
     model(torch.randn(2, 4)).sum().backward()
     fresh.step()
 
@@ -110,7 +110,7 @@ def test_reset_falls_back_to_all_when_shapes_repeat(tmp_path: Path) -> None:
     for pid in range(6):
         assert moments_zero(new_state, pid)
         assert torch.equal(new_state[pid]["step"], old_state[pid]["step"])
-    torch.optim.AdamW(model.parameters()).load_state_dict(new)  # type: ignore[arg-type]
+    torch.optim.AdamW(model.parameters()).load_state_dict(new)
 
 
 def test_reset_unique_shape_in_duplicate_model_is_exact(tmp_path: Path) -> None:

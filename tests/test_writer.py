@@ -392,7 +392,10 @@ def test_replacement_checks(tmp_path: Path, value: torch.Tensor, phrase: str | N
     src = write_tensors(tmp_path / "m.safetensors", net_tensors(torch.float32))
     layout = open_checkpoint(src)
     out = tmp_path / "o.safetensors"
-    call = lambda: write_repaired_checkpoint(layout, out, {"fc1.weight": value}, {})  # noqa: E731
+
+    def call() -> WrittenCheckpoint:
+        return write_repaired_checkpoint(layout, out, {"fc1.weight": value}, {})
+
     if phrase is None:
         call()
         assert torch.equal(load_file(str(out))["fc1.weight"], value)
@@ -449,7 +452,7 @@ def test_force_restores_old_out_when_final_rename_fails(
             raise OSError(errno.EIO, "I/O error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(writer.os, "rename", flaky)
+    monkeypatch.setattr(os, "rename", flaky)
     fails(
         CheckpointError,
         lambda: write_repaired_checkpoint(layout, out, {}, {}, force=True),
@@ -482,9 +485,11 @@ def test_failure_mid_write_leaves_nothing(
     monkeypatch.setattr(writer, "_write_chunk", failing)
     monkeypatch.setattr(writer, "CHUNK_BYTES", 64)
     out = tmp_path / ("o.safetensors" if to_file else "o")
-    call = lambda: write_repaired_checkpoint(  # noqa: E731
-        layout, out, {"fc1.weight": new_value(tensors, "fc1.weight")}, PROVENANCE
-    )
+
+    def call() -> WrittenCheckpoint:
+        replacements = {"fc1.weight": new_value(tensors, "fc1.weight")}
+        return write_repaired_checkpoint(layout, out, replacements, PROVENANCE)
+
     if isinstance(failure, OSError):
         with pytest.raises(CheckpointError) as info:
             call()

@@ -14,6 +14,8 @@ from enum import StrEnum
 
 import torch
 
+from pss_cli.config import DEFAULT_SOFTMAX_TEMPERATURE
+
 
 class SmoothingMethod(StrEnum):
     CAP = "cap"
@@ -34,7 +36,7 @@ class NeedMoreValues(Exception):
 class SmoothingParams:
     method: SmoothingMethod = SmoothingMethod.CAP
     target_stable_rank: float | None = None  # cap: required
-    temperature: float = 4.0  # softmax: s' = softmax(s / t); the paper's code uses 0.25 s (t = 4)
+    temperature: float = DEFAULT_SOFTMAX_TEMPERATURE  # softmax: s' = softmax(s / t)
     clip_count: int = 1  # clip: s_1..s_j -> s_{j+1}; j = 1 is the reviewers' sigma_1 -> sigma_2
 
 

@@ -294,7 +294,7 @@ def top_singular_triplets(
     matrix: torch.Tensor,
     k: int,
     start: torch.Tensor | None,
-    settings: KrylovSettings = KrylovSettings(),  # noqa: B008 - frozen, immutable default
+    settings: KrylovSettings = KrylovSettings(),
 ) -> Triplets:
     """Top-k singular triplets of one (m, n) matrix (float32/64), for smoothing.
 

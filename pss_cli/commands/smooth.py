@@ -1,0 +1,145 @@
+"""``pss smooth``: write a repaired checkpoint whose dominant singular values are smoothed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pss_cli.commands.options import (
+    CheckpointArg,
+    DeviceOpt,
+    ExcludeOpt,
+    FormatOpt,
+    IncludeOpt,
+    QuietOpt,
+    SeedOpt,
+)
+from pss_cli.config import (
+    DEFAULT_DEVICE,
+    DEFAULT_MIN_STABLE_RANK,
+    DEFAULT_SEED,
+    DEFAULT_SOFTMAX_TEMPERATURE,
+    ComputeDtype,
+    OptimizerStatePolicy,
+    OutputFormat,
+    ScanConfig,
+    SmoothMethodName,
+)
+from pss_cli.errors import UsageError
+
+
+def smooth_command(
+    checkpoint: CheckpointArg,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", metavar="OUT", help="Where to write the repaired checkpoint (a new path)."
+        ),
+    ] = None,
+    method: Annotated[
+        SmoothMethodName, typer.Option("--method", help="Smoothing function (see README).")
+    ] = SmoothMethodName.CAP,
+    target_stable_rank: Annotated[
+        float | None,
+        typer.Option(
+            "--target-stable-rank",
+            metavar="SR",
+            help="cap: stable rank to reach (default: median of healthy peers).",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", metavar="T", help="softmax: s' = softmax(s/T)*sum(s).")
+    ] = DEFAULT_SOFTMAX_TEMPERATURE,
+    clip_count: Annotated[
+        int, typer.Option("--clip-count", metavar="J", help="clip: s_1..s_J -> s_{J+1}.")
+    ] = 1,
+    layers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layers",
+            metavar="GLOB",
+            help="Smooth these matrices (repeatable; may name embeddings).",
+        ),
+    ] = None,
+    all_layers: Annotated[
+        bool, typer.Option("--all", help="Smooth every matrix except embeddings and lm_head.")
+    ] = False,
+    min_stable_rank: Annotated[
+        float,
+        typer.Option(
+            "--min-stable-rank", metavar="SR", help="Default selection: flagged below this."
+        ),
+    ] = DEFAULT_MIN_STABLE_RANK,
+    optimizer_state: Annotated[
+        OptimizerStatePolicy,
+        typer.Option("--optimizer-state", help="What to do with optimizer.pt (see README)."),
+    ] = OptimizerStatePolicy.RESET,
+    allow_master_weights: Annotated[
+        bool,
+        typer.Option(
+            "--allow-master-weights",
+            help="Write even though DeepSpeed fp32 master weights would undo the repair.",
+        ),
+    ] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the plan; write nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    dtype: Annotated[
+        ComputeDtype, typer.Option("--dtype", help="Compute dtype of the SVD and update.")
+    ] = ComputeDtype.FLOAT32,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    seed: SeedOpt = DEFAULT_SEED,
+    output_format: FormatOpt = OutputFormat.TABLE,
+    quiet: QuietOpt = False,
+) -> None:
+    """Smooth the dominant singular values of singular matrices into a new checkpoint."""
+    if out is None and not dry_run:
+        raise UsageError("--out is required (or use --dry-run)", "e.g. --out repaired/")
+    if layers and all_layers:
+        raise UsageError("--layers and --all cannot be combined")
+    from pss_cli.checkpoint.optimizer import OptimizerPolicy
+    from pss_cli.core.smoothing import SmoothingMethod, SmoothingParams
+    from pss_cli.repair import SmoothConfig, smooth_checkpoint
+    from pss_cli.report.progress import stderr_progress
+    from pss_cli.report.smooth import render_plan, render_smooth, resume_recipe
+
+    config = SmoothConfig(
+        scan=ScanConfig(
+            include=tuple(include or ()),
+            exclude=tuple(exclude or ()),
+            min_stable_rank=min_stable_rank,
+            device=device,
+            seed=seed,
+            compute_dtype=dtype,
+        ),
+        layers=tuple(layers or ()),
+        all_layers=all_layers,
+        params=SmoothingParams(
+            method=SmoothingMethod(method.value),
+            target_stable_rank=target_stable_rank,
+            temperature=temperature,
+            clip_count=clip_count,
+        ),
+        optimizer_state=OptimizerPolicy(optimizer_state.value),
+        allow_master_weights=allow_master_weights,
+        force=force,
+        dry_run=dry_run,
+    )
+    with stderr_progress(enabled=not quiet) as progress:
+        report = smooth_checkpoint(
+            checkpoint,
+            out,
+            config,
+            progress,
+            announce=None
+            if dry_run or quiet
+            else lambda plan: typer.echo(render_plan(plan), err=True),
+        )
+    typer.echo(render_smooth(report, output_format), nl=False)
+    if not dry_run and report.layers and not quiet:
+        typer.echo(resume_recipe(report), err=True)

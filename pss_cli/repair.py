@@ -1,0 +1,521 @@
+"""Orchestration of `pss smooth`: scan -> select -> plan -> write -> re-measure -> report.
+
+Reuses the scan pipeline (selection, metrics) and the block Krylov solver; the numerics of the
+smoothing itself live in `pss_cli.core.smoothing`, the file work in `pss_cli.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+
+from pss_cli import __version__
+from pss_cli.checkpoint.digest import tensor_digests
+from pss_cli.checkpoint.discover import open_checkpoint
+from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.optimizer import (
+    OptimizerOutcome,
+    OptimizerPolicy,
+    detect_master_weights,
+    find_optimizer_file,
+    rewrite_optimizer_state,
+)
+from pss_cli.checkpoint.reader import TensorReader
+from pss_cli.checkpoint.selection import MatrixView, select
+from pss_cli.checkpoint.writer import write_repaired_checkpoint
+from pss_cli.config import ComputeDtype, ScanConfig
+from pss_cli.core.smoothing import (
+    NeedMoreValues,
+    SmoothingMethod,
+    SmoothingParams,
+    apply_spectrum_change,
+    smooth_values,
+)
+from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
+from pss_cli.errors import CheckpointError, ComputeError, UsageError
+from pss_cli.pipeline import FLAG_LOW_STABLE_RANK, ProgressCallback, matrix_seed, scan_checkpoint
+from pss_cli.results import LayerResult, ScanReport, SkippedResult, SmoothedLayer, SmoothReport
+
+# Roles left alone unless named with --layers: embeddings are low-rank by nature (NOTES.md:
+# MiniLM position embeddings 7.7) and the paper's code skips embeddings and the LM head.
+PROTECTED_ROLES = frozenset({"embedding", "lm_head"})
+# A cap target is reached within this relative tolerance after casting back to the stored dtype
+# (bf16 keeps 8 bits of mantissa: rounding moves the stable rank by up to ~0.5 %).
+TARGET_TOLERANCE = {"F64": 1e-3, "F32": 1e-3, "F16": 1e-2, "BF16": 2e-2}
+# With no healthy matrix to learn from, aim at this multiple of the flag threshold.
+FALLBACK_TARGET_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class SmoothConfig:
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    layers: tuple[str, ...] = ()  # explicit globs (may name embeddings / lm_head)
+    all_layers: bool = False
+    params: SmoothingParams = field(default_factory=SmoothingParams)
+    optimizer_state: OptimizerPolicy = OptimizerPolicy.RESET
+    allow_master_weights: bool = False
+    force: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    layer: LayerResult
+    entry: TensorEntry
+    view: MatrixView
+    target: float | None
+    target_source: str | None
+
+
+@dataclass
+class _Change:
+    plan: _Plan
+    new_matrix: torch.Tensor  # (m, n) in the stored dtype
+    k: int
+    changed_values: int
+    predicted_stable_rank: float
+    relative_change: float
+
+
+def smooth_checkpoint(
+    source: Path,
+    out: Path | None,
+    config: SmoothConfig,
+    progress: ProgressCallback | None = None,
+    announce: Callable[[SmoothReport], None] | None = None,
+) -> SmoothReport:
+    """Repair `source` into `out` (None only for a dry run); `announce` sees the plan first."""
+    started = time.perf_counter()
+    if out is None and not config.dry_run:
+        raise UsageError("--out is required unless --dry-run is given")
+    layout = open_checkpoint(source)
+    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    master = detect_master_weights(folder) if layout.kind is not LayoutKind.SINGLE_FILE else []
+    if master and not config.allow_master_weights and not config.dry_run:
+        raise UsageError(
+            f"'{folder}' holds DeepSpeed ZeRO state ({master[0].name}, ...): its fp32 master "
+            "weights overwrite the repaired weights on resume, silently undoing the repair",
+            "repair the fp32 master weights instead, or pass --allow-master-weights if your "
+            "resume loads the model weights (e.g. load_from_fp32_weights=False)",
+        )
+    scan = scan_checkpoint(source, config.scan, progress)
+    plans, not_smoothed = _select(scan, layout, config)
+    changes, more_skips = _compute_changes(layout, plans, config)
+    not_smoothed = not_smoothed + more_skips
+    planned = _report(scan, layout, config, out, changes, not_smoothed, None, 0, {}, started)
+    if announce is not None:
+        announce(planned)
+    if config.dry_run or not changes:
+        return planned
+
+    assert out is not None
+    replacements = _replacements(layout, changes)
+    optimizer_outcome: list[OptimizerOutcome] = []
+    optimizer_file = (
+        find_optimizer_file(folder) if layout.kind is not LayoutKind.SINGLE_FILE else None
+    )
+    modified_names = sorted(replacements)
+
+    def optimizer_hook(_input_root: Path, staging: Path) -> None:
+        if optimizer_file is None:
+            return
+        optimizer_outcome.append(
+            rewrite_optimizer_state(
+                optimizer_file,
+                staging / optimizer_file.name,
+                config.optimizer_state,
+                layout.entries,
+                modified_names,
+            )
+        )
+
+    provenance = {
+        "pss.version": __version__,
+        "pss.command": "smooth",
+        "pss.method": str(config.params.method),
+        "pss.parameters": _parameters_text(config),
+        "pss.modified_tensors": ",".join(modified_names),
+    }
+    written = write_repaired_checkpoint(
+        layout,
+        out,
+        replacements,
+        provenance,
+        force=config.force,
+        extra_files=None if out.name.endswith(".safetensors") else optimizer_hook,
+        skip_copy=(lambda path: optimizer_file is not None and path == optimizer_file),
+    )
+    verified_untouched, after = _verify(layout, written.out, changes, config)
+    optimizer = _optimizer_summary(optimizer_outcome, optimizer_file, config)
+    return _report(
+        scan,
+        layout,
+        config,
+        written.out,
+        changes,
+        not_smoothed,
+        after,
+        verified_untouched,
+        optimizer,
+        started,
+    )
+
+
+def _select(
+    scan: ScanReport, layout: CheckpointLayout, config: SmoothConfig
+) -> tuple[list[_Plan], tuple[SkippedResult, ...]]:
+    targets, _ = select(layout.entries, config.scan.include, config.scan.exclude)
+    by_name = {t.entry.name: t for t in targets}
+    plans: list[_Plan] = []
+    skipped: list[SkippedResult] = []
+    if config.layers:
+        unmatched = [
+            g for g in config.layers if not any(fnmatchcase(x.name, g) for x in scan.layers)
+        ]
+        if unmatched:
+            raise UsageError(
+                f"--layers '{unmatched[0]}' matches no analysed matrix in '{layout.root}'",
+                "run `pss scan` to list the matrix names",
+            )
+    for layer in scan.layers:
+        explicit = any(fnmatchcase(layer.name, g) for g in config.layers)
+        if config.layers:
+            chosen = explicit
+        elif config.all_layers:
+            chosen = layer.role not in PROTECTED_ROLES
+        else:
+            chosen = FLAG_LOW_STABLE_RANK in layer.flags and layer.role not in PROTECTED_ROLES
+        if not chosen:
+            continue
+        reason = None
+        if layer.nonfinite_count:
+            reason = (
+                "has NaN/Inf entries: no spectrum to smooth (restore it from an earlier checkpoint)"
+            )
+        elif layer.stable_rank is None:
+            reason = "all-zero matrix: nothing to smooth"
+        if reason is not None:
+            skipped.append(_skip(layer, reason))
+            continue
+        target = by_name[layer.name]
+        plans.append(_Plan(layer, target.entry, target.view, None, None))
+    if config.params.method is SmoothingMethod.CAP:
+        plans, cap_skips = _with_targets(plans, scan, config)
+        skipped.extend(cap_skips)
+    return plans, tuple(skipped)
+
+
+def _with_targets(
+    plans: list[_Plan], scan: ScanReport, config: SmoothConfig
+) -> tuple[list[_Plan], list[SkippedResult]]:
+    """Target stable rank per matrix: the option, or the median of healthy peers.
+
+    Healthy peers are finite, unflagged matrices of the same role and shape in this checkpoint,
+    else of the same role, else all of them: the checkpoint's own healthy layers say what a
+    normal spectrum looks like for this model, which an absolute number cannot (NOTES.md).
+    """
+    healthy = [x for x in scan.layers if not x.flags and x.stable_rank is not None]
+    out: list[_Plan] = []
+    skipped: list[SkippedResult] = []
+    for plan in plans:
+        layer = plan.layer
+        rank = min(layer.matrix_shape)
+        if config.params.target_stable_rank is not None:
+            target, source = config.params.target_stable_rank, "--target-stable-rank"
+        else:
+            target, source = _peer_median(layer, healthy, config.scan.min_stable_rank)
+        if target > rank:
+            if config.params.target_stable_rank is not None:
+                raise UsageError(
+                    f"--target-stable-rank {target:g} exceeds the rank {rank} of '{layer.name}'",
+                    "choose a target below min(m, n) of every selected matrix",
+                )
+            target, source = 0.5 * rank, f"half the rank {rank} (peer median was higher)"
+        assert layer.stable_rank is not None
+        if layer.stable_rank >= target:
+            skipped.append(
+                _skip(layer, f"stable rank {layer.stable_rank:.3g} already >= target {target:.3g}")
+            )
+            continue
+        out.append(replace(plan, target=target, target_source=source))
+    return out, skipped
+
+
+def _peer_median(
+    layer: LayerResult, healthy: list[LayerResult], min_stable_rank: float
+) -> tuple[float, str]:
+    tiers = (
+        (
+            "role and shape",
+            [x for x in healthy if x.role == layer.role and x.matrix_shape == layer.matrix_shape],
+        ),
+        ("role", [x for x in healthy if x.role == layer.role]),
+        ("all healthy matrices", healthy),
+    )
+    for label, peers in tiers:
+        values = [x.stable_rank for x in peers if x.stable_rank is not None]
+        if values:
+            median = statistics.median(values)
+            return median, f"median of {len(values)} healthy matrices ({label})"
+    target = FALLBACK_TARGET_FACTOR * min_stable_rank
+    return target, f"{FALLBACK_TARGET_FACTOR:g} x --min-stable-rank (no healthy peers)"
+
+
+def _compute_changes(
+    layout: CheckpointLayout, plans: list[_Plan], config: SmoothConfig
+) -> tuple[list[_Change], tuple[SkippedResult, ...]]:
+    dtype = torch.float64 if config.scan.compute_dtype is ComputeDtype.FLOAT64 else torch.float32
+    settings = KrylovSettings(exact_max_dim=config.scan.exact_max_dim)
+    changes: list[_Change] = []
+    skipped: list[SkippedResult] = []
+    with TensorReader(layout) as reader:
+        for plan in plans:
+            stored = _matrix_of(reader, plan)
+            change = _smooth_one(plan, stored, dtype, settings, config)
+            if change is None:
+                skipped.append(_skip(plan.layer, "the method leaves this spectrum unchanged"))
+            else:
+                changes.append(change)
+    return changes, tuple(skipped)
+
+
+def _matrix_of(reader: TensorReader, plan: _Plan) -> torch.Tensor:
+    tensor = reader.read(plan.entry)
+    m, n = plan.layer.matrix_shape
+    batch = tensor.reshape(-1, m, n)
+    return batch[plan.layer.index if plan.layer.index is not None else 0]
+
+
+def _smooth_one(
+    plan: _Plan,
+    stored: torch.Tensor,
+    dtype: torch.dtype,
+    settings: KrylovSettings,
+    config: SmoothConfig,
+) -> _Change | None:
+    """New stored-dtype matrix for one plan; grows k until it covers every changed value."""
+    layer = plan.layer
+    m, n = layer.matrix_shape
+    rank = min(m, n)
+    work = stored.to(dtype)
+    frobenius = float(torch.linalg.vector_norm(work, dtype=torch.float64))
+    params = replace(config.params, target_stable_rank=plan.target)
+    k = min(rank, max(config.scan.top_k, math.ceil(layer.stable_rank or 1.0) + 2))
+    seed = matrix_seed(config.scan.seed, layer.name, layer.index)
+    while True:
+        start = gaussian_start([seed], rank, settings.block_size)[0]
+        triplets = top_singular_triplets(work, k, start, settings)
+        try:
+            new_values = smooth_values(triplets.values, frobenius, rank, params)
+        except NeedMoreValues as more:
+            if k >= rank:
+                raise ComputeError(
+                    f"cannot smooth '{layer.display_name}': the change needs every singular value",
+                    "choose a lower --target-stable-rank",
+                ) from more
+            k = min(rank, max(more.needed, 2 * k))
+            continue
+        break
+    changed = int((new_values != triplets.values).sum())
+    if changed == 0:
+        return None
+    # The update is added to the stored values in float64, so that directions it does not touch
+    # keep the stored numbers exactly (up to the final cast), whatever the compute dtype.
+    updated = apply_spectrum_change(
+        stored.to(torch.float64),
+        triplets.left.to(torch.float64),
+        triplets.values,
+        triplets.right.to(torch.float64),
+        new_values,
+    )
+    new_stored = updated.to(stored.dtype)
+    difference = new_stored.to(torch.float64) - stored.to(torch.float64)
+    relative = float(torch.linalg.vector_norm(difference)) / frobenius
+    tail_energy = frobenius**2 - float((triplets.values**2).sum())
+    new_energy = float((new_values**2).sum()) + max(tail_energy, 0.0)
+    predicted = new_energy / float(new_values.max()) ** 2
+    return _Change(plan, new_stored, k, changed, predicted, relative)
+
+
+def _replacements(layout: CheckpointLayout, changes: list[_Change]) -> dict[str, torch.Tensor]:
+    """Whole tensors to write: stacked experts and conv kernels are put back in their shape."""
+    by_tensor: dict[str, list[_Change]] = {}
+    for change in changes:
+        by_tensor.setdefault(change.plan.entry.name, []).append(change)
+    replacements: dict[str, torch.Tensor] = {}
+    with TensorReader(layout) as reader:
+        for name, group in by_tensor.items():
+            entry = group[0].plan.entry
+            m, n = group[0].plan.layer.matrix_shape
+            tensor = reader.read(entry).clone().reshape(-1, m, n)
+            for change in group:
+                index = change.plan.layer.index
+                tensor[index if index is not None else 0] = change.new_matrix
+            replacements[name] = tensor.reshape(entry.shape)
+    return replacements
+
+
+def _verify(
+    layout: CheckpointLayout, out: Path, changes: list[_Change], config: SmoothConfig
+) -> tuple[int, dict[tuple[str, int | None], LayerResult]]:
+    """Re-open the output: re-measure changed matrices, compare every other tensor's bytes."""
+    written = open_checkpoint(out)
+    modified = {c.plan.entry.name for c in changes}
+    before = tensor_digests(layout)
+    after = tensor_digests(written)
+    if set(before) != set(after):
+        raise CheckpointError(
+            f"verification failed: '{out}' does not hold the same tensor names as the input",
+            "this is a bug in pss; the input is untouched, delete the output and report it",
+        )
+    untouched = sorted(set(before) - modified)
+    differing = [name for name in untouched if before[name] != after[name]]
+    if differing:
+        raise CheckpointError(
+            f"verification failed: tensor '{differing[0]}' in '{out}' differs from the input",
+            "this is a bug in pss; the input is untouched, delete the output and report it",
+        )
+    rescan = scan_checkpoint(
+        out,
+        replace(config.scan, include=tuple(sorted(modified)), exclude=()),
+    )
+    measured = {(x.name, x.index): x for x in rescan.layers}
+    return len(untouched), measured
+
+
+def _optimizer_summary(
+    outcomes: list[OptimizerOutcome], file: Path | None, config: SmoothConfig
+) -> dict[str, object]:
+    if not outcomes:
+        return {
+            "policy": str(config.optimizer_state),
+            "file": str(file) if file else None,
+            "mapping": "none",
+            "reset_param_ids": [],
+            "messages": [],
+        }
+    outcome = outcomes[0]
+    return {
+        "policy": str(outcome.policy),
+        "file": str(outcome.file) if outcome.file else None,
+        "mapping": outcome.mapping,
+        "reset_param_ids": list(outcome.reset_param_ids),
+        "messages": list(outcome.messages),
+    }
+
+
+def _report(
+    scan: ScanReport,
+    layout: CheckpointLayout,
+    config: SmoothConfig,
+    out: Path | None,
+    changes: list[_Change],
+    not_smoothed: tuple[SkippedResult, ...],
+    after: dict[tuple[str, int | None], LayerResult] | None,
+    untouched_verified: int,
+    optimizer: dict[str, object],
+    started: float,
+) -> SmoothReport:
+    layers = []
+    messages: list[str] = []
+    for change in changes:
+        layer = change.plan.layer
+        measured = after.get((layer.name, layer.index)) if after is not None else None
+        verified = None
+        if after is not None:
+            verified = _verified(change, measured)
+            if not verified:
+                messages.append(f"'{layer.display_name}' did not reach its target after writing")
+        assert layer.sigma_max is not None and layer.stable_rank is not None
+        layers.append(
+            SmoothedLayer(
+                name=layer.name,
+                index=layer.index,
+                role=layer.role,
+                matrix_shape=layer.matrix_shape,
+                dtype=layer.dtype,
+                k=change.k,
+                changed_values=change.changed_values,
+                target_stable_rank=change.plan.target,
+                target_source=change.plan.target_source,
+                sigma_max_before=layer.sigma_max,
+                stable_rank_before=layer.stable_rank,
+                predicted_stable_rank=change.predicted_stable_rank,
+                sigma_max_after=measured.sigma_max if measured else None,
+                stable_rank_after=measured.stable_rank if measured else None,
+                relative_change=change.relative_change,
+                verified=verified,
+            )
+        )
+    optimizer_messages = optimizer.get("messages")
+    if isinstance(optimizer_messages, list):
+        messages.extend(str(m) for m in optimizer_messages)
+    return SmoothReport(
+        pss_version=__version__,
+        input=str(layout.root),
+        output=str(out) if out is not None and not config.dry_run else None,
+        dry_run=config.dry_run,
+        method=str(config.params.method),
+        parameters=_parameters(config),
+        layers=tuple(layers),
+        not_smoothed=not_smoothed,
+        untouched_tensors_verified=untouched_verified,
+        optimizer=optimizer,
+        messages=tuple(messages),
+        timings={"total_seconds": round(time.perf_counter() - started, 6)},
+    )
+
+
+def _verified(change: _Change, measured: LayerResult | None) -> bool:
+    if measured is None or measured.sigma_max is None or measured.stable_rank is None:
+        return False
+    layer = change.plan.layer
+    if change.plan.target is not None:
+        tolerance = TARGET_TOLERANCE.get(layer.dtype, 1e-2)
+        return abs(measured.stable_rank - change.plan.target) <= tolerance * change.plan.target
+    return (
+        abs(measured.stable_rank - change.predicted_stable_rank)
+        <= 2e-2 * change.predicted_stable_rank
+    )
+
+
+def _parameters(config: SmoothConfig) -> dict[str, object]:
+    params = config.params
+    data: dict[str, object] = {"method": str(params.method)}
+    if params.method is SmoothingMethod.CAP:
+        data["target_stable_rank"] = params.target_stable_rank
+    elif params.method is SmoothingMethod.SOFTMAX:
+        data["temperature"] = params.temperature
+    elif params.method is SmoothingMethod.CLIP:
+        data["clip_count"] = params.clip_count
+    data.update(
+        {
+            "selection": "layers" if config.layers else "all" if config.all_layers else "flagged",
+            "layers": list(config.layers),
+            "min_stable_rank": config.scan.min_stable_rank,
+            "optimizer_state": str(config.optimizer_state),
+            "seed": config.scan.seed,
+        }
+    )
+    return data
+
+
+def _parameters_text(config: SmoothConfig) -> str:
+    return ";".join(f"{key}={value}" for key, value in _parameters(config).items())
+
+
+def _skip(layer: LayerResult, reason: str) -> SkippedResult:
+    return SkippedResult(
+        name=layer.display_name,
+        file=layer.file,
+        shape=layer.shape,
+        dtype=layer.dtype,
+        reason=reason,
+    )

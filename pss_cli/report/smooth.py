@@ -1,0 +1,105 @@
+"""Renderers for `pss smooth`: the plan (stderr, before writing), the result, a resume recipe."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from pss_cli.config import OutputFormat
+from pss_cli.report.table import _fmt
+from pss_cli.results import SmoothReport, smooth_report_to_json_dict
+
+
+def _console(buffer: io.StringIO, color: bool) -> Console:
+    return Console(
+        file=buffer, force_terminal=color, no_color=not color, width=160, highlight=False
+    )
+
+
+def _table(report: SmoothReport, title: str, after: bool) -> Table:
+    table = Table(title=title, header_style="bold")
+    table.add_column("layer", overflow="fold")
+    table.add_column("role")
+    table.add_column("shape", justify="right")
+    table.add_column("k", justify="right")
+    table.add_column("sigma_max", justify="right")
+    table.add_column("stable rank", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("||dW||/||W||", justify="right")
+    if after:
+        table.add_column("verified")
+    for layer in report.layers:
+        if after:
+            sigma = f"{_fmt(layer.sigma_max_before, 4)} -> {_fmt(layer.sigma_max_after, 4)}"
+            rank = f"{_fmt(layer.stable_rank_before, 2)} -> {_fmt(layer.stable_rank_after, 2)}"
+        else:
+            sigma = _fmt(layer.sigma_max_before, 4)
+            rank = f"{_fmt(layer.stable_rank_before, 2)} -> {_fmt(layer.predicted_stable_rank, 2)}"
+        row = [
+            layer.display_name,
+            layer.role,
+            "x".join(str(d) for d in layer.matrix_shape),
+            str(layer.k),
+            sigma,
+            rank,
+            _fmt(layer.target_stable_rank, 2),
+            _fmt(layer.relative_change, 3),
+        ]
+        if after:
+            row.append("yes" if layer.verified else "NO")
+        table.add_row(*row)
+    return table
+
+
+def render_plan(report: SmoothReport) -> str:
+    buffer = io.StringIO()
+    console = _console(buffer, sys.stderr.isatty())
+    if not report.layers:
+        console.print("pss smooth: nothing to change (no selected matrix needs smoothing)")
+    else:
+        console.print(_table(report, f"pss smooth plan ({report.method}): {report.input}", False))
+    for skipped in report.not_smoothed:
+        console.print(f"left alone: {skipped.name}: {skipped.reason}")
+    return buffer.getvalue()
+
+
+def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
+    if output_format is OutputFormat.JSON:
+        return json.dumps(smooth_report_to_json_dict(report), indent=2, allow_nan=False) + "\n"
+    buffer = io.StringIO()
+    console = _console(buffer, sys.stdout.isatty())
+    if report.dry_run:
+        console.print(
+            _table(report, f"pss smooth --dry-run ({report.method}): {report.input}", False)
+        )
+        for skipped in report.not_smoothed:
+            console.print(f"left alone: {skipped.name}: {skipped.reason}")
+        console.print(f"dry run: {len(report.layers)} matrices would change; nothing written")
+        return buffer.getvalue()
+    if report.layers:
+        console.print(_table(report, f"pss smooth ({report.method}): {report.output}", True))
+    verified = sum(1 for layer in report.layers if layer.verified)
+    console.print(
+        f"{len(report.layers)} matrices smoothed ({verified} verified), "
+        f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
+        f"written to {report.output or '(nothing written)'}"
+    )
+    for message in report.messages:
+        console.print(f"note: {message}")
+    return buffer.getvalue()
+
+
+def resume_recipe(report: SmoothReport) -> str:
+    return (
+        "To resume from the repaired checkpoint:\n"
+        f"  - point your trainer at {report.output} (same layout and tensor names as the input);\n"
+        "  - re-warm the learning rate over a short window (a few hundred steps): reset Adam "
+        "moments make the first updates ~lr*sign(g), larger than usual;\n"
+        "  - consider skipping the data window around the spike, and a lower peak LR if it "
+        "recurs;\n"
+        "  - check the result with `pss scan` on the output."
+    )

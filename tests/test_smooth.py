@@ -1,0 +1,292 @@
+"""`pss smooth` end to end: layouts, dtypes, methods, optimizer state, refusals, verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pss_cli.app import app
+from pss_cli.checkpoint.optimizer import OptimizerPolicy
+from pss_cli.config import ComputeDtype, ScanConfig
+from pss_cli.core.smoothing import SmoothingMethod, SmoothingParams
+from pss_cli.errors import UsageError
+from pss_cli.pipeline import scan_checkpoint
+from pss_cli.repair import SmoothConfig, smooth_checkpoint
+from tests.safetensors_factory import write_index, write_tensors
+from tests.spectra_factory import power_law, with_spectrum
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+DIVERGED = SAMPLES / "diverged" / "model.safetensors"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root.parent)): _sha(p) for p in files}
+
+
+class TinyMLP(torch.nn.Module):
+    """A model whose state dict matches `_model_tensors` (for load_state_dict + forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(48, 160)
+        self.down = torch.nn.Linear(160, 48)
+        self.norm = torch.nn.LayerNorm(48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.down(torch.relu(self.up(x))))
+
+
+def _model_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    model = TinyMLP()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Healthy power-law spectra, then one collapsed matrix: a spike 8x the bulk.
+    state["up.weight"] = with_spectrum(160, 48, power_law(48, 0.3), seed=1).float()
+    spiky = power_law(48, 0.3).clone()
+    spiky[0] = 8.0
+    state["down.weight"] = with_spectrum(48, 160, spiky, seed=2).float()
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+def _config(**kwargs: object) -> SmoothConfig:
+    params = kwargs.pop("params", SmoothingParams(target_stable_rank=6.0))
+    return SmoothConfig(params=params, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_single_file_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
+    source = (
+        write_tensors(tmp_path / "in" / "model.safetensors", _model_tensors(dtype))
+        if ((tmp_path / "in").mkdir() or True)
+        else None
+    )
+    assert source is not None
+    before = _tree_hashes(source)
+    out = tmp_path / "out"
+    report = smooth_checkpoint(source, out, _config())
+    assert _tree_hashes(source) == before  # input untouched
+    assert [layer.name for layer in report.layers] == ["down.weight"]
+    layer = report.layers[0]
+    assert layer.verified and layer.stable_rank_after is not None
+    assert layer.stable_rank_after == pytest.approx(6.0, rel=2e-2)
+    assert layer.sigma_max_after is not None and layer.sigma_max_after < layer.sigma_max_before
+    original, repaired = load_file(str(source)), load_file(str(out / "model.safetensors"))
+    assert set(original) == set(repaired)
+    for name in original:
+        assert repaired[name].dtype == original[name].dtype
+        assert repaired[name].shape == original[name].shape
+        if name != "down.weight":
+            assert torch.equal(repaired[name], original[name])
+    assert report.untouched_tensors_verified == len(original) - 1
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt"
+    assert metadata["pss.modified_tensors"] == "down.weight"
+    assert metadata["pss.method"] == "cap"
+    model = TinyMLP().to(dtype)
+    model.load_state_dict(repaired)
+    assert torch.isfinite(model(torch.randn(3, 48).to(dtype))).all()
+
+
+def test_singular_vectors_and_small_values_are_kept(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    tensors = _model_tensors(torch.float64)
+    source = write_tensors(tmp_path / "in" / "m.safetensors", tensors)
+    float64 = ScanConfig(compute_dtype=ComputeDtype.FLOAT64)
+    smooth_checkpoint(source, tmp_path / "out", _config(scan=float64))
+    new = load_file(str(tmp_path / "out" / "m.safetensors"))["down.weight"]
+    old = tensors["down.weight"]
+    s_old, s_new = torch.linalg.svdvals(old), torch.linalg.svdvals(new)
+    level = float(s_new[0])
+    # Values under the cap are untouched; those above come down to the cap level.
+    torch.testing.assert_close(s_new[s_old < level], s_old[s_old < level], rtol=1e-9, atol=1e-12)
+    assert (s_new <= s_old + 1e-12).all()
+    u, _, vh = torch.linalg.svd(old)
+    # The top singular vectors still are singular vectors of the new matrix.
+    torch.testing.assert_close(new @ vh[0], u[:, 0] * level, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", list(SmoothingMethod))
+def test_every_method_runs_and_verifies(tmp_path: Path, method: SmoothingMethod) -> None:
+    out = tmp_path / "out.safetensors"
+    report = smooth_checkpoint(DIVERGED, out, SmoothConfig(params=SmoothingParams(method=method)))
+    assert len(report.layers) == 3
+    assert all(layer.verified for layer in report.layers), report.layers
+    if method is not SmoothingMethod.SOFTMAX:
+        assert all(
+            layer.sigma_max_after is not None and layer.sigma_max_after < layer.sigma_max_before
+            for layer in report.layers
+        )
+
+
+def test_default_target_is_the_median_of_healthy_peers(tmp_path: Path) -> None:
+    scan = scan_checkpoint(DIVERGED, ScanConfig())
+    peers = sorted(
+        x.stable_rank
+        for x in scan.layers
+        if x.role == "mlp_up" and not x.flags and x.stable_rank is not None
+    )
+    report = smooth_checkpoint(DIVERGED, None, SmoothConfig(dry_run=True))
+    fc = next(x for x in report.layers if x.name == "transformer.h.2.mlp.c_fc.weight")
+    assert fc.target_stable_rank == pytest.approx(
+        peers[len(peers) // 2]
+        if len(peers) % 2
+        else (peers[len(peers) // 2 - 1] + peers[len(peers) // 2]) / 2
+    )
+    assert "median" in (fc.target_source or "")
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = smooth_checkpoint(DIVERGED, out, SmoothConfig(dry_run=True))
+    assert report.dry_run and len(report.layers) == 3
+    assert all(layer.verified is None for layer in report.layers)
+    assert not out.exists()
+
+
+def test_sharded_round_trip_keeps_names_and_index(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    tensors = _model_tensors(torch.bfloat16)
+    first = {k: v for k, v in tensors.items() if k.startswith("up")}
+    second = {k: v for k, v in tensors.items() if not k.startswith("up")}
+    write_tensors(source / "model-00001-of-00002.safetensors", first)
+    write_tensors(source / "model-00002-of-00002.safetensors", second)
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in second})
+    write_index(source / "model.safetensors.index.json", weight_map)
+    (source / "config.json").write_text('{"hidden": 48}')
+    before = _tree_hashes(source)
+    out = tmp_path / "out"
+    smooth_checkpoint(source, out, _config())
+    assert _tree_hashes(source) == before
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == total
+    assert _sha(out / "config.json") == _sha(source / "config.json")
+    assert _sha(out / "model-00001-of-00002.safetensors") != ""  # written
+    assert torch.equal(
+        load_file(str(out / "model-00001-of-00002.safetensors"))["up.weight"], first["up.weight"]
+    )
+
+
+def _trainer_folder(tmp_path: Path) -> Path:
+    """A HF-Trainer-like folder with a real AdamW optimizer.pt after a few steps."""
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    model = TinyMLP()
+    model.load_state_dict(_model_tensors(torch.float32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 48)).pow(2).mean().backward()
+        optimizer.step()
+    write_tensors(
+        folder / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()}
+    )
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save({"last_epoch": 10}, folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text('{"global_step": 10, "log_history": []}')
+    return folder
+
+
+def test_trainer_folder_resets_exactly_the_modified_moments(tmp_path: Path) -> None:
+    folder = _trainer_folder(tmp_path)
+    before = _tree_hashes(folder)
+    out = tmp_path / "repaired"
+    report = smooth_checkpoint(folder, out, _config())
+    assert _tree_hashes(folder) == before
+    assert report.optimizer["mapping"] == "exact"
+    state = torch.load(out / "optimizer.pt", weights_only=True)
+    # named_parameters order: up.weight 0, up.bias 1, down.weight 2, down.bias 3, norm 4, 5.
+    assert report.optimizer["reset_param_ids"] == [2]
+    assert torch.count_nonzero(state["state"][2]["exp_avg"]) == 0
+    assert torch.count_nonzero(state["state"][0]["exp_avg"]) > 0
+    assert float(state["state"][2]["step"]) == 3.0
+    for name in ("scheduler.pt", "trainer_state.json"):
+        assert _sha(out / name) == _sha(folder / name)
+    fresh = TinyMLP()
+    fresh.load_state_dict(load_file(str(out / "model.safetensors")))
+    torch.optim.AdamW(fresh.parameters(), lr=1e-3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("policy", [OptimizerPolicy.KEEP, OptimizerPolicy.DROP])
+def test_optimizer_keep_and_drop(tmp_path: Path, policy: OptimizerPolicy) -> None:
+    folder = _trainer_folder(tmp_path)
+    out = tmp_path / "repaired"
+    report = smooth_checkpoint(folder, out, _config(optimizer_state=policy))
+    if policy is OptimizerPolicy.KEEP:
+        assert _sha(out / "optimizer.pt") == _sha(folder / "optimizer.pt")
+    else:
+        assert not (out / "optimizer.pt").exists()
+    assert report.messages  # both warn
+
+
+def test_deepspeed_master_weights_are_refused(tmp_path: Path) -> None:
+    folder = _trainer_folder(tmp_path)
+    (folder / "global_step10").mkdir()
+    (folder / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    with pytest.raises(UsageError, match="master"):
+        smooth_checkpoint(folder, tmp_path / "out", _config())
+    assert not (tmp_path / "out").exists()
+    report = smooth_checkpoint(folder, tmp_path / "out", _config(allow_master_weights=True))
+    assert report.layers
+
+
+def test_refuses_to_overwrite_the_input_or_an_existing_output(tmp_path: Path) -> None:
+    folder = _trainer_folder(tmp_path)
+    with pytest.raises(UsageError):
+        smooth_checkpoint(folder, folder, _config())
+    with pytest.raises(UsageError):
+        smooth_checkpoint(folder, folder / "inside", _config())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError):
+        smooth_checkpoint(folder, out, _config())
+    assert (out / "keep.txt").read_text() == "mine"
+    smooth_checkpoint(folder, out, _config(force=True))
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+def test_stacked_experts_are_smoothed_one_by_one(tmp_path: Path) -> None:
+    healthy = with_spectrum(40, 32, power_law(32, 0.3), seed=1).float()
+    spiky_values = power_law(32, 0.3).clone()
+    spiky_values[0] = 10.0
+    collapsed = with_spectrum(40, 32, spiky_values, seed=2).float()
+    stack = torch.stack([healthy, collapsed, healthy * 1.1])
+    source = write_tensors(tmp_path / "moe.safetensors", {"layers.0.mlp.experts.down_proj": stack})
+    report = smooth_checkpoint(source, tmp_path / "out.safetensors", SmoothConfig())
+    assert [(x.name, x.index) for x in report.layers] == [("layers.0.mlp.experts.down_proj", 1)]
+    new = load_file(str(tmp_path / "out.safetensors"))["layers.0.mlp.experts.down_proj"]
+    assert torch.equal(new[0], stack[0]) and torch.equal(new[2], stack[2])
+    assert not torch.equal(new[1], stack[1])
+    assert report.layers[0].verified
+
+
+def test_cli_smooth_json_and_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "fixed"
+    result = runner.invoke(app, ["smooth", str(DIVERGED), "--out", str(out), "-f", "json", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["command"] == "smooth" and len(data["layers"]) == 3
+    assert all(layer["verified"] for layer in data["layers"])
+    again = runner.invoke(app, ["smooth", str(DIVERGED), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    missing = runner.invoke(app, ["smooth", str(DIVERGED)])
+    assert missing.exit_code == 2 and "--out is required" in missing.stderr
+    rescan = runner.invoke(app, ["scan", str(out), "-f", "json", "-q"])
+    assert json.loads(rescan.stdout)["summary"]["flagged"] == 0
