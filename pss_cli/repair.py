@@ -40,7 +40,13 @@ from pss_cli.core.smoothing import (
 )
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
 from pss_cli.errors import CheckpointError, ComputeError, UsageError
-from pss_cli.pipeline import FLAG_LOW_STABLE_RANK, ProgressCallback, matrix_seed, scan_checkpoint
+from pss_cli.pipeline import (
+    FLAG_LOW_STABLE_RANK,
+    ProgressCallback,
+    matrix_seed,
+    resolve_device,
+    scan_checkpoint,
+)
 from pss_cli.results import LayerResult, ScanReport, SkippedResult, SmoothedLayer, SmoothReport
 
 # Roles left alone unless named with --layers: embeddings are low-rank by nature (NOTES.md:
@@ -273,12 +279,13 @@ def _compute_changes(
 ) -> tuple[list[_Change], tuple[SkippedResult, ...]]:
     dtype = torch.float64 if config.scan.compute_dtype is ComputeDtype.FLOAT64 else torch.float32
     settings = KrylovSettings(exact_max_dim=config.scan.exact_max_dim)
+    device = resolve_device(config.scan.device)
     changes: list[_Change] = []
     skipped: list[SkippedResult] = []
     with TensorReader(layout) as reader:
         for plan in plans:
             stored = _matrix_of(reader, plan)
-            change = _smooth_one(plan, stored, dtype, settings, config)
+            change = _smooth_one(plan, stored, dtype, device, settings, config)
             if change is None:
                 skipped.append(_skip(plan.layer, "the method leaves this spectrum unchanged"))
             else:
@@ -297,6 +304,7 @@ def _smooth_one(
     plan: _Plan,
     stored: torch.Tensor,
     dtype: torch.dtype,
+    device: torch.device,
     settings: KrylovSettings,
     config: SmoothConfig,
 ) -> _Change | None:
@@ -304,7 +312,7 @@ def _smooth_one(
     layer = plan.layer
     m, n = layer.matrix_shape
     rank = min(m, n)
-    work = stored.to(dtype)
+    work = stored.to(device=device, dtype=dtype)
     frobenius = float(torch.linalg.vector_norm(work, dtype=torch.float64))
     params = replace(config.params, target_stable_rank=plan.target)
     k = min(rank, max(config.scan.top_k, math.ceil(layer.stable_rank or 1.0) + 2))
@@ -330,9 +338,9 @@ def _smooth_one(
     # keep the stored numbers exactly (up to the final cast), whatever the compute dtype.
     updated = apply_spectrum_change(
         stored.to(torch.float64),
-        triplets.left.to(torch.float64),
+        triplets.left.to("cpu", torch.float64),
         triplets.values,
-        triplets.right.to(torch.float64),
+        triplets.right.to("cpu", torch.float64),
         new_values,
     )
     new_stored = updated.to(stored.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from pss_cli.app import app
@@ -46,14 +47,15 @@ def test_exit_code_table_matches_the_enum() -> None:
     assert sorted(int(code) for code in rows) == sorted(int(code) for code in ExitCode)
 
 
-def test_every_scan_option_is_documented() -> None:
-    result = CliRunner().invoke(app, ["scan", "--help"], terminal_width=200)
+@pytest.mark.parametrize("command", ["scan", "smooth"])
+def test_every_option_is_documented(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
-    documented = _section("`pss scan`")
+    documented = _section(f"`pss {command}`")
     options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", result.stdout)) - {"--help"}
     assert options, "no options parsed from --help"
     missing = sorted(o for o in options if not re.search(rf"`[^`]*{o}(?![\w-])", documented))
-    assert not missing, f"options missing from the README's scan table: {missing}"
+    assert not missing, f"options missing from the README's {command} table: {missing}"
 
 
 def test_readme_example_output_matches_a_real_scan() -> None:
