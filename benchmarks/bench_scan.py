@@ -443,7 +443,7 @@ def spawn(
     extra: Sequence[str] = (),
 ) -> dict | None:
     result = workdir / f"{method}-{len(list(workdir.glob('*.json')))}.json"
-    log = workdir / f"{method}.log"
+    log = result.with_suffix(".log")  # one log per run: the lowrank variants share a method
     command = [
         sys.executable, str(Path(__file__).resolve()), "--method", method,
         "--checkpoint", str(checkpoint), "--manifest", str(workdir / "manifest.txt"),
