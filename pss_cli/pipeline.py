@@ -8,6 +8,7 @@ No printing and no CLI here: progress goes through a callback, results come back
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ ProgressCallback = Callable[[int, int, str], None]  # (matrices done, total, cur
 FLAG_LOW_STABLE_RANK = "low_stable_rank"
 FLAG_NONFINITE = "nonfinite"
 FLAG_ZERO = "zero_matrix"
+NORM_CHUNK_ENTRIES = 4 * 2**20  # bounds the float64 temporary of the norm to 32 MiB
 
 
 @dataclass(frozen=True)
@@ -200,20 +202,26 @@ def _analyse_chunk(
     frobenius: list[float] = []
     for slot, item in enumerate(chunk):
         source = _source_matrix(reader, item)  # (m, n) in the stored dtype, mmap-backed
-        bad = int(source.numel() - torch.isfinite(source).sum())
-        nonfinite.append(bad)
-        norm = 0.0 if bad else _frobenius_norm(source)
-        frobenius.append(norm)
         oriented = source if source.shape[0] >= source.shape[1] else source.mT
-        # Scale to unit Frobenius norm: values that overflow or underflow float32 (huge float64
-        # weights, tiny fp16 ones) stay representable; singular values are rescaled afterwards.
-        scale = 1.0 / norm if norm > 0.0 else 0.0
+        target = buffer[slot]
         if source.dtype == torch.float64 and dtype == torch.float32:
-            buffer[slot].copy_(oriented * scale)
+            # float64 weights may not fit float32: measure on the source, scale, then copy.
+            bad = _count_nonfinite(source)
+            norm = 0.0 if bad else _frobenius_norm(source)
+            target.copy_(oriented * (1.0 / norm if norm > 0.0 else 0.0))
         else:
-            # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (NOTES.md).
-            buffer[slot].copy_(oriented)
-            buffer[slot].mul_(scale)
+            # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (NOTES.md). The
+            # buffer holds bf16/fp16/fp32 values exactly, so the norm can be taken from it.
+            target.copy_(oriented)
+            norm = _buffer_norm(target)
+            bad = 0 if math.isfinite(norm) else _count_nonfinite(source)
+            if not math.isfinite(norm) or norm == 0.0:
+                norm = 0.0 if bad else _frobenius_norm(source)
+            # Scale to unit Frobenius norm: tiny fp16 or huge weights stay well inside float32's
+            # range through the Krylov products; singular values are rescaled afterwards.
+            target.mul_(1.0 / norm if norm > 0.0 else 0.0)
+        nonfinite.append(bad)
+        frobenius.append(norm)
 
     usable = [slot for slot in range(len(chunk)) if nonfinite[slot] == 0 and frobenius[slot] > 0]
     k = min(config.top_k, tall_n)
@@ -263,6 +271,25 @@ def _analyse_chunk(
             )
         )
     return results
+
+
+def _buffer_norm(matrix: torch.Tensor) -> float:
+    """||W||_F of a float32/64 matrix, accumulated in float64, in chunks of ~4M entries.
+
+    A float32 norm over millions of entries was off by 4e-5 (relative) here, and torch's
+    float64-accumulating norm of float32 data ran 20x slower than converting a chunk and taking
+    a float64 dot product. NaN/Inf propagate (the caller then counts them).
+    """
+    rows_per_chunk = max(1, NORM_CHUNK_ENTRIES // max(1, matrix.shape[-1]))
+    total = 0.0
+    for chunk in matrix.split(rows_per_chunk):
+        flat = chunk.reshape(-1).to(torch.float64)
+        total += float(torch.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def _count_nonfinite(source: torch.Tensor) -> int:
+    return int(source.numel() - torch.isfinite(source).sum())
 
 
 def _frobenius_norm(source: torch.Tensor) -> float:
