@@ -439,17 +439,35 @@ class Row:
 
 
 def spawn(
-    method: str, workdir: Path, checkpoint: Path, repeats: int, options: argparse.Namespace,
+    method: str,
+    workdir: Path,
+    checkpoint: Path,
+    repeats: int,
+    options: argparse.Namespace,
     extra: Sequence[str] = (),
 ) -> dict | None:
     result = workdir / f"{method}-{len(list(workdir.glob('*.json')))}.json"
     log = result.with_suffix(".log")  # one log per run: the lowrank variants share a method
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--method", method,
-        "--checkpoint", str(checkpoint), "--manifest", str(workdir / "manifest.txt"),
-        "--result", str(result), "--repeats", str(repeats),
-        "--exact-device", options.exact_device, "--pss-device", options.pss_device,
-        "--compute-device", options.compute_device, *extra,
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--method",
+        method,
+        "--checkpoint",
+        str(checkpoint),
+        "--manifest",
+        str(workdir / "manifest.txt"),
+        "--result",
+        str(result),
+        "--repeats",
+        str(repeats),
+        "--exact-device",
+        options.exact_device,
+        "--pss-device",
+        options.pss_device,
+        "--compute-device",
+        options.compute_device,
+        *extra,
     ]
     if options.ww_site:
         command += ["--ww-site", options.ww_site]
@@ -487,9 +505,7 @@ def errors(
         ref_top = ref["top"]
         ref_sr = ref["frobenius_sq_ref"] / ref_top[0] ** 2
         top = got["top"]
-        e_top = (
-            max(relative(a, b) for a, b in zip(top, ref_top, strict=True)) if top else math.nan
-        )
+        e_top = max(relative(a, b) for a, b in zip(top, ref_top, strict=True)) if top else math.nan
         per[name] = (
             relative(got["sigma_max"], ref_top[0]),
             e_top,
@@ -584,9 +600,16 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
             e_sigma, e_top, e_sr, _ = errors(run["results"], reference, names)
             rows.append(
                 Row(
-                    label, device, seconds, len(run["times"]), spread(run["times"]),
+                    label,
+                    device,
+                    seconds,
+                    len(run["times"]),
+                    spread(run["times"]),
                     exact_s / seconds,
-                    e_sigma, e_top if top_applies else None, e_sr, run["rss_mib"],
+                    e_sigma,
+                    e_top if top_applies else None,
+                    e_sr,
+                    run["rss_mib"],
                 )
             )
             return seconds
@@ -611,9 +634,16 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
             floor_s = median(floor["times"])
             rows.append(
                 Row(
-                    "pss matmul floor (fp32 copy + A@V, A^T@U)", options.compute_device, floor_s,
-                    len(floor["times"]), spread(floor["times"]), exact_s / floor_s,
-                    None, None, None, floor["rss_mib"],
+                    "pss matmul floor (fp32 copy + A@V, A^T@U)",
+                    options.compute_device,
+                    floor_s,
+                    len(floor["times"]),
+                    spread(floor["times"]),
+                    exact_s / floor_s,
+                    None,
+                    None,
+                    None,
+                    floor["rss_mib"],
                 )
             )
 
@@ -654,13 +684,28 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
         f"spikes per matrix: {[s.spikes for s in workload.matrices]}.\n"
     )
     headers = [
-        "Method", "Device", "Wall s (median)", "Runs", "Min-max s", "Speed-up vs exact",
-        "sigma_max max rel err", "top-16 max rel err", "stable-rank max rel err", "Peak RSS MiB",
+        "Method",
+        "Device",
+        "Wall s (median)",
+        "Runs",
+        "Min-max s",
+        "Speed-up vs exact",
+        "sigma_max max rel err",
+        "top-16 max rel err",
+        "stable-rank max rel err",
+        "Peak RSS MiB",
     ]
     table = [
         [
-            r.method, r.device, fmt_seconds(r.seconds), str(r.runs), r.spread, fmt_x(r.speedup),
-            fmt_err(r.err_sigma), fmt_err(r.err_top), fmt_err(r.err_sr),
+            r.method,
+            r.device,
+            fmt_seconds(r.seconds),
+            str(r.runs),
+            r.spread,
+            fmt_x(r.speedup),
+            fmt_err(r.err_sigma),
+            fmt_err(r.err_top),
+            fmt_err(r.err_sr),
             "-" if r.rss_mib is None else f"{r.rss_mib:.0f}",
         ]
         for r in rows
@@ -697,8 +742,12 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
         gap = [r[1] / r[0] for r in ref]
         detail.append(
             [
-                pattern, f"{shape[0]}x{shape[1]}", str(len(members)), str(spikes),
-                f"{min(ratio_edge):.2f}-{max(ratio_edge):.2f}", f"{max(gap):.4f}",
+                pattern,
+                f"{shape[0]}x{shape[1]}",
+                str(len(members)),
+                str(spikes),
+                f"{min(ratio_edge):.2f}-{max(ratio_edge):.2f}",
+                f"{max(gap):.4f}",
                 "/".join(solvers),
                 f"{min(its)}-{max(its)}" if min(its) != max(its) else str(its[0]),
                 fmt_err(max(per[n][0] for n in members)),
@@ -710,8 +759,17 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
     say(
         md_table(
             [
-                "Tensor", "Shape", "Count", "Spikes", "sigma_1/edge", "max sigma_2/sigma_1",
-                "Solver", "Iterations", "sigma_max err", "top-16 err", "SR err",
+                "Tensor",
+                "Shape",
+                "Count",
+                "Spikes",
+                "sigma_1/edge",
+                "max sigma_2/sigma_1",
+                "Solver",
+                "Iterations",
+                "sigma_max err",
+                "top-16 err",
+                "SR err",
             ],
             detail,
         )
@@ -786,7 +844,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument(
-        "--repeats", type=int, default=None,
+        "--repeats",
+        type=int,
+        default=None,
         help="timed runs per method (median reported); default 3 for fast methods "
         "(pss, floor, svd_lowrank) and 1 for exact svdvals and WeightWatcher",
     )
@@ -798,13 +858,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--pss-device", default="auto", help="pss ScanConfig.device (default auto: cuda if any)"
     )
     parser.add_argument(
-        "--ww-site", default=None,
+        "--ww-site",
+        default=None,
         help="extra folder appended to sys.path to import weightwatcher from (e.g. one made "
         "with `pip install --target DIR weightwatcher==0.7.7`)",
     )
     # Hidden: the subprocess side of one method.
-    for flag in ("--method", "--checkpoint", "--manifest", "--result", "--iterations",
-                 "--lowrank", "--compute-device"):
+    for flag in (
+        "--method",
+        "--checkpoint",
+        "--manifest",
+        "--result",
+        "--iterations",
+        "--lowrank",
+        "--compute-device",
+    ):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1 and args.method is None:
