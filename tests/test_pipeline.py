@@ -226,3 +226,15 @@ def test_samples_flag_exactly_the_collapsed_layers() -> None:
         "transformer.h.3.mlp.c_fc.weight",
         "transformer.h.3.attn.c_attn.weight",
     }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scan_matches_cpu(tmp_path: Path) -> None:
+    path = _mixed_checkpoint(tmp_path)
+    cpu = scan_checkpoint(path, replace(FORCE_KRYLOV, device="cpu"))
+    gpu = scan_checkpoint(path, replace(FORCE_KRYLOV, device="cuda"))
+    assert gpu.device.startswith("cuda")
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert b.sigma_max == pytest.approx(a.sigma_max, rel=1e-3)
+        assert b.frobenius_norm == pytest.approx(a.frobenius_norm, rel=1e-9)
