@@ -282,7 +282,7 @@ def _buffer_norm(matrix: torch.Tensor) -> float:
     """
     rows_per_chunk = max(1, NORM_CHUNK_ENTRIES // max(1, matrix.shape[-1]))
     total = 0.0
-    for chunk in matrix.split(rows_per_chunk):
+    for chunk in torch.split(matrix, rows_per_chunk):
         flat = chunk.reshape(-1).to(torch.float64)
         total += float(torch.dot(flat, flat))
     return math.sqrt(total)

@@ -118,8 +118,18 @@ def smooth_checkpoint(
     planned = _report(scan, layout, config, out, changes, not_smoothed, None, 0, {}, started)
     if announce is not None:
         announce(planned)
-    if config.dry_run or not changes:
+    if config.dry_run:
         return planned
+    if not changes:
+        # Writing an identical copy would only suggest a repair that did not happen.
+        return replace(
+            planned,
+            output=None,
+            messages=(
+                *planned.messages,
+                "nothing to change: no selected matrix needs smoothing; nothing was written",
+            ),
+        )
 
     assert out is not None
     replacements = _replacements(layout, changes)

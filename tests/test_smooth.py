@@ -290,3 +290,12 @@ def test_cli_smooth_json_and_errors(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "--out is required" in missing.stderr
     rescan = runner.invoke(app, ["scan", str(out), "-f", "json", "-q"])
     assert json.loads(rescan.stdout)["summary"]["flagged"] == 0
+
+
+def test_healthy_checkpoint_writes_nothing(tmp_path: Path) -> None:
+    healthy = SAMPLES / "healthy" / "model.safetensors"
+    out = tmp_path / "out"
+    report = smooth_checkpoint(healthy, out, SmoothConfig())
+    assert report.layers == () and report.output is None
+    assert any("nothing was written" in m for m in report.messages)
+    assert not out.exists()

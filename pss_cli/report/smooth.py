@@ -82,12 +82,14 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
         return buffer.getvalue()
     if report.layers:
         console.print(_table(report, f"pss smooth ({report.method}): {report.output}", True))
-    verified = sum(1 for layer in report.layers if layer.verified)
-    console.print(
-        f"{len(report.layers)} matrices smoothed ({verified} verified), "
-        f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
-        f"written to {report.output or '(nothing written)'}"
-    )
+        verified = sum(1 for layer in report.layers if layer.verified)
+        console.print(
+            f"{len(report.layers)} matrices smoothed ({verified} verified), "
+            f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
+            f"written to {report.output}"
+        )
+    for skipped in report.not_smoothed:
+        console.print(f"left alone: {skipped.name}: {skipped.reason}")
     for message in report.messages:
         console.print(f"note: {message}")
     return buffer.getvalue()
