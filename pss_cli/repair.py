@@ -78,6 +78,7 @@ class _Plan:
     view: MatrixView
     target: float | None
     target_source: str | None
+    params_method: SmoothingMethod = SmoothingMethod.CAP
 
 
 @dataclass
@@ -221,7 +222,7 @@ def _select(
             skipped.append(_skip(layer, reason))
             continue
         target = by_name[layer.name]
-        plans.append(_Plan(layer, target.entry, target.view, None, None))
+        plans.append(_Plan(layer, target.entry, target.view, None, None, config.params.method))
     if config.params.method is SmoothingMethod.CAP:
         plans, cap_skips = _with_targets(plans, scan, config)
         skipped.extend(cap_skips)
@@ -495,8 +496,15 @@ def _verified(change: _Change, measured: LayerResult | None) -> bool:
     if measured is None or measured.sigma_max is None or measured.stable_rank is None:
         return False
     layer = change.plan.layer
+    tolerance = TARGET_TOLERANCE.get(layer.dtype, 1e-2)
+    assert layer.sigma_max is not None
+    # cap, conv and clip never raise a singular value, so sigma_max must not grow (beyond the
+    # rounding of the stored dtype); softmax may sharpen and is judged on its prediction alone.
+    if change.plan.params_method is not SmoothingMethod.SOFTMAX and (
+        measured.sigma_max > layer.sigma_max * (1 + tolerance)
+    ):
+        return False
     if change.plan.target is not None:
-        tolerance = TARGET_TOLERANCE.get(layer.dtype, 1e-2)
         return abs(measured.stable_rank - change.plan.target) <= tolerance * change.plan.target
     return (
         abs(measured.stable_rank - change.predicted_stable_rank)
