@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -99,6 +100,13 @@ def scan_checkpoint(
     started = time.perf_counter()
     layout = open_checkpoint(path)
     targets, skipped_targets = select(layout.entries, config.include, config.exclude)
+    for pattern in config.include:
+        # A typo in a CI job's --include must not pass as "0 matrices, 0 flagged".
+        if not any(fnmatchcase(entry.name, pattern) for entry in layout.entries):
+            raise UsageError(
+                f"--include '{pattern}' matches no tensor in '{path}'",
+                "run `pss scan` without --include to list the tensor names",
+            )
     device = resolve_device(config.device)
     dtype = torch.float64 if config.compute_dtype is ComputeDtype.FLOAT64 else torch.float32
     settings = KrylovSettings(exact_max_dim=config.exact_max_dim)

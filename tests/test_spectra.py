@@ -165,3 +165,18 @@ def test_triplets_reconstruct_the_dominant_part(shape, settings) -> None:
     torch.testing.assert_close(a @ t.right[:, :3], t.left[:, :3] * s, rtol=0, atol=1e-4)
     torch.testing.assert_close(a.T @ t.left[:, :3], t.right[:, :3] * s, rtol=0, atol=1e-4)
     assert _relative_errors(t.values[:3], truth[:3]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("k", [300, 400])
+def test_large_k_is_right_on_either_path(k: int) -> None:
+    # k = 400 does not fit the Krylov budget of a 1100 x 1100 matrix (17 iterations of 32):
+    # the exact path must be taken instead of returning zeros.
+    truth = power_law(1100)
+    a = with_spectrum(1100, 1100, truth, seed=13).to(torch.float32)[None]
+    settings = KrylovSettings()
+    start = gaussian_start([0], 1100, settings.block_size)
+    assert uses_exact_path(1100, 1100, k, settings) == (k == 400)
+    result = top_singular_values(a, k, start, settings)
+    errors = _relative_errors(result.values[0], truth[:k])
+    assert errors[0] <= SIGMA_MAX_TOL and errors[:16].max() <= TOP_K_TOL
+    assert (result.values[0] > 0).all()

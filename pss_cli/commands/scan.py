@@ -82,6 +82,15 @@ def scan_command(
         seed=seed,
         compute_dtype=dtype,
     )
+    from pss_cli.report.files import (
+        check_report_path,
+        refuse_overwriting_checkpoint,
+        write_text_atomically,
+    )
+
+    if output is not None:
+        check_report_path(output)
+        refuse_overwriting_checkpoint(output, checkpoint)
     from pss_cli.pipeline import scan_checkpoint
     from pss_cli.report.progress import stderr_progress
     from pss_cli.report.render import render_scan
@@ -90,7 +99,5 @@ def scan_command(
         report = scan_checkpoint(checkpoint, config, progress)
     text = render_scan(report, output_format, limit=limit)
     if output is not None:
-        from pss_cli.report.files import write_text_atomically
-
         write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))
     typer.echo(text, nl=not text.endswith("\n"))

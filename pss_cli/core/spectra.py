@@ -17,7 +17,8 @@ Why float32 products on the CPU: on the AVX2-only CPUs we run on, torch's bf16 G
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -121,7 +122,18 @@ def top_singular_values(
 def uses_exact_path(m: int, n: int, k: int, settings: KrylovSettings) -> bool:
     """True when a full SVD is used: small matrices, or a Krylov space that would not fit."""
     short = min(m, n)
-    return short <= settings.exact_max_dim or short < 4 * max(k, settings.block_size)
+    if short <= settings.exact_max_dim or short < 4 * max(k, settings.block_size):
+        return True
+    # The Krylov space must hold k Ritz values for three iterations (the convergence estimate
+    # needs two increments) plus room to converge; a very large --top-k cannot get that.
+    block = settings.block_size
+    needed = math.ceil(k / block) + MIN_ITERATIONS + 2
+    return _iteration_budget(short, settings) < needed
+
+
+def _iteration_budget(short: int, settings: KrylovSettings) -> int:
+    # Never let the Krylov space exceed half the short side: past that the exact SVD is cheaper.
+    return max(MIN_ITERATIONS, min(settings.max_iterations, short // (2 * settings.block_size)))
 
 
 def _block_lanczos(
@@ -142,8 +154,7 @@ def _block_lanczos(
     """
     batch, _, n = tall.shape
     block = start.shape[-1]
-    # Never let the Krylov space exceed half the short side: past that the exact SVD is cheaper.
-    max_iterations = max(MIN_ITERATIONS, min(settings.max_iterations, n // (2 * block)))
+    max_iterations = _iteration_budget(n, replace(settings, block_size=block))
 
     active = torch.arange(batch, device=tall.device)
     a = tall
@@ -233,6 +244,18 @@ def _block_lanczos(
         r_blocks = [x[keep] for x in r_blocks]
         s_blocks = [x[keep] for x in s_blocks]
         history = [x[keep] for x in history]
+    # Safety net: a matrix never assigned (its Krylov space never held k values) gets a full
+    # SVD rather than zeros.
+    for local, global_index in enumerate(active.tolist()):
+        if iterations[global_index] == 0 and not exact[global_index]:
+            if vectors is None:
+                full = exact_singular_values(a[local : local + 1])[0, :k]
+            else:
+                u, full, vh = torch.linalg.svd(a[local], full_matrices=False)
+                vectors[global_index] = (u[:, :k], vh[:k].mT)
+            values[global_index] = full[:k].to("cpu", torch.float64)
+            exact[global_index] = True
+            iterations[global_index] = max_iterations
     return BatchSpectrum(values=values, iterations=tuple(iterations), exact=tuple(exact))
 
 

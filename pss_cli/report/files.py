@@ -2,26 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
-from pss_cli.errors import UsageError
+from pss_cli.errors import PssError, UsageError
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+class OutputError(PssError):
+    """A report file could not be written (exit 3: the run itself failed)."""
+
+
+def refuse_overwriting_checkpoint(output: Path, checkpoint: Path) -> None:
+    """`-o` must never land on the checkpoint: the file itself, or anything inside its folder
+    (a shard, the index, a Trainer folder's files). Checked before any work is done."""
+    out = output.resolve()
+    source = checkpoint.resolve()
+    folder = source if source.is_dir() else None
+    if source.is_file() and source.name.endswith(".json"):
+        folder = source.parent  # an index: its shards live beside it
+    if out == source or (folder is not None and out.is_relative_to(folder)):
+        raise UsageError(
+            f"--output '{output}' would overwrite part of the checkpoint '{checkpoint}'",
+            "write the report outside the checkpoint, e.g. -o report.json",
+        )
+
+
+def check_report_path(path: Path) -> None:
+    """Usage errors about -o FILE, raised before any work is done."""
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UsageError(
             f"cannot write '{path}': folder '{directory}' does not exist",
             "create the folder first or choose another --output path",
         )
+    if path.is_dir():
+        raise UsageError(f"cannot write '{path}': it is a folder", "name a file for --output")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    check_report_path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    temp: str | None = None
     try:
         fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        # mkstemp creates 0600; a report is an ordinary file: honour the umask like open() does.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
+        temp = None
     except OSError as exc:
-        raise UsageError(
-            f"cannot write '{path}': {exc.strerror or exc}", "check the path and permissions"
+        raise OutputError(
+            f"cannot write '{path}': {exc.strerror or exc}", "check the path, space and permissions"
         ) from exc
+    finally:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)

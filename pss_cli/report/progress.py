@@ -22,7 +22,7 @@ def stderr_progress(enabled: bool = True) -> Iterator[ProgressCallback | None]:
         TextColumn("scanning"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=True,

@@ -7,7 +7,9 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pss_cli.config import OutputFormat
 from pss_cli.report.table import _fmt
@@ -39,8 +41,8 @@ def _table(report: SmoothReport, title: str, after: bool) -> Table:
         else:
             sigma = _fmt(layer.sigma_max_before, 4)
             rank = f"{_fmt(layer.stable_rank_before, 2)} -> {_fmt(layer.predicted_stable_rank, 2)}"
-        row = [
-            layer.display_name,
+        row: list[str | Text] = [
+            Text(layer.display_name),
             layer.role,
             "x".join(str(d) for d in layer.matrix_shape),
             str(layer.k),
@@ -61,9 +63,11 @@ def render_plan(report: SmoothReport) -> str:
     if not report.layers:
         console.print("pss smooth: nothing to change (no selected matrix needs smoothing)")
     else:
-        console.print(_table(report, f"pss smooth plan ({report.method}): {report.input}", False))
+        console.print(
+            _table(report, f"pss smooth plan ({report.method}): {escape(report.input)}", False)
+        )
     for skipped in report.not_smoothed:
-        console.print(f"left alone: {skipped.name}: {skipped.reason}")
+        console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"))
     return buffer.getvalue()
 
 
@@ -81,17 +85,21 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
         console.print(f"dry run: {len(report.layers)} matrices would change; nothing written")
         return buffer.getvalue()
     if report.layers:
-        console.print(_table(report, f"pss smooth ({report.method}): {report.output}", True))
+        console.print(
+            _table(report, f"pss smooth ({report.method}): {escape(str(report.output))}", True)
+        )
         verified = sum(1 for layer in report.layers if layer.verified)
         console.print(
-            f"{len(report.layers)} matrices smoothed ({verified} verified), "
-            f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
-            f"written to {report.output}"
+            Text(
+                f"{len(report.layers)} matrices smoothed ({verified} verified), "
+                f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
+                f"written to {report.output}"
+            )
         )
     for skipped in report.not_smoothed:
-        console.print(f"left alone: {skipped.name}: {skipped.reason}")
+        console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"))
     for message in report.messages:
-        console.print(f"note: {message}")
+        console.print(Text(f"note: {message}"))
     return buffer.getvalue()
 
 

@@ -7,6 +7,7 @@ import shutil
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -14,11 +15,12 @@ from pss_cli.results import LayerResult, ScanReport
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
+    """Fixed point for the usual range (a stable rank of 4096 stays 4096.00), else scientific."""
     if value is None:
         return "-"
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+    if value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-3):
         return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    return f"{value:.{digits}f}"
 
 
 def _severity_key(layer: LayerResult) -> tuple[int, float]:
@@ -40,7 +42,7 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
     shown = rows[:limit] if limit is not None else rows
     k = report.settings.get("top_k", 16)
     table = Table(
-        title=f"pss scan: {report.checkpoint}",
+        title=f"pss scan: {escape(report.checkpoint)}",
         caption=None,
         show_lines=False,
         header_style="bold",
@@ -57,7 +59,7 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
     for layer in shown:
         style = "bold red" if layer.flags else None
         table.add_row(
-            layer.display_name,
+            Text(layer.display_name),
             layer.role,
             "x".join(str(d) for d in layer.matrix_shape),
             layer.dtype,
