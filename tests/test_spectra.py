@@ -167,16 +167,23 @@ def test_triplets_reconstruct_the_dominant_part(shape, settings) -> None:
     assert _relative_errors(t.values[:3], truth[:3]).max() <= 1e-5
 
 
-@pytest.mark.parametrize("k", [300, 400])
-def test_large_k_is_right_on_either_path(k: int) -> None:
-    # k = 400 does not fit the Krylov budget of a 1100 x 1100 matrix (17 iterations of 32):
-    # the exact path must be taken instead of returning zeros.
+def test_k_beyond_the_krylov_budget_takes_the_exact_path() -> None:
+    # 4 iterations of 32 cannot give 64 values three times over: exact, never zeros.
+    settings = KrylovSettings(exact_max_dim=0, max_iterations=4)
+    assert uses_exact_path(256, 256, 64, settings)
+    truth = power_law(256)
+    a = with_spectrum(256, 256, truth, seed=13).to(torch.float32)[None]
+    result = top_singular_values(a, 64, None, settings)
+    assert result.exact == (True,)
+    assert _relative_errors(result.values[0], truth[:64]).max() <= 1e-4
+
+
+def test_large_k_on_the_krylov_path() -> None:
+    settings = KrylovSettings()
+    assert not uses_exact_path(1100, 1100, 250, settings)
     truth = power_law(1100)
     a = with_spectrum(1100, 1100, truth, seed=13).to(torch.float32)[None]
-    settings = KrylovSettings()
-    start = gaussian_start([0], 1100, settings.block_size)
-    assert uses_exact_path(1100, 1100, k, settings) == (k == 400)
-    result = top_singular_values(a, k, start, settings)
-    errors = _relative_errors(result.values[0], truth[:k])
+    result = top_singular_values(a, 250, gaussian_start([0], 1100, 32), settings)
+    errors = _relative_errors(result.values[0], truth[:250])
     assert errors[0] <= SIGMA_MAX_TOL and errors[:16].max() <= TOP_K_TOL
     assert (result.values[0] > 0).all()
