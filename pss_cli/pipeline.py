@@ -215,7 +215,7 @@ def _analyse_chunk(
         if source.dtype == torch.float64 and dtype == torch.float32:
             # float64 weights may not fit float32: measure on the source, scale, then copy.
             bad = _count_nonfinite(source)
-            norm = 0.0 if bad else _frobenius_norm(source)
+            norm = 0.0 if bad else frobenius_norm(source)
             target.copy_(oriented * (1.0 / norm if norm > 0.0 else 0.0))
         else:
             # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (NOTES.md). The
@@ -224,7 +224,7 @@ def _analyse_chunk(
             norm = _buffer_norm(target)
             bad = 0 if math.isfinite(norm) else _count_nonfinite(source)
             if not math.isfinite(norm) or norm == 0.0:
-                norm = 0.0 if bad else _frobenius_norm(source)
+                norm = 0.0 if bad else frobenius_norm(source)
             # Scale to unit Frobenius norm: tiny fp16 or huge weights stay well inside float32's
             # range through the Krylov products; singular values are rescaled afterwards.
             target.mul_(1.0 / norm if norm > 0.0 else 0.0)
@@ -300,7 +300,7 @@ def _count_nonfinite(source: torch.Tensor) -> int:
     return int(source.numel() - torch.isfinite(source).sum())
 
 
-def _frobenius_norm(source: torch.Tensor) -> float:
+def frobenius_norm(source: torch.Tensor) -> float:
     """||W||_F accumulated in float64, safe from overflow/underflow of the squares.
 
     torch's vector_norm squares without scaling: float64 weights near 1e300 give inf, near 1e-200

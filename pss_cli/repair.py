@@ -6,10 +6,13 @@ smoothing itself live in `pss_cli.core.smoothing`, the file work in `pss_cli.che
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 from pss_cli import __version__
 from pss_cli.checkpoint.digest import tensor_digests
 from pss_cli.checkpoint.discover import open_checkpoint
+from pss_cli.checkpoint.header import read_header
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
 from pss_cli.checkpoint.optimizer import (
     OptimizerOutcome,
@@ -29,7 +33,7 @@ from pss_cli.checkpoint.optimizer import (
 )
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.checkpoint.selection import MatrixView, select
-from pss_cli.checkpoint.writer import write_repaired_checkpoint
+from pss_cli.checkpoint.writer import check_output_path, write_repaired_checkpoint
 from pss_cli.config import ComputeDtype, ScanConfig
 from pss_cli.core.smoothing import (
     NeedMoreValues,
@@ -39,10 +43,11 @@ from pss_cli.core.smoothing import (
     smooth_values,
 )
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
-from pss_cli.errors import CheckpointError, ComputeError, UsageError
+from pss_cli.errors import CheckpointError, PssError, UsageError
 from pss_cli.pipeline import (
     FLAG_LOW_STABLE_RANK,
     ProgressCallback,
+    frobenius_norm,
     matrix_seed,
     resolve_device,
     scan_checkpoint,
@@ -83,12 +88,30 @@ class _Plan:
 
 @dataclass
 class _Change:
+    """A rank-k update W' = W + left diag(delta) right^T, kept instead of W' itself so that memory
+    stays bounded by one tensor however many matrices change (the new tensor is formed only when
+    the writer asks for it, see `_LazyReplacements`)."""
+
     plan: _Plan
-    new_matrix: torch.Tensor  # (m, n) in the stored dtype
+    left: torch.Tensor  # (m, c) float64 CPU, the changed directions only
+    values: torch.Tensor  # (c,) float64, their singular values s in the stored scale
+    new_values: torch.Tensor  # (c,) float64, s'
+    right: torch.Tensor  # (n, c) float64 CPU
     k: int
     changed_values: int
     predicted_stable_rank: float
     relative_change: float
+
+    def apply(self, stored: torch.Tensor) -> torch.Tensor:
+        """(m, n) stored-dtype matrix -> the repaired one, same dtype.
+
+        The update is added to the stored values in float64, so directions it does not touch
+        keep the stored numbers exactly (up to the final cast), whatever the compute dtype.
+        """
+        updated = apply_spectrum_change(
+            stored.to(torch.float64), self.left, self.values, self.right, self.new_values
+        )
+        return updated.to(stored.dtype)
 
 
 def smooth_checkpoint(
@@ -112,6 +135,8 @@ def smooth_checkpoint(
             "repair the fp32 master weights instead, or pass --allow-master-weights if your "
             "resume loads the model weights (e.g. load_from_fp32_weights=False)",
         )
+    if out is not None and not config.dry_run:
+        _check_output(layout, out, config.force)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = _select(scan, layout, config)
     changes, more_skips = _compute_changes(layout, plans, config)
@@ -133,7 +158,7 @@ def smooth_checkpoint(
         )
 
     assert out is not None
-    replacements = _replacements(layout, changes)
+    replacements = _LazyReplacements(layout, changes)
     optimizer_outcome: list[OptimizerOutcome] = []
     optimizer_file = (
         find_optimizer_file(folder) if layout.kind is not LayoutKind.SINGLE_FILE else None
@@ -169,7 +194,25 @@ def smooth_checkpoint(
         extra_files=None if out.name.endswith(".safetensors") else optimizer_hook,
         skip_copy=(lambda path: optimizer_file is not None and path == optimizer_file),
     )
-    verified_untouched, after = _verify(layout, written.out, changes, config)
+    try:
+        verified_untouched, after = _verify(layout, written.out, changes, config)
+        failed = [c for c in changes if not _verified(c, after.get(_key(c)))]
+        if failed:
+            layer = failed[0].plan.layer
+            measured = after.get(_key(failed[0]))
+            raise CheckpointError(
+                f"verification failed for '{layer.display_name}': stable rank after writing "
+                f"{_num(measured.stable_rank if measured else None)}, expected "
+                f"{_num(failed[0].plan.target or failed[0].predicted_stable_rank)}; the output "
+                "was removed",
+                "rounding to the stored dtype can move small matrices: try --dtype float64, "
+                "another --target-stable-rank or --method",
+            )
+    except BaseException:
+        # Output files appear only on success: a checkpoint that failed its own verification
+        # must not be left where a trainer could resume from it.
+        _remove(written.out)
+        raise
     optimizer = _optimizer_summary(optimizer_outcome, optimizer_file, config)
     return _report(
         scan,
@@ -319,12 +362,18 @@ def _smooth_one(
     settings: KrylovSettings,
     config: SmoothConfig,
 ) -> _Change | None:
-    """New stored-dtype matrix for one plan; grows k until it covers every changed value."""
+    """The update for one plan; grows k until it covers every changed value.
+
+    Works on W / ||W||_F, like the scan, so that float64 weights near 1e300 or 1e-50 neither
+    overflow nor underflow in the compute dtype; the change is scaled back at the end.
+    """
     layer = plan.layer
     m, n = layer.matrix_shape
     rank = min(m, n)
-    work = stored.to(device=device, dtype=dtype)
-    frobenius = float(torch.linalg.vector_norm(work, dtype=torch.float64))
+    norm = frobenius_norm(stored)
+    unit = stored.to(torch.float64) / norm  # (m, n), ||unit||_F = 1
+    work = unit.to(device=device, dtype=dtype)
+    unit_norm = float(torch.linalg.vector_norm(unit))
     params = replace(config.params, target_stable_rank=plan.target)
     k = min(rank, max(config.scan.top_k, math.ceil(layer.stable_rank or 1.0) + 2))
     seed = matrix_seed(config.scan.seed, layer.name, layer.index)
@@ -332,53 +381,81 @@ def _smooth_one(
         start = gaussian_start([seed], rank, settings.block_size)[0]
         triplets = top_singular_triplets(work, k, start, settings)
         try:
-            new_values = smooth_values(triplets.values, frobenius, rank, params)
+            new_values = smooth_values(triplets.values, unit_norm, rank, params)
         except NeedMoreValues as more:
             if k >= rank:
-                raise ComputeError(
-                    f"cannot smooth '{layer.display_name}': the change needs every singular value",
-                    "choose a lower --target-stable-rank",
+                raise UsageError(
+                    f"cannot smooth '{layer.display_name}' ({m}x{n}) with {params.method}: the "
+                    "change would need more singular values than the matrix has",
+                    _NEED_MORE_HINTS[params.method],
                 ) from more
             k = min(rank, max(more.needed, 2 * k))
             continue
         break
-    changed = int((new_values != triplets.values).sum())
-    if changed == 0:
+    changed = (new_values != triplets.values).cpu()
+    if not bool(changed.any()):
         return None
-    # The update is added to the stored values in float64, so that directions it does not touch
-    # keep the stored numbers exactly (up to the final cast), whatever the compute dtype.
-    updated = apply_spectrum_change(
-        stored.to(torch.float64),
-        triplets.left.to("cpu", torch.float64),
-        triplets.values,
-        triplets.right.to("cpu", torch.float64),
-        new_values,
+    left = triplets.left.to("cpu", torch.float64)[:, changed]
+    right = triplets.right.to("cpu", torch.float64)[:, changed]
+    change = _Change(
+        plan,
+        left,
+        triplets.values[changed] * norm,
+        new_values[changed] * norm,
+        right,
+        k,
+        int(changed.sum()),
+        0.0,
+        0.0,
     )
-    new_stored = updated.to(stored.dtype)
-    difference = new_stored.to(torch.float64) - stored.to(torch.float64)
-    relative = float(torch.linalg.vector_norm(difference)) / frobenius
-    tail_energy = frobenius**2 - float((triplets.values**2).sum())
-    new_energy = float((new_values**2).sum()) + max(tail_energy, 0.0)
-    predicted = new_energy / float(new_values.max()) ** 2
-    return _Change(plan, new_stored, k, changed, predicted, relative)
+    new_stored = change.apply(stored)
+    change.relative_change = (
+        frobenius_norm(new_stored.to(torch.float64) - stored.to(torch.float64)) / norm
+    )
+    tail_energy = max(unit_norm**2 - float((triplets.values**2).sum()), 0.0)
+    new_energy = float((new_values**2).sum()) + tail_energy
+    change.predicted_stable_rank = new_energy / float(new_values.max()) ** 2
+    return change
 
 
-def _replacements(layout: CheckpointLayout, changes: list[_Change]) -> dict[str, torch.Tensor]:
-    """Whole tensors to write: stacked experts and conv kernels are put back in their shape."""
-    by_tensor: dict[str, list[_Change]] = {}
-    for change in changes:
-        by_tensor.setdefault(change.plan.entry.name, []).append(change)
-    replacements: dict[str, torch.Tensor] = {}
-    with TensorReader(layout) as reader:
-        for name, group in by_tensor.items():
-            entry = group[0].plan.entry
-            m, n = group[0].plan.layer.matrix_shape
+_NEED_MORE_HINTS = {
+    SmoothingMethod.CAP: "choose a lower --target-stable-rank (at most min(m, n))",
+    SmoothingMethod.CLIP: "choose a --clip-count below min(m, n)",
+    SmoothingMethod.CONV: "this matrix is too small for conv; use --method cap",
+    SmoothingMethod.SOFTMAX: "this matrix is too small for softmax; use --method cap",
+}
+
+
+class _LazyReplacements(Mapping[str, torch.Tensor]):
+    """Replacement tensors formed on access from the stored tensor and its rank-k updates.
+
+    Nothing is cached: the writer reads each once to check it and once to write it, and memory
+    never holds more than one repaired tensor (a whole-model `--all` stays bounded).
+    """
+
+    def __init__(self, layout: CheckpointLayout, changes: list[_Change]) -> None:
+        self._layout = layout
+        self._by_tensor: dict[str, list[_Change]] = {}
+        for change in changes:
+            self._by_tensor.setdefault(change.plan.entry.name, []).append(change)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        group = self._by_tensor[name]
+        entry = group[0].plan.entry
+        m, n = group[0].plan.layer.matrix_shape
+        with TensorReader(self._layout) as reader:
             tensor = reader.read(entry).clone().reshape(-1, m, n)
-            for change in group:
-                index = change.plan.layer.index
-                tensor[index if index is not None else 0] = change.new_matrix
-            replacements[name] = tensor.reshape(entry.shape)
-    return replacements
+        for change in group:
+            index = change.plan.layer.index
+            slot = index if index is not None else 0
+            tensor[slot] = change.apply(tensor[slot])
+        return tensor.reshape(entry.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_tensor)
+
+    def __len__(self) -> int:
+        return len(self._by_tensor)
 
 
 def _verify(
@@ -403,10 +480,66 @@ def _verify(
         )
     rescan = scan_checkpoint(
         out,
-        replace(config.scan, include=tuple(sorted(modified)), exclude=()),
+        replace(config.scan, include=tuple(_glob_literal(n) for n in sorted(modified)), exclude=()),
     )
     measured = {(x.name, x.index): x for x in rescan.layers}
     return len(untouched), measured
+
+
+def _key(change: _Change) -> tuple[str, int | None]:
+    return (change.plan.layer.name, change.plan.layer.index)
+
+
+def _num(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4g}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
+    """Every refusal about OUT before any work is done (not after minutes of SVDs)."""
+    check_output_path(layout, out, force=force)
+    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    if layout.kind is not LayoutKind.SINGLE_FILE:
+        nested = [f for f in layout.files if f.parent.resolve() != folder.resolve()]
+        if nested:
+            raise UsageError(
+                f"shard '{nested[0]}' is not directly in '{folder}': pss smooth cannot mirror "
+                "shards in sub-folders yet",
+                "move the shards next to the index (and fix the weight_map), then retry",
+            )
+    if force and os.path.lexists(out) and not _is_pss_output(out):
+        # --force replaces a previous repair, never an arbitrary folder (a typo in --out
+        # must not delete someone's work).
+        raise UsageError(
+            f"refusing to replace '{out}': it is not empty and holds no pss output",
+            "delete it yourself if you mean it, or choose another --out",
+        )
+
+
+def _is_pss_output(out: Path) -> bool:
+    if out.is_dir() and not out.is_symlink():
+        files = list(out.glob("*.safetensors"))
+        if not any(out.iterdir()):
+            return True
+    elif out.is_file() and out.name.endswith(".safetensors"):
+        files = [out]
+    else:
+        return False
+    for file in files:
+        try:
+            _, metadata = read_header(file)
+        except PssError:
+            continue
+        if "pss.version" in metadata:
+            return True
+    return False
 
 
 def _optimizer_summary(
@@ -535,6 +668,11 @@ def _parameters(config: SmoothConfig) -> dict[str, object]:
 
 def _parameters_text(config: SmoothConfig) -> str:
     return ";".join(f"{key}={value}" for key, value in _parameters(config).items())
+
+
+def _glob_literal(name: str) -> str:
+    """A glob that matches exactly `name`, even when it holds [ ] * ? (tensor names can)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
 
 
 def _skip(layer: LayerResult, reason: str) -> SkippedResult:

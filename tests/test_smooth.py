@@ -254,11 +254,17 @@ def test_refuses_to_overwrite_the_input_or_an_existing_output(tmp_path: Path) ->
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="already exists"):
         smooth_checkpoint(folder, out, _config())
+    # --force replaces a previous pss output, never an arbitrary folder (a typo'd --out).
+    with pytest.raises(UsageError, match="holds no pss output"):
+        smooth_checkpoint(folder, out, _config(force=True))
     assert (out / "keep.txt").read_text() == "mine"
-    smooth_checkpoint(folder, out, _config(force=True))
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    previous = tmp_path / "previous"
+    smooth_checkpoint(folder, previous, _config())
+    (previous / "stale.txt").write_text("from an earlier repair")
+    smooth_checkpoint(folder, previous, _config(force=True))
+    assert (previous / "model.safetensors").exists() and not (previous / "stale.txt").exists()
 
 
 def test_stacked_experts_are_smoothed_one_by_one(tmp_path: Path) -> None:
@@ -299,3 +305,57 @@ def test_healthy_checkpoint_writes_nothing(tmp_path: Path) -> None:
     assert report.layers == () and report.output is None
     assert any("nothing was written" in m for m in report.messages)
     assert not out.exists()
+
+
+def test_out_problems_are_found_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    import pss_cli.repair as repair
+
+    def no_scan(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("scanned before checking --out")
+
+    monkeypatch.setattr(repair, "scan_checkpoint", no_scan)
+    with pytest.raises(UsageError, match="does not exist"):
+        smooth_checkpoint(DIVERGED, tmp_path / "missing" / "out", SmoothConfig())
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "x").write_text("x")
+    with pytest.raises(UsageError, match="already exists"):
+        smooth_checkpoint(DIVERGED, tmp_path / "exists", SmoothConfig())
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-50])
+def test_extreme_float64_weights_are_smoothed(tmp_path: Path, scale: float) -> None:
+    (tmp_path / "in").mkdir()
+    tensors = {k: v.double() for k, v in _model_tensors(torch.float32).items()}
+    tensors["down.weight"] = tensors["down.weight"] * scale
+    source = write_tensors(tmp_path / "in" / "m.safetensors", tensors)
+    report = smooth_checkpoint(source, tmp_path / "out", _config())
+    layer = report.layers[0]
+    assert layer.verified and layer.stable_rank_after == pytest.approx(6.0, rel=1e-3)
+    assert layer.sigma_max_after is not None and layer.sigma_max_after < layer.sigma_max_before
+
+
+def test_glob_characters_in_tensor_names(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    tensors = _model_tensors(torch.float32)
+    tensors["h.0.mlp.w[0]*"] = tensors.pop("down.weight")
+    source = write_tensors(tmp_path / "in" / "m.safetensors", tensors)
+    report = smooth_checkpoint(source, tmp_path / "out", _config())
+    assert [x.name for x in report.layers] == ["h.0.mlp.w[0]*"]
+    assert report.layers[0].verified
+
+
+def test_bad_method_options_are_usage_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for argv in (
+        ["--method", "softmax", "--temperature", "0"],
+        ["--method", "clip", "--clip-count", "0"],
+        ["--target-stable-rank", "nan"],
+        ["--target-stable-rank", "0.5"],
+    ):
+        result = runner.invoke(app, ["smooth", str(DIVERGED), "--dry-run", *argv])
+        assert result.exit_code == 2, (argv, result.output)
+        assert "internal error" not in result.stderr
+    result = runner.invoke(
+        app, ["smooth", str(DIVERGED), "--dry-run", "--method", "clip", "--clip-count", "64"]
+    )
+    assert result.exit_code == 2 and "--clip-count" in result.stderr

@@ -134,6 +134,18 @@ def write_repaired_checkpoint(
     )
 
 
+def check_output_path(layout: CheckpointLayout, out: Path, *, force: bool = False) -> None:
+    """The refusals of `write_repaired_checkpoint` about `out`, for callers that want them
+    before doing the (long) work that precedes writing."""
+    if out.name.endswith(SAFETENSORS_SUFFIX) and layout.kind is not LayoutKind.SINGLE_FILE:
+        raise UsageError(
+            f"output '{out}' names a .safetensors file but the input '{layout.root}' is a "
+            f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
+            hint="pass a folder as the output path",
+        )
+    _check_out_path(layout, _input_folder(layout), out, force=force)
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -102,6 +103,17 @@ def smooth_command(
         raise UsageError("--out is required (or use --dry-run)", "e.g. --out repaired/")
     if layers and all_layers:
         raise UsageError("--layers and --all cannot be combined")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be a positive number (got {temperature})")
+    if clip_count < 1:
+        raise UsageError(f"--clip-count must be at least 1 (got {clip_count})")
+    if target_stable_rank is not None and not (
+        math.isfinite(target_stable_rank) and target_stable_rank >= 1.0
+    ):
+        raise UsageError(
+            f"--target-stable-rank must be a number >= 1 (got {target_stable_rank})",
+            "a stable rank lies between 1 and min(m, n)",
+        )
     from pss_cli.checkpoint.optimizer import OptimizerPolicy
     from pss_cli.core.smoothing import SmoothingMethod, SmoothingParams
     from pss_cli.repair import SmoothConfig, smooth_checkpoint

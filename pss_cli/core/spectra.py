@@ -296,8 +296,11 @@ def _reorthogonalise(block: torch.Tensor, basis: torch.Tensor | None) -> torch.T
     before = torch.linalg.vector_norm(block, dim=-2)
     block = block - basis @ (basis.mT @ block)
     after = torch.linalg.vector_norm(block, dim=-2)
-    if bool((after < 0.5 * before).any()):
-        block = block - basis @ (basis.mT @ block)
+    again = (after < 0.5 * before).any(dim=-1)  # (B,) per matrix
+    if bool(again.any()):
+        # Decided per matrix, so that a matrix's result never depends on its batch-mates.
+        twice = block - basis @ (basis.mT @ block)
+        block = torch.where(again[:, None, None], twice, block)
     return block
 
 
