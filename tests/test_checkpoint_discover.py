@@ -209,3 +209,14 @@ def test_runs_folder_hints_latest_checkpoint(tmp_path: Path) -> None:
         open_checkpoint(tmp_path)
     assert info.value.hint is not None
     assert str(tmp_path / "checkpoint-1000") in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/etc/passwd", "a/../../b.safetensors"]
+)
+def test_index_cannot_point_outside_its_folder(tmp_path: Path, shard: str) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_index(folder / "model.safetensors.index.json", {"w": shard})
+    with pytest.raises(CorruptCheckpointError, match="outside the index's folder"):
+        open_checkpoint(folder)

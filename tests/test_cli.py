@@ -174,3 +174,46 @@ def test_python_dash_m(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["summary"]["flagged"] == 3
     assert done.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_output_never_overwrites_the_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
+    import shutil
+
+    victim = tmp_path / "victim.safetensors"
+    shutil.copy(DIVERGED, victim)
+    before = victim.read_bytes()
+    result = runner.invoke(app, ["scan", str(victim), "-o", str(victim)])
+    assert result.exit_code == 2 and "would overwrite part of the checkpoint" in result.stderr
+    folder = SAMPLES / "sharded"
+    result = runner.invoke(app, ["scan", str(folder), "-o", str(folder / "r.json")])
+    assert result.exit_code == 2 and not (folder / "r.json").exists()
+    assert victim.read_bytes() == before
+    result = runner.invoke(app, ["scan", str(victim), "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "it is a folder" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["victim.safetensors"]  # no temp file left
+
+
+def test_include_matching_nothing_is_a_usage_error(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["scan", str(DIVERGED), "--include", "nomatch*"])
+    assert result.exit_code == 2
+    assert "--include 'nomatch*' matches no tensor" in result.stderr
+
+
+def test_markup_in_names_is_shown_verbatim(runner: CliRunner, tmp_path: Path) -> None:
+    import torch
+
+    names = ["h.0.mlp.[/note].weight", "h.1.[bold]fc[/bold].weight"]
+    path = write_tensors(tmp_path / "[exp1].safetensors", {n: torch.randn(8, 8) for n in names})
+    result = runner.invoke(app, ["scan", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert name in result.stdout
+    assert "[exp1]" in result.stdout
+
+
+def test_large_stable_ranks_keep_their_digits() -> None:
+    from pss_cli.report.table import _fmt
+
+    assert _fmt(1023.7, 2) == "1023.70"
+    assert _fmt(4096.0, 2) == "4096.00"
+    assert _fmt(2.5e-5, 3) == "2.50e-05"

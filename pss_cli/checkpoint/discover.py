@@ -155,6 +155,14 @@ def _read_weight_map(index: Path) -> dict[str, str]:
                 f"index '{index}' maps tensor '{tensor}' to {shard!r}, expected a shard file name",
                 hint=hint,
             )
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+            # A shard path must stay inside the checkpoint folder: a hostile index must not make
+            # pss open files elsewhere on the machine.
+            raise CorruptCheckpointError(
+                f"index '{index}' maps tensor '{tensor}' to '{shard}', outside the index's folder",
+                hint="shard names must be relative paths inside the checkpoint folder",
+            )
     return weight_map
 
 
