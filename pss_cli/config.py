@@ -46,9 +46,10 @@ DEFAULT_SEED = 0
 DEFAULT_SOFTMAX_TEMPERATURE = 4.0
 DEFAULT_DEVICE = "auto"
 # Host memory for one CPU batch of float32 matrices; on CUDA the batch is sized from free memory.
-# At or below this short side a full SVD is used: measured here (2 cores), the exact SVD of a
-# 384 x 1536 matrix took 26 ms vs 53 ms for block Krylov, and at 512 x 512 they were even
-# (31 vs 19 ms, 2048 x 512: 58 vs 58 ms); from 768 up Krylov wins (3072 x 768: 122 vs 71 ms).
+# At or below this short side a full SVD is used. Measured here (2 cores, single matrices): exact
+# vs block Krylov 12-15 vs 18-31 ms at 384 x 384, 26-27 vs 25-53 ms at 1536 x 384, 31 vs 19 ms at
+# 512 x 512, 58 vs 52-58 ms at 2048 x 512, 122-126 vs 71-79 ms at 3072 x 768: the crossover lies
+# between 384 and 512; at 512 the exact answer costs about the same (docs/BENCHMARKS.md).
 DEFAULT_EXACT_MAX_DIM = 512
 DEFAULT_CPU_BATCH_BYTES = 512 * 2**20
 CUDA_FREE_MEMORY_FRACTION = 0.5
