@@ -316,7 +316,15 @@ def frobenius_norm(source: torch.Tensor) -> float:
 
 
 def _source_matrix(reader: TensorReader, item: _Item) -> torch.Tensor:
-    matrices = item.target.as_matrices(reader.read(item.target.entry))
+    target = item.target
+    tensor = reader.read(target.entry)
+    if target.scale is not None:
+        # Dequantize in float32 (float64 for float64 scales): q * scale, scale broadcast per
+        # tensor or per channel as stored. The spectrum of q alone means nothing.
+        scale = reader.read(target.scale)
+        dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
+        tensor = tensor.to(dtype) * scale.to(dtype)
+    matrices = target.as_matrices(tensor)
     return matrices[item.index if item.index is not None else 0]
 
 
@@ -352,6 +360,7 @@ def _layer_result(
         role=str(target.role),
         block=target.block,
         view=str(target.view),
+        scale_tensor=target.scale.name if target.scale is not None else None,
         sigma_max=metrics.sigma_max,
         frobenius_norm=None if nonfinite else frobenius,
         stable_rank=metrics.stable_rank,

@@ -255,7 +255,12 @@ def _select(
         if not chosen:
             continue
         reason = None
-        if layer.nonfinite_count:
+        if layer.scale_tensor is not None:
+            reason = (
+                "quantized (integers + scale): writing it back would need re-quantization, "
+                "which pss does not do; smooth the full-precision checkpoint instead"
+            )
+        elif layer.nonfinite_count:
             reason = (
                 "has NaN/Inf entries: no spectrum to smooth (restore it from an earlier checkpoint)"
             )

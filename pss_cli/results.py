@@ -32,6 +32,7 @@ class LayerResult:
     role: str
     block: int | None
     view: str  # matrix | conv | stacked
+    scale_tensor: str | None  # quantized tensors: the scale used to dequantize (q * scale)
     sigma_max: float | None
     frobenius_norm: float | None
     stable_rank: float | None

@@ -238,3 +238,33 @@ def test_cuda_scan_matches_cpu(tmp_path: Path) -> None:
     for a, b in zip(cpu.layers, gpu.layers, strict=True):
         assert b.sigma_max == pytest.approx(a.sigma_max, rel=1e-3)
         assert b.frobenius_norm == pytest.approx(a.frobenius_norm, rel=1e-9)
+
+
+def test_quantized_weights_with_a_scale_are_dequantized(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    weight = with_spectrum(96, 64, power_law(64), seed=4).float()
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127.0  # (96, 1) per output channel
+    q = torch.round(weight / scale).to(torch.int8)
+    fp8 = weight.to(torch.float8_e4m3fn)
+    path = write_tensors(
+        tmp_path / "q.safetensors",
+        {
+            "layers.0.mlp.up_proj.weight.qweight": q,
+            "layers.0.mlp.up_proj.weight.scale": scale,
+            "layers.1.mlp.down_proj.weight": fp8,
+            "layers.1.mlp.down_proj.weight_scale": torch.ones(()),
+            "layers.2.lonely.weight": torch.randint(-5, 5, (8, 8), generator=g).to(torch.int8),
+        },
+    )
+    report = scan_checkpoint(path, SMALL)
+    up = _layer(report, "layers.0.mlp.up_proj.weight.qweight")
+    assert up.role == "mlp_up" and up.dtype == "I8"
+    assert up.scale_tensor == "layers.0.mlp.up_proj.weight.scale"
+    dequantized = q.double() * scale.double()
+    assert up.sigma_max == pytest.approx(_exact_top(dequantized)[0].item(), rel=1e-6)
+    down = _layer(report, "layers.1.mlp.down_proj.weight")
+    assert down.scale_tensor == "layers.1.mlp.down_proj.weight_scale"
+    assert down.sigma_max == pytest.approx(_exact_top(fp8.double())[0].item(), rel=1e-6)
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert reasons["layers.0.mlp.up_proj.weight.scale"].startswith("scale of quantized")
+    assert "without a scale tensor found" in reasons["layers.2.lonely.weight"]

@@ -359,3 +359,19 @@ def test_bad_method_options_are_usage_errors(tmp_path: Path) -> None:
         app, ["smooth", str(DIVERGED), "--dry-run", "--method", "clip", "--clip-count", "64"]
     )
     assert result.exit_code == 2 and "--clip-count" in result.stderr
+
+
+def test_quantized_matrices_are_left_alone(tmp_path: Path) -> None:
+    spiky = power_law(48, 0.3).clone()
+    spiky[0] = 8.0
+    weight = with_spectrum(64, 48, spiky, seed=2).float()
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127.0
+    tensors = {
+        "w.qweight": torch.round(weight / scale).to(torch.int8),
+        "w.scale": scale,
+    }
+    source = write_tensors(tmp_path / "q.safetensors", tensors)
+    report = smooth_checkpoint(source, tmp_path / "out", SmoothConfig())
+    assert report.layers == ()
+    assert "quantized" in report.not_smoothed[0].reason
+    assert not (tmp_path / "out").exists()

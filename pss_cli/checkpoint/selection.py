@@ -101,6 +101,8 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], Role], ...] = tuple(
         (r"(?:^|\.)(?:mlp|ffn)\.c_proj\.", Role.MLP_DOWN),
         (r"(?:^|\.)output\.dense\.", Role.MLP_DOWN),
         (_seg(r"down_proj|fc2|fc_out|dense_4h_to_h|lin2"), Role.MLP_DOWN),
+        (r"(?:^|\.)(?:mlp|ffn|feed_forward)\.(?:up|w_in)(?:\.|$)", Role.MLP_UP),
+        (r"(?:^|\.)(?:mlp|ffn|feed_forward)\.(?:down|w_out)(?:\.|$)", Role.MLP_DOWN),
     )
 )
 
@@ -129,6 +131,9 @@ class MatrixTarget:
     batch: int
     matrix_shape: tuple[int, int]  # (m, n) of each matrix
     view: MatrixView
+    # For an integer/8-bit-float tensor stored with a float scale (per tensor or per channel):
+    # the scale, so that the dequantized matrix q * scale is analysed.
+    scale: TensorEntry | None = None
 
     def as_matrices(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (``entry.shape``) as (batch, m, n); a view whenever ``t`` is contiguous.
@@ -157,10 +162,20 @@ def select(
     ``include``/``exclude`` are fnmatch globs on the full name (case-sensitive); an empty
     ``include`` means every tensor. Exclusion wins over inclusion.
     """
+    entries = list(entries)
+    scales = _quantization_scales(entries)
+    scale_owner = {scale.name: name for name, scale in scales.items()}
     targets: list[MatrixTarget] = []
     skipped: list[SkippedTarget] = []
     for entry in entries:
-        reason = _filter_reason(entry.name, include, exclude) or _shape_dtype_reason(entry)
+        if entry.name in scale_owner:
+            owner = scale_owner[entry.name]
+            skipped.append(SkippedTarget(entry, f"scale of quantized '{owner}' (used with it)"))
+            continue
+        scale = scales.get(entry.name)
+        reason = _filter_reason(entry.name, include, exclude) or (
+            _shape_reason(entry) if scale is not None else _shape_dtype_reason(entry)
+        )
         if reason is not None:
             skipped.append(SkippedTarget(entry, reason))
             continue
@@ -169,9 +184,58 @@ def select(
             # Stable rank of a rank-1 matrix is exactly 1: reporting it would be a false alarm.
             skipped.append(SkippedTarget(entry, "a dimension of 1 (stable rank is always 1)"))
             continue
-        role, block = classify(entry.name)
-        targets.append(MatrixTarget(entry, role, block, batch, matrix_shape, view))
+        role, block = classify(_base_name(entry.name))
+        targets.append(MatrixTarget(entry, role, block, batch, matrix_shape, view, scale))
     return targets, skipped
+
+
+QUANTIZED_DTYPES = frozenset(
+    {"I8", "U8", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+)
+_QWEIGHT_SUFFIX = ".qweight"
+
+
+def _base_name(name: str) -> str:
+    """`x.weight.qweight` -> `x.weight`, so that a quantized weight gets its layer's role."""
+    return name[: -len(_QWEIGHT_SUFFIX)] if name.endswith(_QWEIGHT_SUFFIX) else name
+
+
+def _scale_candidates(name: str) -> list[str]:
+    """Where common formats keep a quantized tensor's scale: fracast-style `W.qweight` +
+    `W.scale`, HF FP8 / compressed-tensors `W` + `W_scale` (e.g. `weight_scale`), and `W.scale`."""
+    base = _base_name(name)
+    return [base + ".scale", name + ".scale", name + "_scale", base + "_scale"]
+
+
+def _broadcasts(scale: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if len(scale) == 0 or all(d == 1 for d in scale):
+        return True  # one scale for the whole tensor
+    if len(scale) != len(shape):
+        return False
+    return all(s in (1, d) for s, d in zip(scale, shape, strict=True))
+
+
+def _quantization_scales(entries: list[TensorEntry]) -> dict[str, TensorEntry]:
+    """Quantized tensor name -> its float scale entry, where a scale that broadcasts exists.
+
+    Only then is an integer / 8-bit-float tensor meaningful as a matrix: its spectrum is that of
+    q * scale (per-channel scales change it), never that of the raw integers.
+    """
+    by_name = {entry.name: entry for entry in entries}
+    found: dict[str, TensorEntry] = {}
+    for entry in entries:
+        if entry.dtype not in QUANTIZED_DTYPES or len(entry.shape) < 2:
+            continue
+        for candidate in _scale_candidates(entry.name):
+            scale = by_name.get(candidate)
+            if (
+                scale is not None
+                and scale.dtype in ANALYSED_DTYPES
+                and _broadcasts(scale.shape, entry.shape)
+            ):
+                found[entry.name] = scale
+                break
+    return found
 
 
 def _filter_reason(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:
@@ -183,22 +247,30 @@ def _filter_reason(name: str, include: Sequence[str], exclude: Sequence[str]) ->
     return None
 
 
-def _shape_dtype_reason(entry: TensorEntry) -> str | None:
-    ndim, dtype = len(entry.shape), entry.dtype
+def _shape_reason(entry: TensorEntry) -> str | None:
+    ndim = len(entry.shape)
     if ndim == 0:
         return "scalar"
     if ndim == 1:
         return "1-D tensor (bias or norm scale)"
     if 0 in entry.shape:
         return "empty tensor (a zero-sized dimension)"
+    return None
+
+
+def _shape_dtype_reason(entry: TensorEntry) -> str | None:
+    dtype = entry.dtype
+    shape_reason = _shape_reason(entry)
+    if shape_reason is not None:
+        return shape_reason
     if dtype in ANALYSED_DTYPES:
         return None
     if dtype == "BOOL":
         return "BOOL dtype"
     if dtype[0] in "IU":
-        return f"integer dtype {dtype} (quantized or index data)"
+        return f"integer dtype {dtype} (index data, or quantized without a scale tensor found)"
     if dtype.startswith("F8"):
-        return f"{dtype} (8-bit float without a scale)"
+        return f"{dtype} (8-bit float without a scale tensor found)"
     if dtype.startswith(("F4", "F6")):
         return f"{dtype} ({dtype[1]}-bit float without a scale)"
     return f"unsupported dtype {dtype}"
