@@ -11,8 +11,8 @@ class OutputFormat(StrEnum):
     JSON = "json"
 
 
-class SmoothMethodName(StrEnum):
-    """Mirror of pss_cli.core.smoothing.SmoothingMethod, torch-free for the CLI's --help."""
+class SmoothingMethod(StrEnum):
+    """`pss smooth --method` (formulas in pss_cli.core.smoothing and the README)."""
 
     CAP = "cap"
     CONV = "conv"
@@ -20,8 +20,8 @@ class SmoothMethodName(StrEnum):
     CLIP = "clip"
 
 
-class OptimizerStatePolicy(StrEnum):
-    """Mirror of pss_cli.checkpoint.optimizer.OptimizerPolicy, torch-free for --help."""
+class OptimizerPolicy(StrEnum):
+    """`pss smooth --optimizer-state` (see pss_cli.checkpoint.optimizer)."""
 
     RESET = "reset"
     KEEP = "keep"

@@ -26,7 +26,6 @@ from pss_cli.checkpoint.header import read_header
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
 from pss_cli.checkpoint.optimizer import (
     OptimizerOutcome,
-    OptimizerPolicy,
     detect_master_weights,
     find_optimizer_file,
     rewrite_optimizer_state,
@@ -34,10 +33,9 @@ from pss_cli.checkpoint.optimizer import (
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.checkpoint.selection import MatrixView, select
 from pss_cli.checkpoint.writer import check_output_path, write_repaired_checkpoint
-from pss_cli.config import ComputeDtype, ScanConfig
+from pss_cli.config import ComputeDtype, OptimizerPolicy, ScanConfig, SmoothingMethod
 from pss_cli.core.smoothing import (
     NeedMoreValues,
-    SmoothingMethod,
     SmoothingParams,
     apply_spectrum_change,
     smooth_values,

@@ -14,11 +14,11 @@ from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.checkpoint.optimizer import (
     OptimizerOutcome,
-    OptimizerPolicy,
     detect_master_weights,
     find_optimizer_file,
     rewrite_optimizer_state,
 )
+from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import CheckpointError
 
 

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pss_cli.app import app
-from pss_cli.checkpoint.optimizer import OptimizerPolicy
-from pss_cli.config import ComputeDtype, ScanConfig
-from pss_cli.core.smoothing import SmoothingMethod, SmoothingParams
+from pss_cli.config import ComputeDtype, OptimizerPolicy, ScanConfig, SmoothingMethod
+from pss_cli.core.smoothing import SmoothingParams
 from pss_cli.errors import UsageError
 from pss_cli.pipeline import scan_checkpoint
 from pss_cli.repair import SmoothConfig, smooth_checkpoint

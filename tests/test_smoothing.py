@@ -9,9 +9,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pss_cli.config import SmoothingMethod
 from pss_cli.core.smoothing import (
     NeedMoreValues,
-    SmoothingMethod,
     SmoothingParams,
     apply_spectrum_change,
     cap_level,

@@ -24,13 +24,13 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pss_cli.checkpoint.model import TensorEntry
+from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import CheckpointError
 
 OPTIMIZER_FILE_NAMES = ("optimizer.pt", "optimizer.bin")  # HF Trainer / Accelerate
@@ -42,12 +42,6 @@ _FLOAT_DTYPES = frozenset(
 )
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _DEFAULT_BETAS = (0.9, 0.999)  # torch.optim.AdamW and HF TrainingArguments defaults
-
-
-class OptimizerPolicy(StrEnum):
-    RESET = "reset"
-    KEEP = "keep"
-    DROP = "drop"
 
 
 @dataclass(frozen=True)

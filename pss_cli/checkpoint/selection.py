@@ -189,9 +189,7 @@ def select(
     return targets, skipped
 
 
-QUANTIZED_DTYPES = frozenset(
-    {"I8", "U8", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
-)
+QUANTIZED_DTYPES = frozenset({"I8", "U8", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 _QWEIGHT_SUFFIX = ".qweight"
 
 

@@ -23,10 +23,10 @@ from pss_cli.config import (
     DEFAULT_SEED,
     DEFAULT_SOFTMAX_TEMPERATURE,
     ComputeDtype,
-    OptimizerStatePolicy,
+    OptimizerPolicy,
     OutputFormat,
     ScanConfig,
-    SmoothMethodName,
+    SmoothingMethod,
 )
 from pss_cli.errors import UsageError
 
@@ -40,8 +40,8 @@ def smooth_command(
         ),
     ] = None,
     method: Annotated[
-        SmoothMethodName, typer.Option("--method", help="Smoothing function (see README).")
-    ] = SmoothMethodName.CAP,
+        SmoothingMethod, typer.Option("--method", help="Smoothing function (see README).")
+    ] = SmoothingMethod.CAP,
     target_stable_rank: Annotated[
         float | None,
         typer.Option(
@@ -74,9 +74,9 @@ def smooth_command(
         ),
     ] = DEFAULT_MIN_STABLE_RANK,
     optimizer_state: Annotated[
-        OptimizerStatePolicy,
+        OptimizerPolicy,
         typer.Option("--optimizer-state", help="What to do with optimizer.pt (see README)."),
-    ] = OptimizerStatePolicy.RESET,
+    ] = OptimizerPolicy.RESET,
     allow_master_weights: Annotated[
         bool,
         typer.Option(
@@ -114,8 +114,7 @@ def smooth_command(
             f"--target-stable-rank must be a number >= 1 (got {target_stable_rank})",
             "a stable rank lies between 1 and min(m, n)",
         )
-    from pss_cli.checkpoint.optimizer import OptimizerPolicy
-    from pss_cli.core.smoothing import SmoothingMethod, SmoothingParams
+    from pss_cli.core.smoothing import SmoothingParams
     from pss_cli.repair import SmoothConfig, smooth_checkpoint
     from pss_cli.report.progress import stderr_progress
     from pss_cli.report.smooth import render_plan, render_smooth, resume_recipe
@@ -132,12 +131,12 @@ def smooth_command(
         layers=tuple(layers or ()),
         all_layers=all_layers,
         params=SmoothingParams(
-            method=SmoothingMethod(method.value),
+            method=method,
             target_stable_rank=target_stable_rank,
             temperature=temperature,
             clip_count=clip_count,
         ),
-        optimizer_state=OptimizerPolicy(optimizer_state.value),
+        optimizer_state=optimizer_state,
         allow_master_weights=allow_master_weights,
         force=force,
         dry_run=dry_run,

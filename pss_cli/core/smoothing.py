@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
-from pss_cli.config import DEFAULT_SOFTMAX_TEMPERATURE
-
-
-class SmoothingMethod(StrEnum):
-    CAP = "cap"
-    CONV = "conv"
-    SOFTMAX = "softmax"
-    CLIP = "clip"
+from pss_cli.config import DEFAULT_SOFTMAX_TEMPERATURE, SmoothingMethod
 
 
 class NeedMoreValues(Exception):

@@ -222,12 +222,7 @@ def _block_lanczos(
             )
             for local in torch.nonzero(not_converged.cpu()).flatten().tolist():
                 global_index = int(active[local])
-                if vectors is None:
-                    full = exact_singular_values(a[local : local + 1])[0, :k]
-                else:
-                    u, full, vh = torch.linalg.svd(a[local], full_matrices=False)
-                    vectors[global_index] = (u[:, :k], vh[:k].mT)
-                values[global_index] = full[:k].to("cpu", torch.float64)
+                values[global_index] = _exact_top(a[local], k, vectors, global_index)
                 exact[global_index] = True
             break
         keep = torch.nonzero(~done).flatten()
@@ -248,15 +243,26 @@ def _block_lanczos(
     # SVD rather than zeros.
     for local, global_index in enumerate(active.tolist()):
         if iterations[global_index] == 0 and not exact[global_index]:
-            if vectors is None:
-                full = exact_singular_values(a[local : local + 1])[0, :k]
-            else:
-                u, full, vh = torch.linalg.svd(a[local], full_matrices=False)
-                vectors[global_index] = (u[:, :k], vh[:k].mT)
-            values[global_index] = full[:k].to("cpu", torch.float64)
+            values[global_index] = _exact_top(a[local], k, vectors, global_index)
             exact[global_index] = True
             iterations[global_index] = max_iterations
     return BatchSpectrum(values=values, iterations=tuple(iterations), exact=tuple(exact))
+
+
+def _exact_top(
+    matrix: torch.Tensor,
+    k: int,
+    vectors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+    index: int,
+) -> torch.Tensor:
+    """Full-SVD fallback for one (m, n) matrix: its top-k values (float64, CPU), and its top-k
+    singular vectors stored in `vectors[index]` when vectors are wanted."""
+    if vectors is None:
+        full = exact_singular_values(matrix[None])[0]
+    else:
+        u, full, vh = torch.linalg.svd(matrix, full_matrices=False)
+        vectors[index] = (u[:, :k], vh[:k].mT)
+    return full[:k].to("cpu", torch.float64)
 
 
 class _Basis:
