@@ -104,11 +104,19 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
 
 
 def resume_recipe(report: SmoothReport) -> str:
+    reset = report.optimizer.get("policy") == "reset" and report.optimizer.get("mapping") in (
+        "exact",
+        "all",
+    )
+    why = (
+        "the reset Adam moments make the first updates ~lr*sign(g), larger than usual"
+        if reset
+        else "the repaired matrices meet gradients (and Adam moments) of the old weights"
+    )
     return (
         "To resume from the repaired checkpoint:\n"
         f"  - point your trainer at {report.output} (same layout and tensor names as the input);\n"
-        "  - re-warm the learning rate over a short window (a few hundred steps): reset Adam "
-        "moments make the first updates ~lr*sign(g), larger than usual;\n"
+        f"  - re-warm the learning rate over a short window (a few hundred steps): {why};\n"
         "  - consider skipping the data window around the spike, and a lower peak LR if it "
         "recurs;\n"
         "  - check the result with `pss scan` on the output."
