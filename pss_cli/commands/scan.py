@@ -101,3 +101,10 @@ def scan_command(
     if output is not None:
         write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))
     typer.echo(text, nl=not text.endswith("\n"))
+    flagged = report.summary.flag_counts.get("low_stable_rank", 0)
+    if flagged and not quiet and output_format is OutputFormat.TABLE:
+        typer.echo(
+            f"hint: `pss smooth {checkpoint} --out NEW_PATH --dry-run` previews a repair of "
+            f"the {flagged} matrices with a low stable rank",
+            err=True,
+        )
