@@ -217,3 +217,14 @@ def test_large_stable_ranks_keep_their_digits() -> None:
     assert _fmt(1023.7, 2) == "1023.70"
     assert _fmt(4096.0, 2) == "4096.00"
     assert _fmt(2.5e-5, 3) == "2.50e-05"
+
+
+def test_summary_counts_each_kind_of_flag(runner: CliRunner, tmp_path: Path) -> None:
+    import torch
+
+    nan = torch.randn(6, 5)
+    nan[0, 0] = float("nan")
+    tensors = {"zero": torch.zeros(6, 5), "nan": nan, "ok": torch.randn(6, 5)}
+    path = write_tensors(tmp_path / "m.safetensors", tensors)
+    result = runner.invoke(app, ["scan", str(path)], terminal_width=200)
+    assert "3 matrices, 2 flagged (1 with NaN/Inf, 1 all-zero), 0 tensors skipped" in result.stdout

@@ -83,10 +83,18 @@ def _summary_line(report: ScanReport) -> Text:
     text = Text()
     text.append(f"{s.matrices} matrices, ")
     text.append(f"{s.flagged} flagged", style="bold red" if s.flagged else "bold green")
-    text.append(f" (stable rank < {floor}")
-    if s.nonfinite_matrices:
-        text.append(f", {s.nonfinite_matrices} with NaN/Inf")
-    text.append(f"), {s.skipped} tensors skipped")
+    low = s.flag_counts.get("low_stable_rank", 0)
+    others = [
+        f"{s.flag_counts[flag]} {label}"
+        for flag, label in (("nonfinite", "with NaN/Inf"), ("zero_matrix", "all-zero"))
+        if s.flag_counts.get(flag)
+    ]
+    if others:
+        reasons = ([f"{low} with stable rank < {floor}"] if low else []) + others
+        text.append(f" ({', '.join(reasons)})")
+    else:
+        text.append(f" (stable rank < {floor})")
+    text.append(f", {s.skipped} tensors skipped")
     if s.min_stable_rank is not None:
         text.append(f"; lowest stable rank {s.min_stable_rank:.2f} in {s.min_stable_rank_layer}")
     text.append(f"; {report.method} on {report.device}, {report.timings['total_seconds']:.2f} s")
