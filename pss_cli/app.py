@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pss_cli import __version__
+from pss_cli.commands.check import check_command
 from pss_cli.commands.scan import scan_command
 from pss_cli.commands.smooth import smooth_command
 from pss_cli.errors import ExitCode, PssError
@@ -96,6 +97,7 @@ def root(
 
 app.command("scan", no_args_is_help=True)(guarded(scan_command))
 app.command("smooth", no_args_is_help=True)(guarded(smooth_command))
+app.command("check", no_args_is_help=True)(guarded(check_command))
 
 
 def main() -> None:

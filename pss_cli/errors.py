@@ -10,7 +10,7 @@ class ExitCode(IntEnum):
     """Documented in the README ("Exit codes"); tests keep the two in sync."""
 
     OK = 0
-    FINDINGS = 1  # scan: at least one matrix flagged (only with --fail-on-flags)
+    FINDINGS = 1  # pss check: findings at or above --fail-on
     USAGE = 2  # bad command line or configuration
     INPUT = 3  # unreadable, missing or corrupt input, or a runtime failure
 

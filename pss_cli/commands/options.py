@@ -34,7 +34,10 @@ FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output 
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
-        "--output", "-o", metavar="FILE", help="Also write the report to FILE (only on success)."
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Also write the output to FILE (atomically; not when the command ends in an error).",
     ),
 ]
 DeviceOpt = Annotated[
