@@ -49,6 +49,8 @@ def guarded(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise  # deliberate exits carry their own code
         except PssError as exc:
             report_error(exc.message, exc.hint)
             raise typer.Exit(int(exc.exit_code)) from None

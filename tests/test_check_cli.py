@@ -364,3 +364,18 @@ def test_nan_weights_are_pss001(runner: CliRunner, tmp_path: Path) -> None:
 def test_unknown_rule_on_the_command_line_exits_2(runner: CliRunner) -> None:
     result = runner.invoke(app, ["check", str(HEALTHY), "--ignore", "PSS42"])
     assert result.exit_code == 2 and "unknown rule 'PSS42'" in result.stderr
+
+
+def test_check_output_never_overwrites_the_checkpoint(tmp_path: Path) -> None:
+    victim = tmp_path / "m.safetensors"
+    shutil.copy(
+        Path(__file__).resolve().parent.parent
+        / "sample_checkpoints"
+        / "healthy"
+        / "model.safetensors",
+        victim,
+    )
+    before = victim.read_bytes()
+    result = CliRunner().invoke(app, ["check", str(victim), "-o", str(victim)])
+    assert result.exit_code == 2
+    assert victim.read_bytes() == before

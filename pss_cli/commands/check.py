@@ -78,7 +78,11 @@ def check_command(
 ) -> None:
     """Gate a checkpoint or scan report on stable rank, NaN/Inf and baseline regressions."""
     from pss_cli.policy import load_policy
-    from pss_cli.report.files import check_report_path, write_text_atomically
+    from pss_cli.report.files import (
+        check_report_path,
+        refuse_overwriting_checkpoint,
+        write_text_atomically,
+    )
 
     flags = {
         "min_stable_rank": min_stable_rank,
@@ -93,6 +97,8 @@ def check_command(
     policy = load_policy(Path.cwd(), config, os.environ, flags).policy
     if output is not None:
         check_report_path(output)
+        for model in models:
+            refuse_overwriting_checkpoint(output, model)
     result = merge([run_check(model, baseline, policy, device, quiet) for model in models])
     text = render_check(result, output_format)
     if output is not None:
