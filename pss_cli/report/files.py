@@ -20,8 +20,8 @@ def refuse_overwriting_checkpoint(output: Path, checkpoint: Path) -> None:
     out = output.resolve()
     source = checkpoint.resolve()
     folder = source if source.is_dir() else None
-    if source.is_file() and source.name.endswith(".json"):
-        folder = source.parent  # an index: its shards live beside it
+    if source.is_file() and source.name.endswith(".index.json"):
+        folder = source.parent  # a sharded index: its shards live beside it
     if out == source or (folder is not None and out.is_relative_to(folder)):
         raise UsageError(
             f"--output '{output}' would overwrite part of the checkpoint '{checkpoint}'",
