@@ -241,10 +241,13 @@ class CheckResult:
         return not any(f.severity.rank >= self.fail_on.rank for f in self.findings)
 
 
-def artifact_path(checkpoint: str, file: str) -> str:
+def artifact_path(checkpoint: str, file: str, layout: str | None = None) -> str:
     """Where a layer's file lies, relative to where the checkpoint was named: a file or an index
-    names its folder's files, a folder names its own (no filesystem access: works on a report)."""
+    names its folder's files, a folder names its own (no filesystem access: works on a report).
+    The report's layout decides when known (a single file need not end in .safetensors)."""
     root = PurePosixPath(checkpoint.replace("\\", "/"))
+    if layout == "single-file":
+        return str(root)
     if root.suffix in {".safetensors", ".json"}:
         root = root.parent
     return str(root / file)
@@ -259,6 +262,20 @@ def evaluate(
     baseline_name: str | None = None,
 ) -> CheckResult:
     findings = [f for layer in report.layers for f in _layer_findings(report, layer, policy)]
+    if not report.layers and "PSS002" not in policy.ignore:
+        # A gate must not pass a model it could not look at (an empty index, every tensor
+        # skipped or excluded): that is a broken or mis-specified save.
+        rule = RULES_BY_ID["PSS002"]
+        findings.append(
+            Finding(
+                rule.id,
+                rule.severity,
+                report.checkpoint.replace("\\", "/"),
+                None,
+                None,
+                "no weight matrix was analysed (no 2-D float tensors found)",
+            )
+        )
     if baseline is not None:
         findings.extend(_baseline_findings(report, baseline, policy))
     return CheckResult(
@@ -266,7 +283,11 @@ def evaluate(
         input_kind=input_kind,
         baseline=baseline_name,
         fail_on=policy.fail_on,
-        files=tuple(sorted({artifact_path(report.checkpoint, la.file) for la in report.layers})),
+        files=tuple(
+            sorted(
+                {artifact_path(report.checkpoint, la.file, report.layout) for la in report.layers}
+            )
+        ),
         layers_checked=len(report.layers),
         findings=tuple(sorted(findings, key=_order)),
         ignored_rules=policy.ignore,
@@ -318,7 +339,7 @@ def _make(
     return Finding(
         rule.id,
         rule.severity,
-        artifact_path(report.checkpoint, layer.file),
+        artifact_path(report.checkpoint, layer.file, report.layout),
         layer.display_name,
         layer.role,
         message,
@@ -421,7 +442,8 @@ def _baseline_findings(
     for key, layer in previous.items():
         _limits, ignore = policy.for_layer(layer.name, layer.role)
         if key not in current and "PSS009" not in ignore:
-            yield _make("PSS009", baseline, layer, "in the baseline but not in this model")
+            # Reported against the model (the file under review), not the baseline's path.
+            yield _make("PSS009", report, layer, "in the baseline but not in this model")
 
 
 def _new(report: ScanReport, layer: LayerResult) -> Finding:
@@ -431,7 +453,10 @@ def _new(report: ScanReport, layer: LayerResult) -> Finding:
 def _relative_change(before: float | None, after: float | None) -> float | None:
     if before is None or after is None or before <= 0 or not math.isfinite(before):
         return None
-    return (after - before) / before
+    change = (after - before) / before
+    # A baseline value near 0 (5e-324) makes the ratio infinite: no meaningful comparison, and
+    # JSON/SARIF cannot carry an infinity.
+    return change if math.isfinite(change) else None
 
 
 def _drop(

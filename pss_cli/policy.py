@@ -245,6 +245,8 @@ def _severity(value: Any, where: str) -> Severity:
 def _rule_ids(value: Any, where: str, key: str) -> frozenset[str]:
     if isinstance(value, str) or not isinstance(value, list | tuple):
         raise UsageError(f"{where}: '{key}' must be a list of rule ids, got {value!r}")
+    if not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{where}: '{key}' must be a list of rule id strings, got {value!r}")
     unknown = [v for v in value if v not in RULES_BY_ID]
     if unknown:
         raise UsageError(

@@ -203,8 +203,14 @@ def smooth_checkpoint(
                 f"{_num(measured.stable_rank if measured else None)}, expected "
                 f"{_num(failed[0].plan.target or failed[0].predicted_stable_rank)}; the output "
                 "was removed",
-                "rounding to the stored dtype can move small matrices: try --dtype float64, "
-                "another --target-stable-rank or --method",
+                (
+                    "rounding to the stored dtype or float32 compute can move small or "
+                    "near-low-rank matrices: try --dtype float64, another --target-stable-rank "
+                    "or --method"
+                    if config.scan.compute_dtype is not ComputeDtype.FLOAT64
+                    else "the matrix is too close to low rank for this target: choose a lower "
+                    "--target-stable-rank or another --method"
+                ),
             )
     except BaseException:
         # Output files appear only on success: a checkpoint that failed its own verification

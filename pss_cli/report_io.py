@@ -30,11 +30,21 @@ def load_report(path: Path) -> ScanReport:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"report '{path}' does not exist", "check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"'{path}' is not a JSON scan report (it is binary: a checkpoint?)",
+            "pass a checkpoint as MODEL, and a report written by `pss scan CKPT -f json -o FILE` "
+            "as --baseline",
+        ) from None
+    except OSError as exc:
         raise UsageError(f"cannot read report '{path}': {exc}") from exc
     except json.JSONDecodeError as exc:
         raise UsageError(f"'{path}' is not valid JSON: {exc}", _RESCAN) from exc
-    return report_from_json_dict(data, str(path))
+    try:
+        return report_from_json_dict(data, str(path))
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+        # Hand-edited reports: a wrong type anywhere is the file's fault, not a pss bug.
+        raise UsageError(f"'{path}' is not a valid scan report: {exc}", _RESCAN) from exc
 
 
 def report_from_json_dict(data: Any, where: str) -> ScanReport:

@@ -379,3 +379,58 @@ def test_check_output_never_overwrites_the_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["check", str(victim), "-o", str(victim)])
     assert result.exit_code == 2
     assert victim.read_bytes() == before
+
+
+def _scan_json(tmp_path: Path, name: str, tensors: dict) -> Path:
+    from pss_cli.config import ScanConfig
+    from pss_cli.pipeline import scan_checkpoint
+    from pss_cli.report.json_report import render_json
+    from tests.safetensors_factory import write_tensors
+
+    checkpoint = write_tensors(tmp_path / f"{name}.safetensors", tensors)
+    report = tmp_path / f"{name}.json"
+    report.write_text(render_json(scan_checkpoint(checkpoint, ScanConfig())))
+    return report
+
+
+def test_review_regressions(tmp_path: Path) -> None:
+    import torch
+
+    runner = CliRunner()
+    g = torch.Generator().manual_seed(0)
+    # A hand-edited report with a wrong type is a usage error, not an internal error.
+    report = _scan_json(tmp_path, "m", {"w": torch.randn(8, 8, generator=g)})
+    data = json.loads(report.read_text())
+    data["seed"] = "abc"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    result = runner.invoke(app, ["check", str(bad)])
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    # A checkpoint given as --baseline gets a hint, not a codec error.
+    checkpoint = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["check", str(report), "--baseline", str(checkpoint)])
+    assert result.exit_code == 2 and "not a JSON scan report" in result.stderr
+    # A baseline value near 0 makes the change infinite: no crash in JSON or SARIF.
+    tiny = json.loads(report.read_text())
+    tiny["layers"][0]["sigma_max"] = 5e-324
+    base = tmp_path / "tiny.json"
+    base.write_text(json.dumps(tiny))
+    for fmt in ("json", "sarif"):
+        result = runner.invoke(app, ["check", str(report), "--baseline", str(base), "-f", fmt])
+        assert result.exit_code in (0, 1) and json.loads(result.stdout)
+    # A model with nothing to analyse does not pass.
+    empty = _scan_json(tmp_path, "empty", {"bias": torch.ones(4)})
+    result = runner.invoke(app, ["check", str(empty), "-f", "junit"])
+    assert result.exit_code == 1 and "PSS002" in result.stdout
+    assert ET.fromstring(result.stdout.split("\n", 1)[1]).get("failures") == "1"
+    # Control characters in a tensor name keep JUnit well-formed.
+    odd = _scan_json(tmp_path, "odd", {"c\x01d": torch.ones(8, 8)})
+    result = runner.invoke(app, ["check", str(odd), "-f", "junit"])
+    ET.fromstring(result.stdout.split("\n", 1)[1])
+
+
+def test_malformed_ignore_list_is_a_usage_error(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "pss.toml").write_text("ignore = [[1]]\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["check", str(HEALTHY)])
+    assert result.exit_code == 2 and "'ignore'" in result.stderr

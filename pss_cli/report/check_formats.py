@@ -7,10 +7,12 @@ format, dispatched through a registry.
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 from pss_cli.gate import RULES, CheckResult, Finding, Severity
 
@@ -111,7 +113,7 @@ def render_sarif(result: CheckResult) -> str:
             "locations": [
                 {
                     "physicalLocation": {
-                        "artifactLocation": {"uri": f.file},
+                        "artifactLocation": {"uri": quote(f.file, safe="/")},
                         "region": {"startLine": 1},
                     },
                     **({"logicalLocations": [{"name": f.tensor}]} if f.tensor else {}),
@@ -135,19 +137,31 @@ def render_sarif(result: CheckResult) -> str:
     return json.dumps(sarif, indent=2, allow_nan=False) + "\n"
 
 
+# Characters XML 1.0 forbids (tensor names may hold control characters).
+_XML_ILLEGAL = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_safe(text: str) -> str:
+    return _XML_ILLEGAL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def render_junit(result: CheckResult) -> str:
     """One test case per (file, rule); a failure for findings at or above --fail-on, the
     findings below it listed in the case's system-out (JUnit has no "warning" state)."""
     rules = [rule for rule in RULES if rule.id not in result.ignored_rules]
     suite = ET.Element("testsuite", name="pss check")
     failures = 0
-    for file in result.files:
+    # Every file a finding names gets its cases, so no finding can fall outside the suite.
+    files = sorted(set(result.files) | {f.file for f in result.findings})
+    for file in files:
         for rule in rules:
-            case = ET.SubElement(suite, "testcase", classname=file, name=f"{rule.id} {rule.name}")
+            case = ET.SubElement(
+                suite, "testcase", classname=_xml_safe(file), name=f"{rule.id} {rule.name}"
+            )
             found = [f for f in result.findings if f.file == file and f.rule_id == rule.id]
             if not found:
                 continue
-            body = "\n".join(_finding_text(f) for f in found)
+            body = _xml_safe("\n".join(_finding_text(f) for f in found))
             if rule.severity.rank >= result.fail_on.rank:
                 failures += 1
                 message = f"{len(found)} {rule.severity} finding(s): {rule.summary}"
