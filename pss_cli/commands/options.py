@@ -49,4 +49,13 @@ DeviceOpt = Annotated[
 SeedOpt = Annotated[
     int, typer.Option("--seed", metavar="INT", help="Seed of the random start blocks.")
 ]
+MinStableRankOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-stable-rank",
+        metavar="SR",
+        help="A matrix is flagged (scan) and selected (smooth) below this stable rank (lowered "
+        "to a quarter of min(m, n) for small matrices).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]

@@ -12,6 +12,7 @@ from pss_cli.commands.options import (
     ExcludeOpt,
     FormatOpt,
     IncludeOpt,
+    MinStableRankOpt,
     OutputOpt,
     QuietOpt,
     SeedOpt,
@@ -38,15 +39,7 @@ def scan_command(
             "--top-k", metavar="K", help="How many top singular values to compute and report."
         ),
     ] = DEFAULT_TOP_K,
-    min_stable_rank: Annotated[
-        float,
-        typer.Option(
-            "--min-stable-rank",
-            metavar="SR",
-            help="Flag matrices whose stable rank is below this (lowered to a quarter of "
-            "min(m, n) for small matrices).",
-        ),
-    ] = DEFAULT_MIN_STABLE_RANK,
+    min_stable_rank: MinStableRankOpt = DEFAULT_MIN_STABLE_RANK,
     exact: Annotated[
         bool,
         typer.Option(

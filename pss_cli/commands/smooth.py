@@ -14,6 +14,7 @@ from pss_cli.commands.options import (
     ExcludeOpt,
     FormatOpt,
     IncludeOpt,
+    MinStableRankOpt,
     QuietOpt,
     SeedOpt,
 )
@@ -67,12 +68,7 @@ def smooth_command(
     all_layers: Annotated[
         bool, typer.Option("--all", help="Smooth every matrix except embeddings and lm_head.")
     ] = False,
-    min_stable_rank: Annotated[
-        float,
-        typer.Option(
-            "--min-stable-rank", metavar="SR", help="Default selection: flagged below this."
-        ),
-    ] = DEFAULT_MIN_STABLE_RANK,
+    min_stable_rank: MinStableRankOpt = DEFAULT_MIN_STABLE_RANK,
     optimizer_state: Annotated[
         OptimizerPolicy,
         typer.Option("--optimizer-state", help="What to do with optimizer.pt (see README)."),
