@@ -130,6 +130,7 @@ def scan_checkpoint(
                 progress(done, len(items), chunk[-1].target.entry.name)
 
     layers = tuple(computed[(item.target.entry.name, item.index)] for item in items)
+    index_name = layout.index_file.name if layout.index_file is not None else ""
     skipped = tuple(
         SkippedResult(
             name=s.entry.name,
@@ -139,6 +140,15 @@ def scan_checkpoint(
             reason=s.reason,
         )
         for s in skipped_targets
+    ) + tuple(
+        SkippedResult(
+            name="",  # a whole file, not a tensor
+            file=_relative(layout, file),
+            shape=(),
+            dtype="",
+            reason=f"file not named by the index '{index_name}': not scanned",
+        )
+        for file in layout.unindexed_files
     )
     return ScanReport(
         pss_version=__version__,

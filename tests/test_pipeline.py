@@ -268,3 +268,16 @@ def test_quantized_weights_with_a_scale_are_dequantized(tmp_path: Path) -> None:
     reasons = {s.name: s.reason for s in report.skipped}
     assert reasons["layers.0.mlp.up_proj.weight.scale"].startswith("scale of quantized")
     assert "without a scale tensor found" in reasons["layers.2.lonely.weight"]
+
+
+def test_files_beside_an_index_that_it_does_not_name_are_reported(tmp_path: Path) -> None:
+    import shutil
+
+    samples = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+    for file in (samples / "sharded").iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    shutil.copy(samples / "diverged" / "model.safetensors", tmp_path / "consolidated.safetensors")
+    report = scan_checkpoint(tmp_path, SMALL)
+    stray = [s for s in report.skipped if s.file == "consolidated.safetensors"]
+    assert len(stray) == 1 and "not named by the index" in stray[0].reason
+    assert report.summary.flagged == 0  # the index's tensors only

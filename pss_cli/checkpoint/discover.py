@@ -120,6 +120,14 @@ def _open_sharded(root: Path, index: Path) -> CheckpointLayout:
             )
     # Tensors present in a shard but missing from the weight_map stay in: they are in the files,
     # and a repair must write them back unchanged.
+    named = {shard.resolve() for shard in shards}
+    unindexed = tuple(
+        sorted(
+            p
+            for p in index.parent.glob(f"*{SAFETENSORS_SUFFIX}")
+            if p.is_file() and p.resolve() not in named
+        )
+    )
     return CheckpointLayout(
         root=root,
         kind=LayoutKind.SHARDED,
@@ -127,6 +135,7 @@ def _open_sharded(root: Path, index: Path) -> CheckpointLayout:
         entries=tuple(entries),
         index_file=index,
         metadata=metadata,
+        unindexed_files=unindexed,
     )
 
 

@@ -47,3 +47,6 @@ class CheckpointLayout:
     entries: tuple[TensorEntry, ...]  # every tensor, in file order then header order
     index_file: Path | None = None
     metadata: dict[Path, dict[str, str]] = field(default_factory=dict)  # per-file __metadata__
+    # .safetensors files beside an index that the index does not name (e.g. Mistral's
+    # consolidated.safetensors): not read, but reported so that nobody believes they were.
+    unindexed_files: tuple[Path, ...] = ()

@@ -74,6 +74,9 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
     if limit is not None and len(rows) > limit:
         console.print(f"({len(rows) - limit} more layers not shown; drop --limit to see all)")
     console.print(_summary_line(report))
+    for skipped in report.skipped:
+        if not skipped.name:  # a whole file left out (see pipeline: unindexed files)
+            console.print(Text(f"note: {skipped.file}: {skipped.reason}"))
     return buffer.getvalue()
 
 
