@@ -15,6 +15,11 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
+def display_name(name: str, index: int | None) -> str:
+    """`name`, or `name[i]` for matrix i of a stacked (E, m, n) tensor."""
+    return name if index is None else f"{name}[{index}]"
+
+
 @dataclass(frozen=True)
 class LayerResult:
     """Metrics of one weight matrix (one expert of a stacked tensor is one matrix).
@@ -47,7 +52,7 @@ class LayerResult:
 
     @property
     def display_name(self) -> str:
-        return self.name if self.index is None else f"{self.name}[{self.index}]"
+        return display_name(self.name, self.index)
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,7 @@ class SmoothedLayer:
 
     @property
     def display_name(self) -> str:
-        return self.name if self.index is None else f"{self.name}[{self.index}]"
+        return display_name(self.name, self.index)
 
 
 @dataclass(frozen=True)
