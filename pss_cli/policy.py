@@ -70,7 +70,9 @@ def load_policy(
     where = str(source) if source is not None else "config"
     prefix = "tool.pss." if source is not None and source.name == "pyproject.toml" else ""
     policy = apply_table(Policy(), table, where, prefix)
-    policy = _apply_scalars(policy, _env_values(env), "environment")
+    for name, values in _env_values(env).items():
+        # One variable at a time, so that an error names the variable (PSS_FAIL_ON), not a key.
+        policy = _apply_scalars(policy, values, f"environment variable {name}")
     policy = _apply_scalars(
         policy, {k: v for k, v in flags.items() if v not in (None, [], ())}, "command line"
     )
@@ -166,21 +168,21 @@ def _apply_scalars(policy: Policy, values: Mapping[str, Any], where: str) -> Pol
     return replace(policy, **changes)
 
 
-def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+def _env_values(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """PSS_MIN_STABLE_RANK=3, PSS_FAIL_ON=warning, PSS_IGNORE=PSS005,PSS006 (others ignored:
-    PSS_DEBUG and friends belong to other features)."""
-    values: dict[str, Any] = {}
+    PSS_DEBUG and friends belong to other features), by variable name."""
+    values: dict[str, dict[str, Any]] = {}
     for key in (*THRESHOLD_NAMES, "fail_on", "ignore"):
         name = ENV_PREFIX + key.upper()
         if name not in env:
             continue
         raw = env[name]
         if key == "ignore":
-            values[key] = [part.strip() for part in raw.split(",") if part.strip()]
+            values[name] = {key: [part.strip() for part in raw.split(",") if part.strip()]}
         elif key in THRESHOLD_NAMES:
-            values[key] = _parse_env_number(raw, name)
+            values[name] = {key: _parse_env_number(raw, name)}
         else:
-            values[key] = raw
+            values[name] = {key: raw}
     return values
 
 
@@ -199,6 +201,13 @@ def _normalised(table: Any, where: str, allowed: frozenset[str], prefix: str) ->
         if norm not in allowed:
             known = ", ".join(sorted(k.replace("_", "-") if "per" in k else k for k in allowed))
             raise UsageError(f"{where}: unknown key '{prefix}{key}'", f"known keys: {known}")
+        if norm in out:
+            # TOML forbids duplicate keys, but `min-stable-rank` and `min_stable_rank` are two
+            # spellings of one setting: silently keeping the last would hide a mistake.
+            raise UsageError(
+                f"{where}: '{prefix}{key}' is given twice (as '-' and '_' spellings)",
+                "keep one of them",
+            )
         out[norm] = value
     return out
 

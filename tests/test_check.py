@@ -290,6 +290,21 @@ def test_env_fail_on_and_ignore_add_up(tmp_path: Path) -> None:
     assert policy.fail_on is Severity.WARNING
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PSS_FAIL_ON", "sometimes"), ("PSS_IGNORE", "PSS999"), ("PSS_MIN_STABLE_RANK", "-1")],
+)
+def test_bad_environment_values_name_the_variable(tmp_path: Path, name: str, value: str) -> None:
+    with pytest.raises(UsageError, match=rf"environment variable {name}\b"):
+        load_policy(tmp_path, None, {name: value}, {})
+
+
+def test_two_spellings_of_one_key_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "pss.toml").write_text("min-stable-rank = 3.0\nmin_stable_rank = 4.0\n")
+    with pytest.raises(UsageError, match="given twice"):
+        load_policy(tmp_path, None, {}, {})
+
+
 def test_discovery_walks_up_and_skips_pyprojects_without_tool_pss(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.pss]\nmax_sigma_ratio = 9.0\n")
     sub = tmp_path / "a" / "b"
