@@ -21,9 +21,25 @@ class PssError(Exception):
     exit_code: ExitCode = ExitCode.INPUT
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = None if hint is None else printable(hint)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (newlines, ANSI escapes) and lone surrogates escaped.
+
+    Messages quote names taken from the files (tensor names, paths): a hostile header must not
+    be able to split an error into several lines, forge an ``Error:`` line or a CI annotation,
+    or send escape sequences to the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in text
+    )
 
 
 class UsageError(PssError):

@@ -97,6 +97,8 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     raw = _read_header_bytes(path, file_len)
     header = _decode_json(path, raw)
     metadata = _parse_metadata(path, header.pop(METADATA_KEY, None))
+    for text in (*header, *metadata, *metadata.values()):
+        _require_unicode(path, text)
     entries = [_parse_entry(path, name, spec) for name, spec in header.items()]
     entries.sort(key=lambda e: (e.data_offsets, e.name))
     _check_tiling(path, entries, data_len=file_len - 8 - len(raw))
@@ -170,6 +172,14 @@ def _decode_json(path: Path, raw: bytes) -> dict[str, Any]:
             f"header is not valid JSON ({exc.msg} at byte {8 + exc.pos})",
             _NOT_SAFETENSORS_HINT,
         )
+    except ValueError:
+        # Python refuses integers of more than 4300 digits (int_max_str_digits); no shape or
+        # offset can need one, so the header is garbage.
+        _corrupt(path, "header holds an integer with thousands of digits", _NOT_SAFETENSORS_HINT)
+    except RecursionError:
+        # Arrays/objects nested thousands deep: valid JSON, but no safetensors header nests
+        # deeper than 3 levels, and parsing further would exhaust the stack.
+        _corrupt(path, "header JSON is nested too deeply", _NOT_SAFETENSORS_HINT)
     if not isinstance(header, dict):
         _corrupt(
             path,
@@ -305,6 +315,21 @@ def _check_tiling(path: Path, entries: list[TensorEntry], data_len: int) -> None
             f"{data_len - cursor} trailing bytes after the last tensor '{previous}' that no "
             "header entry accounts for",
             _REDOWNLOAD_HINT,
+        )
+
+
+def _require_unicode(path: Path, text: str) -> None:
+    """JSON escapes can spell lone UTF-16 surrogates (``"\\ud800"``), which are not Unicode: the
+    safetensors library refuses such headers, and they cannot be printed or written back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        _corrupt(
+            path,
+            f"header holds a name or metadata string that is not valid Unicode ('{shown}': a "
+            "lone surrogate escape)",
+            _NOT_SAFETENSORS_HINT,
         )
 
 

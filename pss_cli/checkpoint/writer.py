@@ -91,6 +91,7 @@ def write_repaired_checkpoint(
     force: bool = False,
     extra_files: Callable[[Path, Path], None] | None = None,
     skip_copy: Callable[[Path], bool] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> WrittenCheckpoint:
     """Write ``layout`` to ``out`` with ``replacements`` (same shape and dtype as stored, else
     ValueError) and ``provenance`` merged into every file's ``__metadata__``.
@@ -99,7 +100,10 @@ def write_repaired_checkpoint(
     same file names, a regenerated index (sharded) and every other input file copied unchanged
     (except those ``skip_copy`` refuses). ``extra_files(input_folder, staging_dir)`` runs after
     the copy, before the final rename, so a caller can add or replace files (e.g. optimizer.pt).
-    Raises UsageError for a bad ``out`` and CheckpointError when the disk fails.
+    ``before_commit(staged_path)`` runs last, on the complete staged output (same file names and
+    suffix as ``out``): raising there publishes nothing, so a caller's verification decides
+    whether the output ever appears under its final name. Raises UsageError for a bad ``out``
+    and CheckpointError when the disk fails.
     """
     by_name = {entry.name: entry for entry in layout.entries}
     _check_replacements(by_name, replacements)
@@ -119,10 +123,20 @@ def write_repaired_checkpoint(
     replaced = tuple(sorted(replacements))
     try:
         if to_file:
-            _write_single_file(layout.files[0], out, layout, replacements, provenance, force)
+            _write_single_file(
+                layout.files[0], out, layout, replacements, provenance, force, before_commit
+            )
             return WrittenCheckpoint(out=out, files=(out,), copied=(), replaced=replaced)
         names, copied = _write_folder(
-            layout, input_folder, out, replacements, provenance, force, extra_files, skip_copy
+            layout,
+            input_folder,
+            out,
+            replacements,
+            provenance,
+            force,
+            extra_files,
+            skip_copy,
+            before_commit,
         )
     except OSError as exc:
         raise _disk_error(out, layout, exc) from exc
@@ -268,14 +282,20 @@ def _write_single_file(
     replacements: Mapping[str, torch.Tensor],
     provenance: Mapping[str, str],
     force: bool,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent)
+    # The suffix kept, so that the staged file can be opened (and verified) as a checkpoint.
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{out.name}{_TMP_TAG}", suffix=out.suffix, dir=out.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         shutil.copymode(src, tmp)  # mkstemp makes it 0600; keep the input's permissions
         _write_safetensors(src, tmp, layout, replacements, provenance)
         _validate(src, tmp, layout, replacements, provenance)
+        if before_commit is not None:
+            before_commit(tmp)
         _commit_file(tmp, out, force)
     except BaseException:
         # BaseException: Ctrl-C must not leave a half-written hidden file behind either.
@@ -294,6 +314,7 @@ def _write_folder(
     force: bool,
     extra_files: Callable[[Path, Path], None] | None,
     skip_copy: Callable[[Path], bool] | None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> tuple[list[str], list[str]]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent))
     try:
@@ -314,6 +335,8 @@ def _write_folder(
             extra_files(input_folder, staging)
         for src in layout.files:
             _validate(src, staging / src.name, layout, replacements, provenance)
+        if before_commit is not None:
+            before_commit(staging)
         _fsync_tree(staging)
         _commit_dir(staging, out, force)
     except BaseException:

@@ -17,7 +17,10 @@ Why float32 products on the CPU: on the AVX2-only CPUs we run on, torch's bf16 G
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -65,6 +68,42 @@ class BatchSpectrum:
     exact: tuple[bool, ...]
 
 
+_LAPACK_LOCK = threading.Lock()
+_lapack_users = 0
+_saved_threads = 0
+
+
+@contextlib.contextmanager
+def deterministic_lapack(like: torch.Tensor) -> Iterator[None]:
+    """Run the LAPACK factorisations (QR, SVD) inside on one CPU thread.
+
+    Why: MKL's threaded geqrf/gesdd round differently with each thread count (measured: QR of a
+    600 x 32 block and svdvals of a 512 x 2048 matrix give other last bits under
+    OMP_NUM_THREADS=1 and 2), so the same scan printed other digits on another machine.
+    GEMMs, the bulk of the Krylov work, are thread-count invariant and keep every thread; the
+    factorisations are of (m, 32) blocks and small bidiagonals, or whole matrices with a short
+    side <= 512. On a loaded 2-core CPU one thread was also 3-30x faster for them (MKL's
+    threads oversubscribe). Nested and concurrent users share one saved thread count.
+    CUDA tensors are left alone (the CPU thread count does not touch them).
+    """
+    global _lapack_users, _saved_threads
+    if like.device.type != "cpu":
+        yield
+        return
+    with _LAPACK_LOCK:
+        if _lapack_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _lapack_users += 1
+    try:
+        yield
+    finally:
+        with _LAPACK_LOCK:
+            _lapack_users -= 1
+            if _lapack_users == 0:
+                torch.set_num_threads(_saved_threads)
+
+
 def gaussian_start(seeds: list[int], n: int, block_size: int) -> torch.Tensor:
     """(B, n, b) float32 Gaussian start blocks on the CPU, one generator per matrix.
 
@@ -84,7 +123,8 @@ def exact_singular_values(matrices: torch.Tensor) -> torch.Tensor:
     LAPACK was 2.5-3.5x slower on a wide matrix than on its transpose here: use the tall side.
     """
     tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
-    values: torch.Tensor = torch.linalg.svdvals(tall)
+    with deterministic_lapack(tall):
+        values: torch.Tensor = torch.linalg.svdvals(tall)
     return values
 
 
@@ -131,6 +171,11 @@ def uses_exact_path(m: int, n: int, k: int, settings: KrylovSettings) -> bool:
     return _iteration_budget(short, settings) < needed
 
 
+def iteration_budget(short: int, settings: KrylovSettings) -> int:
+    """Most Krylov iterations a matrix with this short side may take (memory planning uses it)."""
+    return _iteration_budget(short, settings)
+
+
 def _iteration_budget(short: int, settings: KrylovSettings) -> int:
     # Never let the Krylov space exceed half the short side: past that the exact SVD is cheaper.
     return max(MIN_ITERATIONS, min(settings.max_iterations, short // (2 * settings.block_size)))
@@ -158,7 +203,8 @@ def _block_lanczos(
 
     active = torch.arange(batch, device=tall.device)
     a = tall
-    v_first = torch.linalg.qr(start).Q
+    with deterministic_lapack(start):
+        v_first = torch.linalg.qr(start).Q
     v_last = v_first  # (B, n, b) the newest right block V_{j+1}
     u_last: torch.Tensor | None = None  # (B, m, b) the newest left block U_j
     u_basis = _Basis(batch, tall.shape[1], max_iterations * block, tall)
@@ -176,16 +222,22 @@ def _block_lanczos(
         w = a @ v_last
         if u_last is not None:
             w = w - u_last @ s_blocks[-1].mT  # the recurrence term U_{j-1} S_{j-1}^T
-        u, r = torch.linalg.qr(_reorthogonalise(w, u_basis.view()))
+        w = _reorthogonalise(w, u_basis.view())
+        with deterministic_lapack(w):
+            u, r = torch.linalg.qr(w)
         u_basis.append(u)
         r_blocks.append(r)
         z = a.mT @ u - v_last @ r.mT  # minus the recurrence term V_j R_j^T
-        v_last, s = torch.linalg.qr(_reorthogonalise(z, v_basis.view()))
+        z = _reorthogonalise(z, v_basis.view())
+        with deterministic_lapack(z):
+            v_last, s = torch.linalg.qr(z)
         u_last = u
         v_basis.append(v_last)
         s_blocks.append(s)
 
-        ritz = torch.linalg.svdvals(_block_bidiagonal(r_blocks, s_blocks))
+        bidiagonal = _block_bidiagonal(r_blocks, s_blocks)
+        with deterministic_lapack(bidiagonal):
+            ritz = torch.linalg.svdvals(bidiagonal)
         if ritz.shape[-1] < k:
             continue
         history.append(ritz[:, :k])
@@ -201,7 +253,8 @@ def _block_lanczos(
             continue
         done_cpu = done.cpu()
         if vectors is not None:
-            y, _, xh = torch.linalg.svd(_block_bidiagonal(r_blocks, s_blocks))
+            with deterministic_lapack(bidiagonal):
+                y, _, xh = torch.linalg.svd(bidiagonal)
             u_all = u_basis.buffer[:, :, : u_basis.used]
             v_all = v_basis.buffer[:, :, : u_basis.used]  # V_1..V_J, without V_{J+1}
         for local in torch.nonzero(done_cpu).flatten().tolist():
@@ -260,7 +313,8 @@ def _exact_top(
     if vectors is None:
         full = exact_singular_values(matrix[None])[0]
     else:
-        u, full, vh = torch.linalg.svd(matrix, full_matrices=False)
+        with deterministic_lapack(matrix):
+            u, full, vh = torch.linalg.svd(matrix, full_matrices=False)
         vectors[index] = (u[:, :k], vh[:k].mT)
     return full[:k].to("cpu", torch.float64)
 
@@ -374,7 +428,8 @@ def top_singular_triplets(
     m, n = matrix.shape
     k = min(k, m, n)
     if uses_exact_path(m, n, k, settings):
-        u, values, vh = torch.linalg.svd(matrix, full_matrices=False)
+        with deterministic_lapack(matrix):
+            u, values, vh = torch.linalg.svd(matrix, full_matrices=False)
         return Triplets(u[:, :k], values[:k].to("cpu", torch.float64), vh[:k].mT, True, 0)
     if start is None:
         raise ValueError("the Krylov path needs a start block")

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
+from pss_cli.errors import printable
 from pss_cli.gate import RULES, CheckResult, Finding, Severity
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -47,7 +48,9 @@ def render_text(result: CheckResult) -> str:
         f"{f.file}: {f.tensor or '-'}: {f.rule_id} [{f.severity}] {f.message}"
         for f in result.findings
     ]
-    return "\n".join([*lines, verdict_line(result)]) + "\n"
+    # Names come from the files: escaped, a newline in a tensor name cannot start a line of its
+    # own (on GitHub Actions a line starting with `::error::` is a workflow command).
+    return "\n".join(printable(line) for line in [*lines, verdict_line(result)]) + "\n"
 
 
 def result_to_json_dict(result: CheckResult) -> dict[str, Any]:

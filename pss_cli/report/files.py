@@ -49,6 +49,10 @@ def write_text_atomically(path: Path, text: str) -> None:
         fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            # Data on disk before the rename publishes it: after a crash the report is the old
+            # one or the new one, never an empty file (a full disk often shows up only here).
+            os.fsync(handle.fileno())
         # mkstemp creates 0600; a report is an ordinary file: honour the umask like open() does.
         umask = os.umask(0)
         os.umask(umask)
