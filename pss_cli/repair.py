@@ -6,10 +6,8 @@ smoothing itself live in `pss_cli.core.smoothing`, the file work in `pss_cli.che
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,18 +18,22 @@ from pathlib import Path
 import torch
 
 from pss_cli import __version__
+from pss_cli.checkpoint.dcp_writer import write_dcp_checkpoint
 from pss_cli.checkpoint.digest import tensor_digests
 from pss_cli.checkpoint.discover import open_checkpoint
+from pss_cli.checkpoint.formats import TORCH_SUFFIXES, provenance_sidecar
 from pss_cli.checkpoint.header import read_header
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import TORCH_KINDS, CheckpointLayout, LayoutKind, TensorEntry
 from pss_cli.checkpoint.optimizer import (
     OptimizerOutcome,
+    apply_in_file,
     detect_master_weights,
     find_optimizer_file,
     rewrite_optimizer_state,
 )
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.checkpoint.selection import MatrixView, select
+from pss_cli.checkpoint.torch_writer import write_torch_checkpoint
 from pss_cli.checkpoint.writer import check_output_path, write_repaired_checkpoint
 from pss_cli.config import ComputeDtype, OptimizerPolicy, ScanConfig, SmoothingMethod
 from pss_cli.core.smoothing import (
@@ -58,8 +60,13 @@ PROTECTED_ROLES = frozenset({"embedding", "lm_head"})
 # A cap target is reached within this relative tolerance after casting back to the stored dtype
 # (bf16 keeps 8 bits of mantissa: rounding moves the stable rank by up to ~0.5 %).
 TARGET_TOLERANCE = {"F64": 1e-3, "F32": 1e-3, "F16": 1e-2, "BF16": 2e-2}
-# With no healthy matrix to learn from, aim at this multiple of the flag threshold.
-FALLBACK_TARGET_FACTOR = 2.0
+# Inputs that are one file: no folder around them to carry (optimizer.pt, ZeRO state).
+_ONE_FILE_KINDS = frozenset({LayoutKind.SINGLE_FILE, LayoutKind.TORCH_FILE})
+# With no healthy matrix to learn from, aim just above the flag threshold: the smallest edit that
+# unflags the matrix, with a margin for rounding to the stored dtype. It was 2.0; in
+# docs/EXPERIMENTS.md that target (10, on a model whose matrices all sat at SR 1.1-3.4) changed
+# 41-87 % of each matrix's norm and no resume at the same LR benefited, so the mildest edit wins.
+FALLBACK_TARGET_FACTOR = 1.2
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class SmoothConfig:
     layers: tuple[str, ...] = ()  # explicit globs (may name embeddings / lm_head)
     all_layers: bool = False
     params: SmoothingParams = field(default_factory=SmoothingParams)
-    optimizer_state: OptimizerPolicy = OptimizerPolicy.RESET
+    # keep, not reset: docs/EXPERIMENTS.md (reset resumes exploded again within 2 steps).
+    optimizer_state: OptimizerPolicy = OptimizerPolicy.KEEP
     allow_master_weights: bool = False
     force: bool = False
     dry_run: bool = False
@@ -125,7 +133,7 @@ def smooth_checkpoint(
         raise UsageError("--out is required unless --dry-run is given")
     layout = open_checkpoint(source)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
-    master = detect_master_weights(folder) if layout.kind is not LayoutKind.SINGLE_FILE else []
+    master = detect_master_weights(folder) if layout.kind not in _ONE_FILE_KINDS else []
     if master and not config.allow_master_weights and not config.dry_run:
         raise UsageError(
             f"'{folder}' holds DeepSpeed ZeRO state ({master[0].name}, ...): its fp32 master "
@@ -159,7 +167,10 @@ def smooth_checkpoint(
     replacements = _LazyReplacements(layout, changes)
     optimizer_outcome: list[OptimizerOutcome] = []
     optimizer_file = (
-        find_optimizer_file(folder) if layout.kind is not LayoutKind.SINGLE_FILE else None
+        # DCP keeps its optimizer state inside the folder's own keys (dcp_writer.py)
+        find_optimizer_file(folder)
+        if layout.kind not in _ONE_FILE_KINDS and layout.kind is not LayoutKind.DCP
+        else None
     )
     modified_names = sorted(replacements)
 
@@ -183,46 +194,70 @@ def smooth_checkpoint(
         "pss.parameters": _parameters_text(config),
         "pss.modified_tensors": ",".join(modified_names),
     }
-    written = write_repaired_checkpoint(
-        layout,
-        out,
-        replacements,
-        provenance,
-        force=config.force,
-        extra_files=None if out.name.endswith(".safetensors") else optimizer_hook,
-        skip_copy=(lambda path: optimizer_file is not None and path == optimizer_file),
-    )
-    try:
-        verified_untouched, after = _verify(layout, written.out, changes, config)
-        failed = [c for c in changes if not _verified(c, after.get(_key(c)))]
-        if failed:
-            layer = failed[0].plan.layer
-            measured = after.get(_key(failed[0]))
-            raise CheckpointError(
-                f"verification failed for '{layer.display_name}': stable rank after writing "
-                f"{_num(measured.stable_rank if measured else None)}, expected "
-                f"{_num(failed[0].plan.target or failed[0].predicted_stable_rank)}; the output "
-                "was removed",
-                (
-                    "rounding to the stored dtype or float32 compute can move small or "
-                    "near-low-rank matrices: try --dtype float64, another --target-stable-rank "
-                    "or --method"
-                    if config.scan.compute_dtype is not ComputeDtype.FLOAT64
-                    else "the matrix is too close to low rank for this target: choose a lower "
-                    "--target-stable-rank or another --method"
-                ),
+    skip_optimizer = lambda path: optimizer_file is not None and path == optimizer_file  # noqa: E731
+    verification: list[tuple[int, dict[tuple[str, int | None], LayerResult]]] = []
+
+    def verify_staged(staged: Path) -> None:
+        # Runs on the complete staged output, before it is renamed into place: a checkpoint
+        # that fails its own verification never appears where a trainer could resume from it,
+        # and with --force the previous output stays until the new one has passed.
+        verification.append(_verify_or_raise(layout, staged, changes, config))
+
+    if layout.kind is LayoutKind.DCP:
+        written_out, dcp_outcome = write_dcp_checkpoint(
+            layout,
+            out,
+            replacements,
+            provenance,
+            config.optimizer_state,
+            force=config.force,
+            before_commit=verify_staged,
+        )
+        optimizer_outcome.append(dcp_outcome)
+    elif layout.kind in TORCH_KINDS:
+
+        def in_file_optimizer(file: Path, obj: object) -> bool:
+            # {"model": ..., "optimizer": ...} in one .pt: the same policy as optimizer.pt
+            outcome = apply_in_file(
+                obj, file, config.optimizer_state, layout.entries, modified_names
             )
-    except BaseException:
-        # Output files appear only on success: a checkpoint that failed its own verification
-        # must not be left where a trainer could resume from it.
-        _remove(written.out)
-        raise
+            if outcome is None:
+                return False
+            optimizer_outcome.append(outcome)
+            return outcome.policy is not OptimizerPolicy.KEEP and (
+                outcome.policy is OptimizerPolicy.DROP
+                or bool(outcome.reset_param_ids or outcome.reset_names)
+            )
+
+        written_out = write_torch_checkpoint(
+            layout,
+            out,
+            replacements,
+            provenance,
+            force=config.force,
+            extra_files=None if out.suffix.lower() in TORCH_SUFFIXES else optimizer_hook,
+            skip_copy=skip_optimizer,
+            edit_object=in_file_optimizer,
+            before_commit=verify_staged,
+        )
+    else:
+        written_out = write_repaired_checkpoint(
+            layout,
+            out,
+            replacements,
+            provenance,
+            force=config.force,
+            extra_files=None if out.name.endswith(".safetensors") else optimizer_hook,
+            skip_copy=skip_optimizer,
+            before_commit=verify_staged,
+        ).out
+    verified_untouched, after = verification[-1]
     optimizer = _optimizer_summary(optimizer_outcome, optimizer_file, config)
     return _report(
         scan,
         layout,
         config,
-        written.out,
+        written_out,
         changes,
         not_smoothed,
         after,
@@ -467,6 +502,31 @@ class _LazyReplacements(Mapping[str, torch.Tensor]):
         return len(self._by_tensor)
 
 
+def _verify_or_raise(
+    layout: CheckpointLayout, staged: Path, changes: list[_Change], config: SmoothConfig
+) -> tuple[int, dict[tuple[str, int | None], LayerResult]]:
+    verified_untouched, after = _verify(layout, staged, changes, config)
+    failed = [c for c in changes if not _verified(c, after.get(_key(c)))]
+    if failed:
+        layer = failed[0].plan.layer
+        measured = after.get(_key(failed[0]))
+        raise CheckpointError(
+            f"verification failed for '{layer.display_name}': stable rank after writing "
+            f"{_num(measured.stable_rank if measured else None)}, expected "
+            f"{_num(failed[0].plan.target or failed[0].predicted_stable_rank)}; nothing was "
+            "written",
+            (
+                "rounding to the stored dtype or float32 compute can move small or "
+                "near-low-rank matrices: try --dtype float64, another --target-stable-rank "
+                "or --method"
+                if config.scan.compute_dtype is not ComputeDtype.FLOAT64
+                else "the matrix is too close to low rank for this target: choose a lower "
+                "--target-stable-rank or another --method"
+            ),
+        )
+    return verified_untouched, after
+
+
 def _verify(
     layout: CheckpointLayout, out: Path, changes: list[_Change], config: SmoothConfig
 ) -> tuple[int, dict[tuple[str, int | None], LayerResult]]:
@@ -503,19 +563,28 @@ def _num(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.4g}"
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 def _check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
     """Every refusal about OUT before any work is done (not after minutes of SVDs)."""
     check_output_path(layout, out, force=force)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
-    if layout.kind is not LayoutKind.SINGLE_FILE:
+    if layout.kind in TORCH_KINDS and out.suffix.lower() in TORCH_SUFFIXES:
+        if layout.kind is not LayoutKind.TORCH_FILE:
+            raise UsageError(
+                f"output '{out}' names one file but the input '{layout.root}' is a "
+                f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
+                hint="pass a folder as the output path",
+            )
+        if out.suffix.lower() != layout.root.suffix.lower():
+            raise UsageError(
+                f"output '{out}' has another suffix than the input '{layout.root.name}'",
+                hint=f"name the output '*{layout.root.suffix}': smooth writes the input's format",
+            )
+    if layout.kind is LayoutKind.DCP and out.suffix.lower() in (".safetensors", *TORCH_SUFFIXES):
+        raise UsageError(
+            f"output '{out}' names a file but the input '{layout.root}' is a DCP folder",
+            hint="pass a folder as the output path: smooth writes a DCP folder",
+        )
+    if layout.kind not in _ONE_FILE_KINDS:
         nested = [f for f in layout.files if f.parent.resolve() != folder.resolve()]
         if nested:
             raise UsageError(
@@ -533,6 +602,8 @@ def _check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
 
 
 def _is_pss_output(out: Path) -> bool:
+    if provenance_sidecar(out).is_file():  # DCP and torch outputs carry a sidecar
+        return True
     if out.is_dir() and not out.is_symlink():
         files = list(out.glob("*.safetensors"))
         if not any(out.iterdir()):
@@ -560,6 +631,7 @@ def _optimizer_summary(
             "file": str(file) if file else None,
             "mapping": "none",
             "reset_param_ids": [],
+            "reset_params": [],
             "messages": [],
         }
     outcome = outcomes[0]
@@ -568,6 +640,7 @@ def _optimizer_summary(
         "file": str(outcome.file) if outcome.file else None,
         "mapping": outcome.mapping,
         "reset_param_ids": list(outcome.reset_param_ids),
+        "reset_params": list(outcome.reset_names),
         "messages": list(outcome.messages),
     }
 

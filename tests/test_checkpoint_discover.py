@@ -45,10 +45,11 @@ def test_missing_path(tmp_path: Path) -> None:
     assert str(tmp_path / "gone") in message
 
 
-def test_pickle_file_is_refused_clearly(tmp_path: Path) -> None:
+def test_damaged_pickle_file_is_refused_clearly(tmp_path: Path) -> None:
+    # .bin/.pt are read (weights_only, tests/test_format_torch.py); a damaged one is named.
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(b"PK\x03\x04")
-    fails(CheckpointNotFoundError, path, str(path), "PyTorch pickle", "only safetensors")
+    fails(CorruptCheckpointError, path, str(path), "not a readable torch checkpoint")
 
 
 def test_sharded_folder(tmp_path: Path) -> None:
@@ -185,17 +186,20 @@ def test_directory_duplicate_tensor(tmp_path: Path) -> None:
 
 
 def test_directory_without_safetensors(tmp_path: Path) -> None:
-    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    # optimizer.pt is never taken for weights; with no weights file the folder is refused.
     (tmp_path / "optimizer.pt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"x")
     message = fails(
         CheckpointNotFoundError,
         tmp_path,
         f"folder '{tmp_path}' holds no .safetensors files",
         "optimizer.pt",
-        "pytorch_model.bin",
-        ".bin/.pt files are not supported yet",
+        "notes.txt",
     )
     assert message.count("found:") == 1
+    # A weights file there is read as a torch checkpoint (here a damaged one, named).
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    fails(CorruptCheckpointError, tmp_path, "pytorch_model.bin", "not a readable torch checkpoint")
 
 
 def test_empty_directory(tmp_path: Path) -> None:

@@ -34,12 +34,14 @@ def duplicate_shapes_model() -> torch.nn.Module:
 
 
 def train_and_save(
-    folder: Path, model: torch.nn.Module, steps: int = 3
+    folder: Path, model: torch.nn.Module, steps: int = 3, named: bool = False
 ) -> tuple[Path, list[TensorEntry]]:
-    """A Trainer-like folder: model.safetensors + optimizer.pt after a few AdamW steps."""
+    """A Trainer-like folder: model.safetensors + optimizer.pt after a few AdamW steps.
+    `named`: the optimizer is built from named_parameters(), so torch saves `param_names`."""
     torch.manual_seed(0)
     folder.mkdir(exist_ok=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    params = model.named_parameters() if named else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
     for _ in range(steps):
         loss = model(torch.randn(5, 4)).pow(2).sum()
         optimizer.zero_grad()
@@ -76,7 +78,7 @@ def test_reset_exact_zeroes_only_the_modified_ids(tmp_path: Path) -> None:
     )
     assert outcome.mapping == "exact" and outcome.reset_param_ids == (1, 2)
     assert outcome.policy is OptimizerPolicy.RESET and outcome.file == src
-    assert any("3.2 x lr" in m and "re-warm" in m for m in outcome.messages)
+    assert any("3.2 x lr" in m and "lower learning rate" in m for m in outcome.messages)
     old, new = load(src), load(dst)
     old_state, new_state = old["state"], new["state"]
     assert isinstance(old_state, dict) and isinstance(new_state, dict)
@@ -221,3 +223,25 @@ def test_detect_master_weights(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x")
     found = detect_master_weights(tmp_path)
     assert found == sorted([step / names[0], step / names[1], tmp_path / "zero_to_fp32.py"])
+
+
+def test_reset_maps_repeated_shapes_exactly_by_saved_param_names(tmp_path: Path) -> None:
+    # Every shape repeats (as in any model with repeated blocks): by shape alone pss would
+    # have to reset everything; the param_names torch saved make the map exact.
+    src, entries = train_and_save(tmp_path / "ck", duplicate_shapes_model(), named=True)
+    dst = tmp_path / "out.pt"
+    outcome = rewrite_optimizer_state(src, dst, OptimizerPolicy.RESET, entries, ["1.weight"])
+    assert outcome.mapping == "exact" and outcome.reset_param_ids == (2,)
+    assert any("param_names" in m for m in outcome.messages)
+    state = load(dst)["state"]
+    assert isinstance(state, dict)
+    assert moments_zero(state, 2)
+    assert not any(moments_zero(state, pid) for pid in (0, 1, 3, 4, 5))
+
+
+def test_reset_without_param_names_and_repeated_shapes_resets_all(tmp_path: Path) -> None:
+    src, entries = train_and_save(tmp_path / "ck", duplicate_shapes_model(), named=False)
+    outcome = rewrite_optimizer_state(
+        src, tmp_path / "out.pt", OptimizerPolicy.RESET, entries, ["1.weight"]
+    )
+    assert outcome.mapping == "all" and len(outcome.reset_param_ids) == 6

@@ -205,7 +205,7 @@ def test_trainer_folder_resets_exactly_the_modified_moments(tmp_path: Path) -> N
     folder = _trainer_folder(tmp_path)
     before = _tree_hashes(folder)
     out = tmp_path / "repaired"
-    report = smooth_checkpoint(folder, out, _config())
+    report = smooth_checkpoint(folder, out, _config(optimizer_state=OptimizerPolicy.RESET))
     assert _tree_hashes(folder) == before
     assert report.optimizer["mapping"] == "exact"
     state = torch.load(out / "optimizer.pt", weights_only=True)
@@ -374,3 +374,57 @@ def test_quantized_matrices_are_left_alone(tmp_path: Path) -> None:
     assert report.layers == ()
     assert "quantized" in report.not_smoothed[0].reason
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["file", "folder", "pt", "dcp"])
+def test_verification_runs_before_publishing_and_a_failure_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    import pss_cli.repair as repair
+
+    tensors = load_file(str(DIVERGED))
+    if layout == "file":
+        source, out = DIVERGED, tmp_path / "out.safetensors"
+    elif layout == "folder":
+        source, out = SAMPLES / "trainer" / "checkpoint-100", tmp_path / "out"
+    elif layout == "pt":
+        source, out = tmp_path / "model.pt", tmp_path / "out.pt"
+        torch.save(tensors, source)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        source, out = tmp_path / "dcp", tmp_path / "out"
+        with pytest.warns(UserWarning):
+            dcp.save(dict(tensors), checkpoint_id=str(source), no_dist=True)
+    before = _tree_hashes(source) if source.is_dir() else {"": _sha(source)}
+    seen: list[tuple[Path, bool]] = []
+    real_verify = repair._verify
+
+    def spy(layout_: object, staged: Path, *args: object) -> object:
+        seen.append((staged, out.exists()))
+        return real_verify(layout_, staged, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repair, "_verify", spy)
+    smooth_checkpoint(source, out, _config(all_layers=True))
+    assert len(seen) == 1 and seen[0][0] != out and not seen[0][1]  # staged, OUT not there yet
+    assert out.exists()
+
+    # A failed verification with --force: the previous output stays, nothing new appears.
+    previous = _tree_hashes(out) if out.is_dir() else {"": _sha(out)}
+    monkeypatch.setattr(repair, "_verified", lambda *_: False)
+    result = CliRunner().invoke(
+        app, ["smooth", str(source), "--all", "--out", str(out), "--force", "--quiet"]
+    )
+    assert result.exit_code == 3, result.output
+    assert "verification failed" in result.output and "nothing was written" in result.output
+    assert (_tree_hashes(out) if out.is_dir() else {"": _sha(out)}) == previous
+    assert not [p for p in tmp_path.iterdir() if ".pss-tmp-" in p.name]
+    assert (_tree_hashes(source) if source.is_dir() else {"": _sha(source)}) == before
+
+
+def test_the_default_keeps_the_optimizer_state_byte_for_byte(tmp_path: Path) -> None:
+    # keep is the default since docs/EXPERIMENTS.md: reset resumes at the same LR exploded.
+    folder = _trainer_folder(tmp_path)
+    report = smooth_checkpoint(folder, tmp_path / "repaired", _config())
+    assert report.optimizer["policy"] == "keep"
+    assert _sha(tmp_path / "repaired" / "optimizer.pt") == _sha(folder / "optimizer.pt")

@@ -13,6 +13,22 @@ class LayoutKind(StrEnum):
     DIRECTORY = (
         "directory"  # a folder (e.g. HF Trainer checkpoint-N/) with one or more .safetensors
     )
+    # PyTorch Distributed Checkpoint folder: .metadata + *.distcp (FSDP, torchtitan, OLMo-core,
+    # Megatron-Core torch_dist). Entries are the model weights only, named by FQN.
+    DCP = "dcp"
+    # torch.save pickles read with weights_only=True: one .pt/.bin/.pth file, a folder of them,
+    # or an HF pytorch_model.bin.index.json with its shards.
+    TORCH_FILE = "torch-file"
+    TORCH_SHARDED = "torch-sharded"
+    TORCH_DIRECTORY = "torch-directory"
+
+
+# Kinds whose files are safetensors (header-described byte ranges); the others go through a
+# per-format backend in TensorReader (pss_cli/checkpoint/backends.py).
+SAFETENSORS_KINDS = frozenset({LayoutKind.SINGLE_FILE, LayoutKind.SHARDED, LayoutKind.DIRECTORY})
+TORCH_KINDS = frozenset(
+    {LayoutKind.TORCH_FILE, LayoutKind.TORCH_SHARDED, LayoutKind.TORCH_DIRECTORY}
+)
 
 
 @dataclass(frozen=True)
@@ -20,10 +36,16 @@ class TensorEntry:
     """One tensor as its file's header describes it (nothing read yet)."""
 
     name: str
-    file: Path  # the .safetensors file holding it
+    file: Path  # the file holding it (a DCP tensor: the .distcp file of its first chunk)
     dtype: str  # safetensors dtype string: "F32", "BF16", "F16", "F64", "I8", "F8_E4M3", ...
     shape: tuple[int, ...]
-    data_offsets: tuple[int, int]  # byte range inside the file's data area
+    # byte range inside a safetensors file's data area; (0, nbytes) for the other formats,
+    # which have no such range (their tensors sit inside pickles or DCP storage items)
+    data_offsets: tuple[int, int]
+    # Where the tensor lives for formats whose names are not storage keys: the key path into a
+    # torch pickle's nested containers, or (dcp_key,) for a DCP entry (whose name is the model
+    # FQN, its key e.g. "model.<fqn>"). Empty for safetensors.
+    key: tuple[str | int, ...] = ()
 
     @property
     def numel(self) -> int:

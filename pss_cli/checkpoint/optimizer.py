@@ -53,6 +53,8 @@ class OptimizerOutcome:
     # reset; "none": nothing was mapped (keep, drop, or nothing modified)
     mapping: str
     messages: tuple[str, ...]  # notes/warnings for stderr
+    # FQN-keyed optimizer state (DCP): the parameter names whose moments were zeroed
+    reset_names: tuple[str, ...] = ()
 
 
 def find_optimizer_file(folder: Path) -> Path | None:
@@ -113,7 +115,8 @@ def _keep(src: Path, dst: Path, modified: Sequence[str]) -> OptimizerOutcome:
         messages.append(
             f"{src.name} kept unchanged: its Adam moments were accumulated for the old values "
             f"of the {len(modified)} repaired tensor(s), so the first updates after resuming "
-            "follow the old gradient statistics; use --optimizer-state reset to zero them"
+            "follow the old gradient statistics (the default: zeroing them made resumes worse in "
+            "docs/EXPERIMENTS.md); resume at a lower learning rate"
         )
     return OptimizerOutcome(OptimizerPolicy.KEEP, src, (), "none", tuple(messages))
 
@@ -137,7 +140,14 @@ def _reset(
     if not modified:
         _atomic_write(src, dst, lambda tmp: shutil.copyfile(src, tmp))
         return OptimizerOutcome(OptimizerPolicy.RESET, src, (), "none", ())
-    ids, doubts = _map_modified(model_entries, modified, moments)
+    # torch saves `param_names` for optimizers built from named_parameters(): an exact map even
+    # when every shape repeats (any model with repeated blocks); else unique shapes; else all.
+    ids: list[int] | None = _ids_by_param_names(state_dict, modified)
+    doubts: list[str] = []
+    matched_by = "by the optimizer's saved param_names"
+    if ids is None:
+        ids, doubts = _map_modified(model_entries, modified, moments)
+        matched_by = "by unique shape"
     mapping = "exact" if ids is not None else "all"
     reset_ids = sorted(ids if ids is not None else moments)
     # Zero only the two moments. `step` is kept so the bias corrections stay ~1 (resetting it
@@ -151,15 +161,16 @@ def _reset(
     messages = list(doubts)
     what = (
         f"the {len(reset_ids)} repaired parameter(s) (ids {', '.join(map(str, reset_ids))}, "
-        "matched by unique shape)"
+        f"matched {matched_by})"
         if mapping == "exact"
         else f"ALL {len(reset_ids)} parameters"
     )
     messages.append(
         f"{src.name}: zeroed Adam moments (exp_avg, exp_avg_sq) of {what}; step counters kept, "
         f"so the first update of each is about {_first_update_factor(state_dict):.1f} x lr "
-        "per element, whatever the gradient's size: re-warm the learning rate over a few "
-        "dozen steps when resuming"
+        "per element, whatever the gradient's size: resume at a lower learning rate (in "
+        "docs/EXPERIMENTS.md every reset resume at the same LR exploded within 2 steps, and a "
+        "50-step re-warm-up only delayed it)"
     )
     return OptimizerOutcome(OptimizerPolicy.RESET, src, tuple(reset_ids), mapping, tuple(messages))
 
@@ -295,3 +306,120 @@ def _atomic_write(src: Path, dst: Path, write: Callable[[Path], object]) -> None
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+# Keys under which a single-file training checkpoint (.pt) keeps its optimizer state dict(s):
+# plain training loops, torch tutorials, Lightning (a list, one per optimizer).
+IN_FILE_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_states")
+
+
+def apply_in_file(
+    obj: Any,
+    where: Path,
+    policy: OptimizerPolicy,
+    model_entries: Sequence[TensorEntry],
+    modified: Sequence[str],
+) -> OptimizerOutcome | None:
+    """Apply ``policy`` to optimizer state kept inside a loaded torch checkpoint ``obj`` (a
+    dict with e.g. "model" and "optimizer"), in place. None when ``obj`` holds none.
+
+    Same semantics as for optimizer.pt: RESET zeroes the modified parameters' exp_avg and
+    exp_avg_sq (matched by the optimizer's own ``param_names`` when it saved them, else by
+    unique shape, else every parameter), KEEP leaves them, DROP deletes the optimizer key.
+    """
+    if not isinstance(obj, dict):
+        return None
+    keys = [k for k in IN_FILE_OPTIMIZER_KEYS if k in obj]
+    if not keys:
+        return None
+    if policy is OptimizerPolicy.KEEP:
+        return _keep_outcome(where, modified)
+    if policy is OptimizerPolicy.DROP:
+        for key in keys:
+            del obj[key]
+        message = (
+            f"{where.name}: optimizer state ('{keys[0]}') dropped; the training loop must "
+            "start a fresh optimizer (a loader that expects the key will fail)"
+        )
+        return OptimizerOutcome(OptimizerPolicy.DROP, where, (), "none", (message,))
+    if not modified:
+        return OptimizerOutcome(OptimizerPolicy.RESET, where, (), "none", ())
+    state_dicts: list[Any] = []
+    for key in keys:
+        value = obj[key]
+        state_dicts.extend(value if isinstance(value, list) else [value])
+    reset_ids: list[int] = []
+    reset_names: list[str] = []
+    messages: list[str] = []
+    mapping = "exact"
+    for state_dict in state_dicts:
+        if not (
+            isinstance(state_dict, dict)
+            and isinstance(state_dict.get("state"), dict)
+            and isinstance(state_dict.get("param_groups"), list)
+        ):
+            raise CheckpointError(
+                f"'{where}' holds optimizer state under '{keys[0]}' that is not a torch "
+                "optimizer state_dict (no 'state' and 'param_groups')",
+                hint="use --optimizer-state keep or --optimizer-state drop",
+            )
+        state: dict[Any, Any] = state_dict["state"]
+        moments = _moment_shapes(where, state)
+        # FQN-keyed state (torch.distributed.checkpoint.state_dict's get_optimizer_state_dict,
+        # saved with torch.save) names the parameters itself.
+        ids: list[Any] | None = list(modified) if all(name in state for name in modified) else None
+        if ids is None:
+            ids = _ids_by_param_names(state_dict, modified)
+        doubts: list[str] = []
+        if ids is None:
+            found, doubts = _map_modified(model_entries, modified, moments)
+            ids = list(found) if found is not None else None
+        if ids is None:
+            mapping = "all"
+            ids = sorted(moments)
+        ids = [i for i in ids if i in state]  # a parameter never stepped has no state yet
+        for param_id in ids:
+            for key in _MOMENT_KEYS:
+                state[param_id][key].zero_()
+        reset_ids.extend(int(i) for i in ids if isinstance(i, int))
+        reset_names.extend(str(i) for i in ids if isinstance(i, str))
+        messages.extend(doubts)
+    messages.append(
+        f"{where.name}: zeroed Adam moments (exp_avg, exp_avg_sq) of "
+        f"{'ALL' if mapping == 'all' else 'the'} {len(reset_ids) + len(reset_names)} "
+        f"{'parameters' if mapping == 'all' else 'repaired parameter(s)'} in '{keys[0]}'; step "
+        "counters kept: resume at a lower learning rate (docs/EXPERIMENTS.md)"
+    )
+    return OptimizerOutcome(
+        OptimizerPolicy.RESET,
+        where,
+        tuple(sorted(reset_ids)),
+        mapping,
+        tuple(messages),
+        reset_names=tuple(reset_names),
+    )
+
+
+def _keep_outcome(where: Path, modified: Sequence[str]) -> OptimizerOutcome:
+    messages: tuple[str, ...] = ()
+    if modified:
+        messages = (
+            f"{where.name}: optimizer state kept unchanged: its Adam moments were accumulated "
+            f"for the old values of the {len(modified)} repaired tensor(s); use "
+            "--optimizer-state reset to zero them; either way, resume at a lower learning rate",
+        )
+    return OptimizerOutcome(OptimizerPolicy.KEEP, where, (), "none", messages)
+
+
+def _ids_by_param_names(state_dict: dict[str, Any], modified: Sequence[str]) -> list[int] | None:
+    """Ids from the ``param_names`` torch saves for optimizers built from named_parameters();
+    None when absent or when a modified name is not among them."""
+    names: dict[str, int] = {}
+    for group in state_dict["param_groups"]:
+        params, param_names = group.get("params"), group.get("param_names")
+        if not isinstance(params, list) or not isinstance(param_names, list):
+            return None
+        names.update(zip((str(n) for n in param_names), params, strict=False))
+    if not all(name in names for name in modified):
+        return None
+    return sorted({names[name] for name in modified})

@@ -116,8 +116,9 @@ def resume_recipe(report: SmoothReport) -> str:
     return (
         "To resume from the repaired checkpoint:\n"
         f"  - point your trainer at {report.output} (same layout and tensor names as the input);\n"
-        f"  - re-warm the learning rate over a short window (a few hundred steps): {why};\n"
-        "  - consider skipping the data window around the spike, and a lower peak LR if it "
-        "recurs;\n"
-        "  - check the result with `pss scan` on the output."
+        f"  - resume at a lower learning rate (e.g. half) or with gradient clipping: {why}; in "
+        "docs/EXPERIMENTS.md smoothing alone at the same LR did not prevent a new explosion, "
+        "while a lower LR or clipping did;\n"
+        "  - consider skipping the data window around the spike;\n"
+        "  - check the result with `pss scan` on the output, and the run with `pss trend`."
     )

@@ -1,0 +1,264 @@
+"""Read ``torch.save`` checkpoints (.pt/.bin/.pth) safely: weights_only=True, mmap when possible.
+
+Security: pss never executes pickled code. Every file is loaded with
+``torch.load(weights_only=True)``, whose unpickler accepts only tensors, primitives and
+containers; a file that needs any other global (a pickled nn.Module, a custom class, a
+``__reduce__`` calling os.system) is refused with the offending global named, and the advice to
+convert it to safetensors in a trusted environment.
+
+Memory: zip-format files (torch >= 1.6 default) are loaded with ``mmap=True``: tensors are views
+of a private (copy-on-write) mapping, read lazily, so a 100 GB file costs what is touched.
+Legacy (non-zip) files cannot be mapped and are read into memory whole.
+
+Names: the model's state dict is found inside common wrappers (``state_dict`` (Lightning),
+``model_state_dict``, ``model``, ``module`` (DeepSpeed)), and nested dicts are flattened with
+dotted names, so the names match those of the same weights in safetensors. Each entry keeps its
+key path (TensorEntry.key) so that a repair can put tensors back exactly where they were.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
+from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
+from pss_cli.errors import CheckpointError, CorruptCheckpointError
+
+# Wrapper keys whose value is the model's state dict, in the order they are tried.
+MODEL_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# Top-level siblings of the weights that are never model weights (moments are 2-D floats).
+NON_MODEL_KEYS = frozenset(
+    {
+        "optimizer",
+        "optimizer_state_dict",
+        "optimizer_states",
+        "optim",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "scaler",
+        "rng_state",
+        "callbacks",
+        "loops",
+    }
+)
+CONVERT_HINT = (
+    "pss never executes pickled code; convert the weights to safetensors in a trusted "
+    "environment (model = torch.load(path, weights_only=False); "
+    "safetensors.torch.save_file(state_dict, 'model.safetensors')) and scan that"
+)
+_DAMAGED_HINT = "the file is truncated or damaged: copy or download it again"
+# Re-map a file after this many bytes were read through its mapping (the unpickling it costs is
+# small next to reading 256 MiB), so a scan's RSS does not grow with the file.
+REMAP_BYTES = 256 * 2**20
+
+
+def load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``, mapped when the format allows; typed errors."""
+    try:
+        mappable = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"cannot read '{path}': {exc.strerror or exc}", hint=_DAMAGED_HINT
+        ) from None
+    try:
+        with warnings.catch_warnings():
+            # Legacy (non-zip) files make torch warn about the pickle protocol; irrelevant here.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"cannot read '{path}': {exc.strerror or exc}", hint=_DAMAGED_HINT
+        ) from None
+    except Exception as exc:
+        raise load_error(path, exc) from None
+
+
+def load_error(path: Path, exc: BaseException) -> CheckpointError:
+    """The one-line error for a torch.load failure: needs arbitrary pickle, or damaged."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch embeds ANSI bold codes
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(
+        r"[Uu]nsupported (?:global|class)[: ]+([\w.]+)", text
+    )
+    if found:
+        return CheckpointError(
+            f"'{path}' needs arbitrary pickle to load (the global '{found.group(1)}'): pss "
+            "refuses it, because unpickling can run any code the file's author chose",
+            hint=CONVERT_HINT,
+        )
+    if "WeightsUnpickler error:" in text:
+        # Not a global: an opcode or structure torch's safe unpickler refuses (garbage, or a
+        # pickle built by hand). Either way pss cannot read it safely.
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the")[0].split())
+        return CorruptCheckpointError(
+            f"'{path}' is not a readable torch checkpoint (torch's safe loader refuses it: "
+            f"{reason[:120] or 'unknown reason'})",
+            hint="it is damaged, or a pickle that needs more than tensors; " + CONVERT_HINT,
+        )
+    detail = " ".join(text.split())[:200] or type(exc).__name__
+    return CorruptCheckpointError(
+        f"'{path}' is not a readable torch checkpoint ({type(exc).__name__}: {detail})",
+        hint=_DAMAGED_HINT,
+    )
+
+
+def model_root(obj: Any) -> tuple[tuple[str | int, ...], Mapping[Any, Any]]:
+    """The key path to the model state dict inside ``obj`` and that dict (maybe ``obj``)."""
+    if not isinstance(obj, Mapping):
+        return (), {}
+    path: tuple[str | int, ...] = ()
+    current: Mapping[Any, Any] = obj
+    while True:
+        for key in MODEL_CONTAINER_KEYS:
+            value = current.get(key)
+            if isinstance(value, Mapping) and _holds_tensor(value):
+                path = (*path, key)
+                current = value
+                break
+        else:
+            return path, current
+
+
+def _holds_tensor(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 64:
+        return False
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    return False
+
+
+def flatten(obj: Any) -> Iterator[tuple[str, tuple[str | int, ...], torch.Tensor]]:
+    """(dotted name, key path from ``obj``'s root, tensor) of every model tensor in ``obj``."""
+    root, state = model_root(obj)
+    at_top = not root
+    stack: list[tuple[str, tuple[str | int, ...], Any]] = [("", root, state)]
+    while stack:
+        prefix, path, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield prefix, path, value
+            continue
+        if len(path) > 64:
+            continue  # absurd nesting: not a state dict
+        children: list[tuple[str, tuple[str | int, ...], Any]] = []
+        if isinstance(value, Mapping):
+            for key, child in value.items():
+                if not isinstance(key, str | int) or isinstance(key, bool):
+                    continue
+                if at_top and path == root and isinstance(key, str) and key in NON_MODEL_KEYS:
+                    continue
+                name = f"{prefix}.{key}" if prefix else str(key)
+                children.append((name, (*path, key), child))
+        elif isinstance(value, list | tuple):
+            for i, child in enumerate(value):
+                name = f"{prefix}.{i}" if prefix else str(i)
+                children.append((name, (*path, i), child))
+        stack.extend(reversed(children))
+
+
+def lookup(obj: Any, key: tuple[str | int, ...]) -> Any:
+    for part in key:
+        obj = obj[part]
+    return obj
+
+
+def entries_of(path: Path, obj: Any) -> list[TensorEntry]:
+    """Entries of one loaded file; a tensor shared under several names (tied weights) is listed
+    once, under its first name, so that it is scanned and smoothed once."""
+    entries: list[TensorEntry] = []
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    names: set[str] = set()
+    for name, key, tensor in flatten(obj):
+        if name in names:
+            raise CorruptCheckpointError(
+                f"'{path}' holds two tensors named '{name}' (keys {key!r} and another)",
+                hint="flattening its nested dicts made names collide; convert it to "
+                "safetensors with names of your choice",
+            )
+        names.add(name)
+        dtype = safetensors_dtype(tensor.dtype)
+        if dtype is None or tensor.layout is not torch.strided or tensor.is_quantized:
+            continue  # complex32, sparse, quantized: kept as they are, never analysed
+        alias = (
+            tensor.untyped_storage().data_ptr(),
+            int(tensor.storage_offset()),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if tensor.numel() and alias in seen:
+            continue
+        seen[alias] = name
+        entries.append(
+            TensorEntry(
+                name=name,
+                file=path,
+                dtype=dtype,
+                shape=tuple(tensor.shape),
+                data_offsets=(0, tensor.numel() * tensor.element_size()),
+                key=key,
+            )
+        )
+    return entries
+
+
+class TorchBackend:
+    """Tensors of torch files, each file loaded (mapped) once per reader and kept until
+    ``release()``; returned tensors hold their own reference to the mapping."""
+
+    def __init__(self, layout: CheckpointLayout) -> None:
+        self._layout = layout
+        self._loaded: dict[Path, Any] = {}
+        self._mapped_bytes = 0
+        self._legacy: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        with self._lock:
+            if self._mapped_bytes > REMAP_BYTES:
+                # Pages read through a mapping stay in RSS while it lives; forgetting the
+                # loaded object unmaps the file once the caller drops the tensors it holds.
+                # Legacy files are kept: they are in memory anyway, and reloading re-reads them.
+                self._loaded = {p: o for p, o in self._loaded.items() if p in self._legacy}
+                self._mapped_bytes = 0
+            obj = self._loaded.get(entry.file)
+            if obj is None:
+                obj = load(entry.file)
+                self._loaded[entry.file] = obj
+                if not zipfile.is_zipfile(entry.file):
+                    self._legacy.add(entry.file)
+            if entry.file not in self._legacy:
+                self._mapped_bytes += entry.nbytes
+        try:
+            tensor = lookup(obj, entry.key)
+        except (KeyError, IndexError, TypeError):
+            tensor = None
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or tuple(tensor.shape) != entry.shape
+            or safetensors_dtype(tensor.dtype) != entry.dtype
+        ):
+            raise CorruptCheckpointError(
+                f"tensor '{entry.name}' in '{entry.file}' is no longer what it was when the "
+                "checkpoint was opened",
+                hint="make sure nothing else writes to the input, then run pss again",
+            )
+        return tensor
+
+    def release(self) -> None:
+        with self._lock:
+            self._loaded = {}
+
+    def close(self) -> None:
+        self.release()

@@ -1,0 +1,382 @@
+""".pt/.bin/.pth state dicts: scan, check and smooth like safetensors, and never unpickle code."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from pss_cli.app import app
+from pss_cli.checkpoint.discover import open_checkpoint
+from pss_cli.checkpoint.model import LayoutKind
+from pss_cli.config import OptimizerPolicy, ScanConfig
+from pss_cli.core.smoothing import SmoothingParams
+from pss_cli.pipeline import scan_checkpoint
+from pss_cli.repair import SmoothConfig, smooth_checkpoint
+from tests.format_factory import COLLAPSED, adam_state, hostile_torch_file, model_state
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _stable_ranks(path: Path) -> dict[str, tuple[float | None, float | None]]:
+    report = scan_checkpoint(path, ScanConfig(seed=5))
+    return {x.display_name: (x.stable_rank, x.sigma_max) for x in report.layers}
+
+
+def _reference(tmp_path: Path, model: dict[str, torch.Tensor]) -> dict[str, Any]:
+    path = tmp_path / "reference.safetensors"
+    save_file({k: v.contiguous() for k, v in model.items()}, str(path))
+    return _stable_ranks(path)
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _sr(matrix: torch.Tensor) -> float:
+    matrix = matrix.double()
+    return float(matrix.square().sum() / torch.linalg.matrix_norm(matrix, 2) ** 2)
+
+
+# Wrappers the model state dict is found in, and the key path to it.
+WRAPPERS = {
+    "plain": (lambda sd: sd, ()),
+    "lightning": (lambda sd: {"state_dict": sd, "epoch": 3, "global_step": 900}, ("state_dict",)),
+    "training-loop": (
+        lambda sd: {"model": sd, "optimizer": adam_state(sd), "step": 10},
+        ("model",),
+    ),
+    "deepspeed": (lambda sd: {"module": sd, "buffer_names": ["x"]}, ("module",)),
+    "model-state-dict": (
+        lambda sd: {"model_state_dict": sd, "optimizer_state_dict": adam_state(sd)},
+        ("model_state_dict",),
+    ),
+}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".pth"])
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_scan_equals_safetensors(tmp_path: Path, suffix: str, wrapper: str) -> None:
+    model = model_state()
+    wrap, _ = WRAPPERS[wrapper]
+    path = tmp_path / f"weights{suffix}"
+    torch.save(wrap(model), path)
+    layout = open_checkpoint(path)
+    assert layout.kind is LayoutKind.TORCH_FILE
+    # Optimizer moments beside the model (2-D float tensors) are not entries.
+    assert sorted(e.name for e in layout.entries) == sorted(model)
+    assert _stable_ranks(path) == _reference(tmp_path, model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes_and_legacy_format(tmp_path: Path, dtype: torch.dtype) -> None:
+    model = model_state(dtype)
+    path = tmp_path / "legacy.bin"
+    torch.save(model, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    assert _stable_ranks(path) == _reference(tmp_path, model)
+    assert {e.name: e.dtype for e in open_checkpoint(path).entries}[COLLAPSED] == {
+        torch.bfloat16: "BF16",
+        torch.float16: "F16",
+        torch.float64: "F64",
+    }[dtype]
+
+
+def test_nested_dicts_are_flattened_with_dotted_names(tmp_path: Path) -> None:
+    nested = {"encoder": {"layers": {"0": {"mlp": {"up_proj": {"weight": torch.randn(8, 6)}}}}}}
+    path = tmp_path / "nested.pt"
+    torch.save({"state_dict": nested, "hparams": {"lr": 0.1}}, path)
+    entries = open_checkpoint(path).entries
+    assert [(e.name, e.key) for e in entries] == [
+        (
+            "encoder.layers.0.mlp.up_proj.weight",
+            ("state_dict", "encoder", "layers", "0", "mlp", "up_proj", "weight"),
+        )
+    ]
+
+
+def _hf_sharded(folder: Path, model: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir()
+    names = sorted(model)
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[:3],
+        "pytorch_model-00002-of-00002.bin": names[3:],
+    }
+    weight_map = {}
+    for shard, keys in shards.items():
+        torch.save({k: model[k] for k in keys}, folder / shard)
+        weight_map.update(dict.fromkeys(keys, shard))
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map})
+    )
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_sharded_bin_index_and_folders(tmp_path: Path) -> None:
+    model = model_state()
+    folder = _hf_sharded(tmp_path / "hf", model)
+    layout = open_checkpoint(folder)
+    assert layout.kind is LayoutKind.TORCH_SHARDED and len(layout.files) == 2
+    assert _stable_ranks(folder) == _reference(tmp_path, model)
+    assert _stable_ranks(folder / "pytorch_model.bin.index.json") == _stable_ranks(folder)
+    # A missing shard is named.
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    result = CliRunner().invoke(app, ["scan", str(folder)])
+    assert result.exit_code == 3 and "pytorch_model-00002-of-00002.bin" in result.stderr
+
+
+def test_trainer_folder_reads_the_weights_not_the_optimizer(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-100"
+    folder.mkdir()
+    model = model_state()
+    torch.save(model, folder / "pytorch_model.bin")
+    torch.save(adam_state(model), folder / "optimizer.pt")
+    torch.save({"lr": 1.0}, folder / "scheduler.pt")
+    torch.save(torch.get_rng_state(), folder / "rng_state.pth")
+    (folder / "training_args.bin").write_bytes(b"not even a pickle")
+    layout = open_checkpoint(folder)
+    assert layout.kind is LayoutKind.TORCH_DIRECTORY
+    assert [p.name for p in layout.files] == ["pytorch_model.bin"]
+    assert _stable_ranks(folder) == _reference(tmp_path, model)
+
+
+def test_safetensors_preferred_and_bin_reported_as_not_scanned(tmp_path: Path) -> None:
+    folder = tmp_path / "both"
+    folder.mkdir()
+    model = model_state()
+    save_file(model, str(folder / "model.safetensors"))
+    torch.save(model, folder / "pytorch_model.bin")
+    report = scan_checkpoint(folder, ScanConfig(seed=5))
+    assert report.layout == "directory"
+    assert [s.file for s in report.skipped if not s.name] == ["pytorch_model.bin"]
+    assert "not scanned" in next(s.reason for s in report.skipped if not s.name)
+
+
+def test_check_flags_the_collapsed_matrix(tmp_path: Path, runner: CliRunner) -> None:
+    model = model_state()
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": model}, path)
+    result = runner.invoke(app, ["check", str(path), "-f", "json", "-q"])
+    assert result.exit_code == 1, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert ("PSS003", COLLAPSED) in [(f["rule"], f["tensor"]) for f in findings]
+
+
+def _smooth(path: Path, out: Path, **kwargs: Any) -> Any:
+    # These tests follow the optimizer reset path; the default policy is keep.
+    kwargs.setdefault("optimizer_state", OptimizerPolicy.RESET)
+    config = SmoothConfig(
+        scan=ScanConfig(seed=5), params=SmoothingParams(target_stable_rank=3.0), **kwargs
+    )
+    return smooth_checkpoint(path, out, config)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smooth_writes_the_same_structure_back(
+    tmp_path: Path, dtype: torch.dtype, legacy: bool
+) -> None:
+    model = model_state(dtype)
+    original = {"model": model, "optimizer": adam_state(model), "step": 10, "note": "run-7"}
+    path = tmp_path / "ckpt.pt"
+    torch.save(original, path, _use_new_zipfile_serialization=not legacy)
+    before = path.read_bytes()
+    out = tmp_path / "repaired.pt"
+    report = _smooth(path, out)
+    assert [x.name for x in report.layers] == [COLLAPSED] and report.layers[0].verified
+    assert path.read_bytes() == before
+    assert zipfile.is_zipfile(out) is not legacy  # the input's own format
+    loaded = _load(out)
+    assert set(loaded) == set(original) and loaded["step"] == 10 and loaded["note"] == "run-7"
+    assert list(loaded["model"]) == list(model)  # same keys, same order
+    for name, tensor in model.items():
+        assert loaded["model"][name].dtype == tensor.dtype
+        if name != COLLAPSED:
+            assert torch.equal(loaded["model"][name], tensor), name
+    assert _sr(loaded["model"][COLLAPSED]) == pytest.approx(3.0, rel=2e-2)
+    # The optimizer state in the same file follows --optimizer-state (reset by default): the
+    # FQN-keyed moments of exactly the repaired matrix are zeroed, step counters kept.
+    assert report.optimizer["reset_params"] == [COLLAPSED]
+    for name, state in original["optimizer"]["state"].items():
+        got = loaded["optimizer"]["state"][name]
+        assert torch.equal(got["step"], state["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            if name == COLLAPSED:
+                assert not got[key].any()
+            else:
+                assert torch.equal(got[key], state[key]), (name, key)
+    sidecar = json.loads((tmp_path / "repaired.pt.pss-provenance.json").read_text())
+    assert sidecar["pss.modified_tensors"] == COLLAPSED
+    # --force replaces a previous pss output (recognised by its sidecar).
+    again = _smooth(path, out, force=True)
+    assert again.layers[0].verified
+
+
+def test_tied_weights_stay_shared_and_are_smoothed_once(tmp_path: Path) -> None:
+    model = model_state()
+    model["lm_head.weight"] = model["model.embed_tokens.weight"]  # tied, like GPT-2
+    model["model.layers.0.mlp.down_proj_alias.weight"] = model[COLLAPSED]
+    path = tmp_path / "tied.bin"
+    torch.save(model, path)
+    names = [e.name for e in open_checkpoint(path).entries]
+    assert (
+        "lm_head.weight" not in names and "model.layers.0.mlp.down_proj_alias.weight" not in names
+    )
+    out = tmp_path / "out"
+    report = _smooth(path, out)
+    assert [x.name for x in report.layers] == [COLLAPSED]
+    loaded = _load(out / "tied.bin")
+    repaired = loaded[COLLAPSED]
+    alias = loaded["model.layers.0.mlp.down_proj_alias.weight"]
+    assert repaired.untyped_storage().data_ptr() == alias.untyped_storage().data_ptr()
+    assert _sr(alias) == pytest.approx(3.0, rel=2e-2)
+    head, embed = loaded["lm_head.weight"], loaded["model.embed_tokens.weight"]
+    assert head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
+    assert (out / "pss-provenance.json").is_file()
+
+
+def test_smooth_sharded_copies_untouched_shards_and_resets_hf_optimizer(tmp_path: Path) -> None:
+    model = model_state()
+    folder = _hf_sharded(tmp_path / "hf", model)
+    torch.save(adam_state_by_id(model), folder / "optimizer.pt")
+    torch.save({"last_epoch": 3}, folder / "scheduler.pt")
+    out = tmp_path / "out"
+    report = _smooth(folder, out)
+    assert report.layers[0].verified
+    shard_of = json.loads((folder / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    modified_shard = shard_of[COLLAPSED]
+    for shard in set(shard_of.values()) - {modified_shard}:
+        assert (out / shard).read_bytes() == (folder / shard).read_bytes()
+    assert (out / "config.json").read_text() == "{}"
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    assert index["weight_map"] == shard_of and "pss_provenance" in index["metadata"]
+    assert report.optimizer["policy"] == "reset"
+    optimizer = _load(out / "optimizer.pt")
+    reset = report.optimizer["reset_param_ids"]
+    assert reset and all(not optimizer["state"][i]["exp_avg"].any() for i in reset)
+    assert _sr(_load(out / modified_shard)[COLLAPSED]) == pytest.approx(3.0, rel=2e-2)
+
+
+@pytest.mark.parametrize("policy", [OptimizerPolicy.KEEP, OptimizerPolicy.DROP])
+def test_in_file_optimizer_keep_and_drop(tmp_path: Path, policy: OptimizerPolicy) -> None:
+    model = model_state()
+    original = {"model": model, "optimizer": adam_state_by_id(model), "epoch": 2}
+    path = tmp_path / "ckpt.pth"
+    torch.save(original, path)
+    report = _smooth(path, tmp_path / "out.pth", optimizer_state=policy)
+    loaded = _load(tmp_path / "out.pth")
+    assert report.optimizer["policy"] == str(policy)
+    if policy is OptimizerPolicy.DROP:
+        assert set(loaded) == {"model", "epoch"}
+    else:
+        for pid, state in original["optimizer"]["state"].items():
+            assert torch.equal(loaded["optimizer"]["state"][pid]["exp_avg"], state["exp_avg"])
+
+
+def test_in_file_optimizer_reset_by_param_names(tmp_path: Path) -> None:
+    model = model_state()
+    optimizer = adam_state_by_id(model)
+    names = sorted(adam_state(model)["state"])
+    optimizer["param_groups"][0]["param_names"] = names
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model, "optimizer": optimizer}, path)
+    report = _smooth(path, tmp_path / "out.pt")
+    target = names.index(COLLAPSED)
+    assert report.optimizer["reset_param_ids"] == [target]
+    assert report.optimizer["mapping"] == "exact"
+    state = _load(tmp_path / "out.pt")["optimizer"]["state"]
+    assert not state[target]["exp_avg"].any()
+    assert all(state[i]["exp_avg"].any() for i in state if i != target)
+
+
+def adam_state_by_id(model: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """An HF Trainer optimizer.pt: states keyed by integer ids in parameter order."""
+    by_name = adam_state(model)
+    names = sorted(by_name["state"])
+    return {
+        "state": {i: by_name["state"][name] for i, name in enumerate(names)},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": list(range(len(names)))}],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Pickles that need more than tensors are refused, and their code never runs
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin"])
+@pytest.mark.parametrize("variant", ["reduce", "global", "legacy"])
+def test_code_running_pickles_are_refused(
+    tmp_path: Path, runner: CliRunner, suffix: str, variant: str
+) -> None:
+    marker = tmp_path / "pwned"
+    path = hostile_torch_file(tmp_path / f"model{suffix}", marker, variant)
+    for args in (
+        ["scan", str(path)],
+        ["smooth", str(path), "--out", str(tmp_path / f"out{suffix}"), "-q"],
+        ["smooth", str(path), "--dry-run", "-q"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 3, (args, result.stderr)
+        error, hint = result.stderr.splitlines()
+        assert error.startswith("Error: ") and path.name in error
+        assert "arbitrary pickle" in error and ("system" in error or "posix" in error)
+        assert hint.startswith("Hint: ") and "safetensors" in hint
+        assert "Traceback" not in result.stderr
+    check = runner.invoke(app, ["check", str(path), "-q"])
+    assert check.exit_code == 1 and "PSS002" in check.stdout and "arbitrary pickle" in check.stdout
+    assert not marker.exists()
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+def test_pickled_module_needs_arbitrary_pickle(tmp_path: Path, runner: CliRunner) -> None:
+    path = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(4, 4), path)  # a pickled nn.Module, not a state dict
+    result = runner.invoke(app, ["scan", str(path)])
+    assert result.exit_code == 3 and "torch.nn.modules.linear.Linear" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_damaged_files_are_refused(tmp_path: Path, runner: CliRunner, how: str) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(model_state(), path)
+    data = path.read_bytes()
+    path.write_bytes(
+        {"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"hello" * 20}[how]
+    )
+    result = runner.invoke(app, ["scan", str(path)])
+    assert result.exit_code == 3, result.stderr
+    error, hint = result.stderr.splitlines()
+    assert "model.pt" in error and hint.startswith("Hint: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_file_without_tensors_fails_the_gate(tmp_path: Path, runner: CliRunner) -> None:
+    path = tmp_path / "empty_dict.pt"
+    torch.save({"epoch": 3}, path)
+    result = runner.invoke(app, ["check", str(path), "-q"])
+    assert result.exit_code == 1 and "PSS002" in result.stdout
+
+
+def test_scan_re_maps_files_without_changing_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The backend forgets a mapped file every REMAP_BYTES read (bounded RSS); every read then
+    # re-maps it, which must not change a single number.
+    from pss_cli.checkpoint import torch_file
+
+    model = model_state()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    expected = _stable_ranks(path)
+    monkeypatch.setattr(torch_file, "REMAP_BYTES", 0)
+    assert _stable_ranks(path) == expected == _reference(tmp_path, model)
