@@ -2,7 +2,15 @@
 
 layout -> selection -> shape groups -> device batches -> core -> results.
 
-No printing and no CLI here: progress goes through a callback, results come back as data.
+Memory: nothing larger than one device batch is ever held. Each matrix is streamed from its file
+(positional reads, no memory map) through a small staging buffer into the batch's compute buffer,
+converted to the compute dtype on the way (on the GPU for a CUDA scan), and batches are sized by
+`plan_batches` so that the batch being solved, its solver workspace and the next batch (loaded by
+a background thread while this one computes) stay within the budget.
+
+The three phases `plan_scan`, `compute_items` and `assemble_report` are separate so that a
+distributed scan (pss_cli.distributed) can give each process a share of the items and rebuild the
+same report on rank 0. No printing and no CLI here: progress goes through a callback.
 """
 
 from __future__ import annotations
@@ -10,21 +18,24 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from pss_cli import __version__
 from pss_cli.checkpoint.discover import open_checkpoint
-from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.reader import TensorReader
-from pss_cli.checkpoint.selection import MatrixTarget, MatrixView, select
+from pss_cli.checkpoint.selection import MatrixTarget, MatrixView, SkippedTarget, select
 from pss_cli.config import (
     CUDA_FREE_MEMORY_FRACTION,
     MIN_STABLE_RANK_FRACTION_OF_RANK,
+    STAGING_BUFFER_BYTES,
     ComputeDtype,
     ScanConfig,
 )
@@ -33,32 +44,112 @@ from pss_cli.core.spectra import (
     KrylovSettings,
     exact_singular_values,
     gaussian_start,
+    iteration_budget,
     top_singular_values,
     uses_exact_path,
 )
 from pss_cli.errors import UsageError
 from pss_cli.results import LayerResult, ScanReport, ScanSummary, SkippedResult
 
-ProgressCallback = Callable[[int, int, str], None]  # (matrices done, total, current tensor name)
+
+class ProgressCallback(Protocol):
+    """Called after each batch: matrices done of total, the last tensor's name, and the bytes of
+    tensor data read so far of the total (0, 0 from callers that do not count bytes)."""
+
+    def __call__(
+        self, done: int, total: int, name: str, bytes_done: int = 0, bytes_total: int = 0
+    ) -> None: ...
+
 
 FLAG_LOW_STABLE_RANK = "low_stable_rank"
 FLAG_NONFINITE = "nonfinite"
 FLAG_ZERO = "zero_matrix"
 NORM_CHUNK_ENTRIES = 4 * 2**20  # bounds the float64 temporary of the norm to 32 MiB
+# Row width of the two-level sum of squares (see `_sum_of_squares`).
+_NORM_ROW = 1024
+# Stored dtypes streamed straight into the compute buffer (a copy_ converts them exactly).
+_STREAMED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_TORCH_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
 
 
 @dataclass(frozen=True)
-class _Item:
-    """One matrix to analyse: a 2-D tensor, a flattened conv kernel, or one expert of a stack."""
+class MatrixItem:
+    """One matrix to analyse: a 2-D tensor, a flattened conv kernel, or one expert of a stack.
+
+    position: its place in the scan's item order (the report's layer order).
+    """
 
     target: MatrixTarget
     index: int | None
     seed: int
+    position: int
 
     @property
     def tall_shape(self) -> tuple[int, int]:
         m, n = self.target.matrix_shape
         return (m, n) if m >= n else (n, m)
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return (self.target.entry.name, self.index)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data read for this matrix (its share of a stack, plus its scale)."""
+        own = self.target.entry.nbytes // max(1, self.target.batch)
+        scale = self.target.scale.nbytes // max(1, self.target.batch) if self.target.scale else 0
+        return own + scale
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """Everything decided before any tensor data is read."""
+
+    path: Path
+    config: ScanConfig
+    layout: CheckpointLayout
+    items: tuple[MatrixItem, ...]
+    skipped: tuple[SkippedTarget, ...]
+    device: torch.device
+    dtype: torch.dtype
+    settings: KrylovSettings
+
+
+@dataclass
+class ComputeOutcome:
+    results: dict[tuple[str, int | None], LayerResult] = field(default_factory=dict)
+    compute_seconds: float = 0.0  # solving (norms, Krylov, metrics), main thread
+    read_seconds: float = 0.0  # reading and converting, loader thread (overlaps compute)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Same-shape items solved together.
+
+    buffer_bytes: the (B, m, n) compute buffer. peak_bytes: the buffer plus the solver's workspace
+    while it runs (see `batch_peak_bytes`). prefetch: whether this batch may be loaded while the
+    previous one is being solved (their sum stays within the budget).
+    """
+
+    items: tuple[MatrixItem, ...]
+    buffer_bytes: int
+    peak_bytes: int
+    prefetch: bool
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -98,6 +189,24 @@ def scan_checkpoint(
     path: Path, config: ScanConfig, progress: ProgressCallback | None = None
 ) -> ScanReport:
     started = time.perf_counter()
+    plan = plan_scan(path, config)
+    outcome = compute_items(plan, plan.items, progress)
+    return assemble_report(
+        plan,
+        outcome.results,
+        {
+            "total_seconds": round(time.perf_counter() - started, 6),
+            "compute_seconds": round(outcome.compute_seconds, 6),
+            "read_seconds": round(outcome.read_seconds, 6),
+        },
+    )
+
+
+def plan_scan(path: Path, config: ScanConfig, device: torch.device | None = None) -> ScanPlan:
+    """Open and validate the checkpoint's headers, select the matrices; no tensor data is read.
+
+    device: overrides `config.device` (a distributed rank's own device).
+    """
     layout = open_checkpoint(path)
     targets, skipped_targets = select(layout.entries, config.include, config.exclude)
     for pattern in config.include:
@@ -107,29 +216,82 @@ def scan_checkpoint(
                 f"--include '{pattern}' matches no tensor in '{path}'",
                 "run `pss scan` without --include to list the tensor names",
             )
-    device = resolve_device(config.device)
-    dtype = torch.float64 if config.compute_dtype is ComputeDtype.FLOAT64 else torch.float32
-    settings = KrylovSettings(exact_max_dim=config.exact_max_dim)
-
-    items = [
-        _Item(target, index, matrix_seed(config.seed, target.entry.name, index))
+    pairs = [
+        (target, index)
         for target in targets
         for index in (range(target.batch) if target.view is MatrixView.STACKED else [None])
     ]
-    computed: dict[tuple[str, int | None], LayerResult] = {}
-    done = 0
-    compute_seconds = 0.0
-    with TensorReader(layout) as reader:
-        for chunk in _batches(items, device, dtype, config):
-            t0 = time.perf_counter()
-            for result in _analyse_chunk(chunk, reader, layout, device, dtype, config, settings):
-                computed[(result.name, result.index)] = result
-            compute_seconds += time.perf_counter() - t0
-            done += len(chunk)
-            if progress is not None:
-                progress(done, len(items), chunk[-1].target.entry.name)
+    items = tuple(
+        MatrixItem(target, index, matrix_seed(config.seed, target.entry.name, index), position)
+        for position, (target, index) in enumerate(pairs)
+    )
+    return ScanPlan(
+        path=path,
+        config=config,
+        layout=layout,
+        items=items,
+        skipped=tuple(skipped_targets),
+        device=device if device is not None else resolve_device(config.device),
+        dtype=torch.float64 if config.compute_dtype is ComputeDtype.FLOAT64 else torch.float32,
+        settings=KrylovSettings(exact_max_dim=config.exact_max_dim),
+    )
 
-    layers = tuple(computed[(item.target.entry.name, item.index)] for item in items)
+
+def compute_items(
+    plan: ScanPlan, items: Sequence[MatrixItem], progress: ProgressCallback | None = None
+) -> ComputeOutcome:
+    """Analyse `items` (all of the plan's, or one rank's share), one batch at a time.
+
+    Batch i+1 is read and converted by a loader thread while batch i is solved (file reads and
+    torch kernels release the GIL), when `plan_batches` says both fit the memory budget.
+    """
+    outcome = ComputeOutcome()
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    budget = batch_budget_bytes(plan.device, plan.config)
+    batches = plan_batches(
+        items, itemsize, budget, plan.settings, plan.config.top_k, plan.config.exact
+    )
+    total = len(items)
+    bytes_total = sum(item.nbytes for item in items)
+    done = 0
+    bytes_done = 0
+    if progress is not None:
+        progress(0, total, "", 0, bytes_total)
+    with TensorReader(plan.layout) as reader, ThreadPoolExecutor(1, "pss-loader") as pool:
+        loader = _Loader(reader, plan)
+        pending: Future[_Loaded] | None = None
+        for position, batch in enumerate(batches):
+            if pending is None:
+                pending = pool.submit(loader.load, batch)
+            loaded = pending.result()
+            pending = None
+            following = batches[position + 1] if position + 1 < len(batches) else None
+            if following is not None and following.prefetch:
+                pending = pool.submit(loader.load, following)
+            t0 = time.perf_counter()
+            for result in _solve(loaded, plan):
+                outcome.results[(result.name, result.index)] = result
+            del loaded
+            outcome.compute_seconds += time.perf_counter() - t0
+            done += len(batch.items)
+            bytes_done += sum(item.nbytes for item in batch.items)
+            if progress is not None:
+                progress(done, total, batch.items[-1].target.entry.name, bytes_done, bytes_total)
+        outcome.read_seconds = loader.seconds
+    return outcome
+
+
+def assemble_report(
+    plan: ScanPlan,
+    results: Mapping[tuple[str, int | None], LayerResult],
+    timings: dict[str, float],
+    world_size: int = 1,
+) -> ScanReport:
+    """The report, layers in item order whatever order (or process) computed them."""
+    layout = plan.layout
+    config = plan.config
+    settings = plan.settings
+    layers = tuple(results[item.key] for item in plan.items)
     index_name = layout.index_file.name if layout.index_file is not None else ""
     skipped = tuple(
         SkippedResult(
@@ -139,22 +301,28 @@ def scan_checkpoint(
             dtype=s.entry.dtype,
             reason=s.reason,
         )
-        for s in skipped_targets
+        for s in plan.skipped
     ) + tuple(
         SkippedResult(
             name="",  # a whole file, not a tensor
             file=_relative(layout, file),
             shape=(),
             dtype="",
-            reason=f"file not named by the index '{index_name}': not scanned",
+            reason=(
+                f"file not named by the index '{index_name}': not scanned"
+                if index_name and file.name.endswith(".safetensors")
+                else "torch weights beside safetensors ones, which are read instead: not scanned"
+            ),
         )
         for file in layout.unindexed_files
     )
     return ScanReport(
         pss_version=__version__,
-        checkpoint=str(path),
+        checkpoint=str(plan.path),
         layout=str(layout.kind),
-        device=str(device),
+        # The device type: a distributed CUDA scan runs on cuda:0..N-1 and reports "cuda", as a
+        # single-process `--device cuda` scan does.
+        device=str(plan.device) if world_size == 1 else plan.device.type,
         seed=config.seed,
         method="exact" if config.exact else "block-krylov",
         settings={
@@ -168,80 +336,344 @@ def scan_checkpoint(
             "tol_sigma_max": settings.tol_sigma_max,
             "tol_top_k": settings.tol_top_k,
             "exact_max_dim": settings.exact_max_dim,
+            "world_size": world_size,
         },
         layers=layers,
         skipped=skipped,
         summary=_summarise(layers, len(skipped)),
-        timings={
-            "total_seconds": round(time.perf_counter() - started, 6),
-            "compute_seconds": round(compute_seconds, 6),
-        },
+        timings=timings,
     )
 
 
-def _batches(
-    items: list[_Item], device: torch.device, dtype: torch.dtype, config: ScanConfig
-) -> Iterator[list[_Item]]:
-    """Same-shape groups (tall orientation), cut into batches that fit the memory budget."""
-    groups: dict[tuple[int, int], list[_Item]] = {}
-    for item in items:
-        groups.setdefault(item.tall_shape, []).append(item)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    budget = _batch_budget_bytes(device, config)
-    for shape in sorted(groups, key=lambda s: (-s[0] * s[1], s)):
-        group = groups[shape]
-        # x3: the batch itself, the copy made when converged matrices are dropped, and slack
-        # for the Krylov blocks and LAPACK workspaces.
-        per_matrix = 3 * shape[0] * shape[1] * itemsize
-        size = max(1, budget // per_matrix)
-        for start in range(0, len(group), size):
-            yield group[start : start + size]
+# --------------------------------------------------------------------------------------------
+# Memory plan
+# --------------------------------------------------------------------------------------------
 
 
-def _batch_budget_bytes(device: torch.device, config: ScanConfig) -> int:
+def batch_budget_bytes(device: torch.device, config: ScanConfig) -> int:
+    """Bytes the batches in flight may use: a share of free device memory on CUDA, else the
+    configured host budget."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_FREE_MEMORY_FRACTION)
     return config.cpu_batch_bytes
 
 
-def _analyse_chunk(
-    chunk: list[_Item],
-    reader: TensorReader,
-    layout: CheckpointLayout,
-    device: torch.device,
-    dtype: torch.dtype,
-    config: ScanConfig,
+def batch_peak_bytes(
+    count: int,
+    shape: tuple[int, int],
+    itemsize: int,
     settings: KrylovSettings,
-) -> list[LayerResult]:
-    tall_m, tall_n = chunk[0].tall_shape
-    buffer = torch.empty(len(chunk), tall_m, tall_n, dtype=dtype, device=device)
-    nonfinite: list[int] = []
-    frobenius: list[float] = []
-    for slot, item in enumerate(chunk):
-        source = _source_matrix(reader, item)  # (m, n) in the stored dtype, mmap-backed
-        oriented = source if source.shape[0] >= source.shape[1] else source.mT
-        target = buffer[slot]
-        if source.dtype == torch.float64 and dtype == torch.float32:
-            # float64 weights may not fit float32: measure on the source, scale, then copy.
-            bad = _count_nonfinite(source)
-            norm = 0.0 if bad else frobenius_norm(source)
-            target.copy_(oriented * (1.0 / norm if norm > 0.0 else 0.0))
-        else:
-            # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (NOTES.md). The
-            # buffer holds bf16/fp16/fp32 values exactly, so the norm can be taken from it.
-            target.copy_(oriented)
-            norm = _buffer_norm(target)
-            bad = 0 if math.isfinite(norm) else _count_nonfinite(source)
-            if not math.isfinite(norm) or norm == 0.0:
-                norm = 0.0 if bad else frobenius_norm(source)
-            # Scale to unit Frobenius norm: tiny fp16 or huge weights stay well inside float32's
-            # range through the Krylov products; singular values are rescaled afterwards.
-            target.mul_(1.0 / norm if norm > 0.0 else 0.0)
-        nonfinite.append(bad)
-        frobenius.append(norm)
+    top_k: int,
+    exact: bool,
+) -> int:
+    """Upper estimate of the memory a batch of `count` tall (m, n) matrices needs while solved.
 
-    usable = [slot for slot in range(len(chunk)) if nonfinite[slot] == 0 and frobenius[slot] > 0]
+    The buffer itself; up to two partial copies of it (the finite, nonzero matrices are gathered
+    when some are not, and the solver drops converged matrices by indexing, which copies the
+    rest); and per matrix either the two Krylov bases ((m + n) x (iterations + 1) * block) or, on
+    the exact path, LAPACK's copy of the matrix plus its (n, n) workspace.
+    """
+    m, n = shape
+    matrix = m * n * itemsize
+    copies = 2 * (count - 1) * matrix
+    if exact or uses_exact_path(m, n, min(top_k, n), settings):
+        workspace = matrix + n * n * itemsize
+    else:
+        columns = (iteration_budget(n, settings) + 1) * settings.block_size
+        workspace = (m + n) * columns * itemsize
+    return count * matrix + copies + count * workspace
+
+
+def plan_batches(
+    items: Iterable[MatrixItem],
+    itemsize: int,
+    budget: int,
+    settings: KrylovSettings,
+    top_k: int,
+    exact: bool = False,
+) -> list[Batch]:
+    """Same-shape groups (tall orientation), largest first, cut into batches.
+
+    A batch is as large as possible with its peak (`batch_peak_bytes`) within 2/3 of the budget
+    and its buffer within 1/3, so that any batch can be loaded while any other is solved. A
+    single matrix too large for that is a batch of its own, loaded only when nothing else is in
+    flight (prefetch False), so memory never holds more than the budget or that one matrix's
+    peak. Items keep their relative order within a group.
+    """
+    groups: dict[tuple[int, int], list[MatrixItem]] = {}
+    for item in items:
+        groups.setdefault(item.tall_shape, []).append(item)
+    batches: list[Batch] = []
+    previous_peak: int | None = None
+    for shape in sorted(groups, key=lambda s: (-s[0] * s[1], s)):
+        group = groups[shape]
+        matrix = shape[0] * shape[1] * itemsize
+        size = 1
+        while size < len(group) and (
+            3 * batch_peak_bytes(size + 1, shape, itemsize, settings, top_k, exact) <= 2 * budget
+            and 3 * (size + 1) * matrix <= budget
+        ):
+            size += 1
+        for start in range(0, len(group), size):
+            chunk = tuple(group[start : start + size])
+            buffer = len(chunk) * matrix
+            peak = batch_peak_bytes(len(chunk), shape, itemsize, settings, top_k, exact)
+            prefetch = previous_peak is not None and previous_peak + buffer <= budget
+            batches.append(Batch(chunk, buffer, peak, prefetch))
+            previous_peak = peak
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: file bytes -> staging buffer -> compute buffer (on the compute device)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    batch: Batch
+    buffer: torch.Tensor  # (B, m, n) tall, compute dtype, on the device, scaled to unit norm
+    frobenius: list[float]
+    nonfinite: list[int]
+
+
+class _Loader:
+    """Fills a batch's compute buffer. Runs in the loader thread; `seconds` is its busy time.
+
+    On CUDA, host bytes land in two pinned staging buffers used in turn, are copied to the device
+    on a side stream (asynchronously, so the next file read overlaps the transfer) and converted
+    to the compute dtype there: bf16/fp16 cross the bus at their stored size.
+    """
+
+    def __init__(self, reader: TensorReader, plan: ScanPlan) -> None:
+        self.reader = reader
+        self.plan = plan
+        self.seconds = 0.0
+        self._cuda = plan.device.type == "cuda"
+        self._host: list[torch.Tensor] = []
+        self._ready: list[Any] = []  # CUDA events: staging buffer i may be overwritten
+        self._turn = 0
+        self._stream: Any = None
+
+    def load(self, batch: Batch) -> _Loaded:
+        t0 = time.perf_counter()
+        try:
+            if not self._cuda:
+                return self._load(batch)
+            # Everything the loader does on the device (allocation, transfers, upcasts, norms)
+            # runs on its own stream, so it overlaps the solver's kernels on the default stream.
+            stream = self._copy_stream()
+            with torch.cuda.device(self.plan.device), torch.cuda.stream(stream):
+                loaded = self._load(batch)
+                stream.synchronize()  # every write into the buffer has landed
+            # The buffer is freed by the solver's thread after default-stream work: the caching
+            # allocator must not hand it to the loader's stream before that work is done.
+            loaded.buffer.record_stream(torch.cuda.default_stream(self.plan.device))
+            return loaded
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _load(self, batch: Batch) -> _Loaded:
+        try:
+            return self._fill(batch)
+        finally:
+            # Pages touched through a memory map (formats without positional reads) count in
+            # RSS while mapped: unmap after every batch, so they leave with it.
+            self.reader.release_mappings()
+
+    def _fill(self, batch: Batch) -> _Loaded:
+        tall_m, tall_n = batch.items[0].tall_shape
+        buffer = torch.empty(
+            len(batch.items), tall_m, tall_n, dtype=self.plan.dtype, device=self.plan.device
+        )
+        frobenius: list[float] = []
+        nonfinite: list[int] = []
+        for slot, item in enumerate(batch.items):
+            target = buffer[slot]
+            if self._streamable(item):
+                self._stream_into(item, target)
+                norm, bad = _finish_target(target)
+            else:
+                norm, bad = _copy_source(_source_matrix(self.reader, item), target)
+            frobenius.append(norm)
+            nonfinite.append(bad)
+        return _Loaded(batch, buffer, frobenius, nonfinite)
+
+    def _streamable(self, item: MatrixItem) -> bool:
+        entry = item.target.entry
+        if item.target.scale is not None or not self.reader.can_read_into(entry):
+            return False
+        if entry.dtype in _STREAMED_DTYPES:
+            return True
+        # float64 into float64 is exact; into float32 it needs the source's own norm first.
+        return entry.dtype == "F64" and self.plan.dtype == torch.float64
+
+    def _stream_into(self, item: MatrixItem, target: torch.Tensor) -> None:
+        """Copy the stored (m, n) matrix into `target` ((m, n), or (n, m) for a wide one),
+        a few MiB of rows at a time, converting to the compute dtype on the way."""
+        entry = item.target.entry
+        stored = _STREAMED_DTYPES.get(entry.dtype, torch.float64)
+        m, n = item.target.matrix_shape
+        row_bytes = n * stored.itemsize
+        first = (item.index or 0) * m * row_bytes  # a stacked tensor's matrices lie back to back
+        wide = m < n
+        if not self._cuda and not wide and stored == self.plan.dtype:
+            # Stored as computed: read straight into the buffer, no staging copy at all.
+            self.reader.read_into(entry, target, first)
+            return
+        rows_per_chunk = max(1, STAGING_BUFFER_BYTES // row_bytes)
+        for r0 in range(0, m, rows_per_chunk):
+            rows = min(rows_per_chunk, m - r0)
+            dest = target[:, r0 : r0 + rows] if wide else target[r0 : r0 + rows]
+            host = self._staging(rows * row_bytes, stored, (rows, n))
+            self.reader.read_into(entry, host, first + r0 * row_bytes)
+            if self._cuda:
+                self._to_device(host, dest, wide)
+            else:
+                dest.copy_(host.mT if wide else host)
+
+    def _staging(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+        """A (rows, n) view of the next staging buffer, once its previous transfer is done."""
+        size = max(nbytes, STAGING_BUFFER_BYTES)
+        if not self._host:
+            count = 2 if self._cuda else 1
+            self._host = [
+                torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda) for _ in range(count)
+            ]
+            self._ready = [None] * count
+        turn = self._turn
+        if self._ready[turn] is not None:
+            self._ready[turn].synchronize()
+        if self._host[turn].numel() < nbytes:  # a single row wider than the staging buffer
+            self._host[turn] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._cuda)
+        return self._host[turn][:nbytes].view(dtype).view(shape)
+
+    def _to_device(self, host: torch.Tensor, dest: torch.Tensor, wide: bool) -> None:
+        """Runs on the loader's stream (see `load`): the transfer is asynchronous from pinned
+        memory, and the event tells `_staging` when this host buffer may be refilled."""
+        staged = host.to(self.plan.device, non_blocking=True)  # stored dtype on the bus
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        dest.copy_(staged.mT if wide else staged)  # the bf16/fp16 -> fp32 upcast, on device
+        self._ready[self._turn] = event
+        self._turn = (self._turn + 1) % len(self._host)
+
+    def _copy_stream(self) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.plan.device)  # type: ignore[no-untyped-call]
+        return self._stream
+
+
+def _finish_target(target: torch.Tensor) -> tuple[float, int]:
+    """Norm, non-finite count and unit-norm scaling of a matrix copied exactly into `target`.
+
+    bf16/fp16/fp32 values (and float64 into float64) are exact in the buffer, so the norm and
+    the NaN/Inf count can be taken from it.
+    """
+    norm = _buffer_norm(target)
+    bad = 0 if math.isfinite(norm) else _count_nonfinite(target)
+    if not math.isfinite(norm) or norm == 0.0:
+        # float64 weights near 1e200 overflow the sum of squares, near 1e-200 underflow it.
+        norm = 0.0 if bad else frobenius_norm(target)
+    # Scale to unit Frobenius norm: tiny fp16 or huge weights stay well inside float32's range
+    # through the Krylov products; singular values are rescaled afterwards.
+    _scale_to_unit(target, norm)
+    return norm, bad
+
+
+def _scale_to_unit(target: torch.Tensor, norm: float) -> None:
+    # Divide, never multiply by 1/norm: for a subnormal norm (5e-324) 1/norm overflows to inf
+    # and 0 * inf = NaN reached LAPACK (found by tests/test_fuzz.py). A norm beyond float64's
+    # range (inf without NaN/Inf entries) is reported as non-finite; the buffer is unused.
+    if 0.0 < norm < math.inf:
+        target.div_(norm)
+    else:
+        target.zero_()
+
+
+def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
+    """The fallback path: a whole (m, n) source matrix (memory-mapped or dequantized)."""
+    oriented = source if source.shape[0] >= source.shape[1] else source.mT
+    if source.dtype == torch.float64 and target.dtype == torch.float32:
+        # float64 weights may not fit float32: measure on the source, scale, then copy.
+        bad = _count_nonfinite(source)
+        norm = 0.0 if bad else frobenius_norm(source)
+        if 0.0 < norm < math.inf:
+            target.copy_(oriented / norm)
+        else:
+            target.zero_()
+        return norm, bad
+    # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (NOTES.md).
+    target.copy_(oriented)
+    norm = _buffer_norm(target)
+    bad = 0 if math.isfinite(norm) else _count_nonfinite(source)
+    if not math.isfinite(norm) or norm == 0.0:
+        norm = 0.0 if bad else frobenius_norm(source)
+    _scale_to_unit(target, norm)
+    return norm, bad
+
+
+def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:
+    """One whole (m, n) matrix in its stored dtype (dequantized when it has a scale): for
+    quantized tensors, float64 sources of a float32 scan, and formats without positional reads.
+    Only this matrix's bytes are read, not its whole stack."""
+    target = item.target
+    slot = item.index if item.index is not None else 0
+    matrix = _read_matrix(reader, target.entry, target.matrix_shape, slot)
+    if matrix is None:
+        matrix = target.as_matrices(reader.read(target.entry))[slot]
+    if target.scale is not None:
+        # Dequantize in float32 (float64 for float64 scales): q * scale, scale broadcast per
+        # tensor or per channel as stored. The spectrum of q alone means nothing.
+        scale = _read_matrix(reader, target.scale, None, 0)
+        if scale is None:
+            scale = reader.read(target.scale)
+        dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
+        scales = target.as_matrices(torch.broadcast_to(scale, target.entry.shape))[slot]
+        matrix = matrix.to(dtype) * scales.to(dtype)
+    return matrix
+
+
+def _read_matrix(
+    reader: TensorReader, entry: TensorEntry, shape: tuple[int, int] | None, slot: int
+) -> torch.Tensor | None:
+    """Matrix `slot` of `entry` viewed as (-1, *shape) (the whole tensor when shape is None),
+    read into a fresh tensor with positional reads; None where the reader cannot (then the
+    caller maps the file)."""
+    dtype = _torch_dtype(entry.dtype)
+    if dtype is None or not reader.can_read_into(entry):
+        return None
+    out = torch.empty(shape if shape is not None else entry.shape, dtype=dtype)
+    reader.read_into(entry, out, slot * out.numel() * out.element_size())
+    return out
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    # safetensors' own names for these (safetensors.torch); the float8 types need torch >= 2.1.
+    attribute = _TORCH_DTYPE_NAMES.get(name)
+    found = getattr(torch, attribute, None) if attribute is not None else None
+    return found if isinstance(found, torch.dtype) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Solving
+# --------------------------------------------------------------------------------------------
+
+
+def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
+    chunk = loaded.batch.items
+    config = plan.config
+    settings = plan.settings
+    buffer = loaded.buffer
+    frobenius = loaded.frobenius
+    nonfinite = loaded.nonfinite
+    tall_m, tall_n = chunk[0].tall_shape
+    usable = [
+        slot
+        for slot in range(len(chunk))
+        if nonfinite[slot] == 0 and 0 < frobenius[slot] < math.inf
+    ]
     k = min(config.top_k, tall_n)
     top = torch.zeros(len(chunk), k, dtype=torch.float64)
     full: dict[int, torch.Tensor] = {}
@@ -267,18 +699,17 @@ def _analyse_chunk(
                     solver[slot] = "exact"
                 else:
                     solver[slot] = "exact-fallback" if result.exact[row] else "krylov"
-    del buffer
 
     results = []
     for slot, item in enumerate(chunk):
-        if nonfinite[slot]:
+        if nonfinite[slot] or frobenius[slot] == math.inf:
             metrics = SpectralMetrics(None, None, None, None, None)
         else:
             metrics = spectral_metrics(top[slot], frobenius[slot], full.get(slot))
         results.append(
             _layer_result(
                 item,
-                layout,
+                plan.layout,
                 metrics,
                 top[slot] if slot in usable else None,
                 frobenius[slot],
@@ -295,15 +726,33 @@ def _buffer_norm(matrix: torch.Tensor) -> float:
     """||W||_F of a float32/64 matrix, accumulated in float64, in chunks of ~4M entries.
 
     A float32 norm over millions of entries was off by 4e-5 (relative) here, and torch's
-    float64-accumulating norm of float32 data ran 20x slower than converting a chunk and taking
-    a float64 dot product. NaN/Inf propagate (the caller then counts them).
+    float64-accumulating norm of float32 data ran 20x slower than converting a chunk and
+    summing in float64. NaN/Inf propagate (the caller then counts them).
     """
     rows_per_chunk = max(1, NORM_CHUNK_ENTRIES // max(1, matrix.shape[-1]))
     total = 0.0
     for chunk in torch.split(matrix, rows_per_chunk):
-        flat = chunk.reshape(-1).to(torch.float64)
-        total += float(torch.dot(flat, flat))
+        total += _sum_of_squares(chunk.reshape(-1).to(torch.float64))
     return math.sqrt(total)
+
+
+def _sum_of_squares(flat: torch.Tensor) -> float:
+    """sum(x^2) of a float64 vector in an order that does not depend on the thread count.
+
+    A whole-vector reduction (torch.dot, .sum()) splits the work among threads, so its rounding
+    changes with OMP_NUM_THREADS, and a distributed scan (torchrun sets one thread per process)
+    would then differ from a single-process one in the last bits. Rows of 1024 are each summed
+    by one thread, and the few thousand row sums stay below torch's parallel grain size.
+    """
+    body = flat.numel() - flat.numel() % _NORM_ROW
+    total = 0.0
+    if body:
+        rows = flat[:body].view(-1, _NORM_ROW)
+        total += float(rows.mul(rows).sum(dim=1).sum())
+    if body < flat.numel():
+        tail = flat[body:]
+        total += float(tail.mul(tail).sum())
+    return total
 
 
 def _count_nonfinite(source: torch.Tensor) -> int:
@@ -325,21 +774,8 @@ def frobenius_norm(source: torch.Tensor) -> float:
     return largest * float(torch.linalg.vector_norm(source.to(torch.float64) / largest))
 
 
-def _source_matrix(reader: TensorReader, item: _Item) -> torch.Tensor:
-    target = item.target
-    tensor = reader.read(target.entry)
-    if target.scale is not None:
-        # Dequantize in float32 (float64 for float64 scales): q * scale, scale broadcast per
-        # tensor or per channel as stored. The spectrum of q alone means nothing.
-        scale = reader.read(target.scale)
-        dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
-        tensor = tensor.to(dtype) * scale.to(dtype)
-    matrices = target.as_matrices(tensor)
-    return matrices[item.index if item.index is not None else 0]
-
-
 def _layer_result(
-    item: _Item,
+    item: MatrixItem,
     layout: CheckpointLayout,
     metrics: SpectralMetrics,
     top: torch.Tensor | None,
@@ -351,7 +787,7 @@ def _layer_result(
 ) -> LayerResult:
     target = item.target
     flags = []
-    if nonfinite:
+    if nonfinite or frobenius == math.inf:  # inf: finite entries, norm beyond float64
         flags.append(FLAG_NONFINITE)
     elif frobenius <= 0.0:
         flags.append(FLAG_ZERO)
@@ -372,7 +808,7 @@ def _layer_result(
         view=str(target.view),
         scale_tensor=target.scale.name if target.scale is not None else None,
         sigma_max=metrics.sigma_max,
-        frobenius_norm=None if nonfinite else frobenius,
+        frobenius_norm=None if nonfinite or frobenius == math.inf else frobenius,
         stable_rank=metrics.stable_rank,
         top_singular_values=tuple(float(v) for v in top) if top is not None else (),
         topk_energy_share=metrics.topk_energy_share,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,6 +18,9 @@ from pss_cli.config import DEFAULT_DEVICE, ScanConfig
 from pss_cli.errors import CheckpointError, ExitCode
 from pss_cli.gate import CheckResult, Policy, Severity, evaluate, merge, unreadable
 from pss_cli.report.check_formats import CheckFormat, render_check, render_markdown, verdict_line
+
+if TYPE_CHECKING:
+    from pss_cli.distributed import Session
 
 
 def _limit(flag: str, text: str) -> object:
@@ -77,12 +80,8 @@ def check_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Gate a checkpoint or scan report on stable rank, NaN/Inf and baseline regressions."""
+    from pss_cli.distributed import open_session
     from pss_cli.policy import load_policy
-    from pss_cli.report.files import (
-        check_report_path,
-        refuse_overwriting_checkpoint,
-        write_text_atomically,
-    )
 
     flags = {
         "min_stable_rank": min_stable_rank,
@@ -94,12 +93,35 @@ def check_command(
         "fail_on": fail_on,
         "ignore": ignore,
     }
-    policy = load_policy(Path.cwd(), config, os.environ, flags).policy
+    # Under torchrun every process scans its share of each checkpoint; only rank 0 gates,
+    # prints and writes, and every process exits with its verdict (see pss_cli.distributed).
+    with open_session() as session:
+        policy = session.run(lambda: load_policy(Path.cwd(), config, os.environ, flags).policy)
+        session.rank0(lambda: _check_output(output, models), share=False)
+        checks = [run_check(model, baseline, policy, device, quiet, session) for model in models]
+        passed = session.rank0(lambda: _emit(checks, output_format, output, quiet))
+    if not passed and not exit_zero:
+        # SystemExit, not typer.Exit: app.guarded treats any Exception (typer.Exit is a
+        # RuntimeError) as an internal error, and findings are a verdict, not an error.
+        raise SystemExit(int(ExitCode.FINDINGS))
+
+
+def _check_output(output: Path | None, models: list[Path]) -> None:
+    from pss_cli.report.files import check_report_path, refuse_overwriting_checkpoint
+
     if output is not None:
         check_report_path(output)
         for model in models:
             refuse_overwriting_checkpoint(output, model)
-    result = merge([run_check(model, baseline, policy, device, quiet) for model in models])
+
+
+def _emit(
+    checks: list[CheckResult | None], output_format: CheckFormat, output: Path | None, quiet: bool
+) -> bool:
+    """Render, write and print the merged verdict (rank 0 of a distributed run); True = passed."""
+    from pss_cli.report.files import write_text_atomically
+
+    result = merge([check for check in checks if check is not None])
     text = render_check(result, output_format)
     if output is not None:
         write_text_atomically(output, text)
@@ -107,34 +129,50 @@ def check_command(
     typer.echo(text, nl=False)
     if output_format is not CheckFormat.TEXT and not quiet:
         print(verdict_line(result), file=sys.stderr)
-    if not result.passed and not exit_zero:
-        # SystemExit, not typer.Exit: app.guarded treats any Exception (typer.Exit is a
-        # RuntimeError) as an internal error, and findings are a verdict, not an error.
-        raise SystemExit(int(ExitCode.FINDINGS))
+    return result.passed
 
 
 def run_check(
-    model: Path, baseline: Path | None, policy: Policy, device: str, quiet: bool
-) -> CheckResult:
+    model: Path,
+    baseline: Path | None,
+    policy: Policy,
+    device: str,
+    quiet: bool,
+    session: Session | None = None,
+) -> CheckResult | None:
     """Load or scan the input, then gate it. A checkpoint that cannot be read is a PSS002
-    finding (the model is broken); a bad report or baseline is a usage error (exit 2)."""
+    finding (the model is broken); a bad report or baseline is a usage error (exit 2).
+
+    With a distributed `session`, every rank scans its share and rank 0 alone gets the result
+    (None elsewhere)."""
+    from pss_cli.distributed import Session
     from pss_cli.report_io import is_report_path, load_report
 
-    base = load_report(baseline) if baseline is not None else None  # before any scan work
+    session = session if session is not None else Session()
+    # Before any scan work, and on rank 0 only (the other ranks never gate).
+    base = session.rank0(lambda: load_report(baseline) if baseline else None, share=False)
     base_name = str(baseline) if baseline is not None else None
     if is_report_path(model):
-        return evaluate(
-            load_report(model), policy, base, input_kind="report", baseline_name=base_name
+        return session.rank0(
+            lambda: evaluate(
+                load_report(model), policy, base, input_kind="report", baseline_name=base_name
+            ),
+            share=False,
         )
-    from pss_cli.pipeline import scan_checkpoint
     from pss_cli.report.progress import stderr_progress
 
     try:
-        with stderr_progress(enabled=not quiet) as progress:
-            report = scan_checkpoint(model, ScanConfig(device=device), progress)
+        with stderr_progress(enabled=not quiet and session.rank == 0) as progress:
+            report = session.scan(model, ScanConfig(device=device), progress)
     except CheckpointError as exc:
+        # Raised on every rank at once (the session synchronises errors): all carry on.
         return unreadable(str(model), exc.message, policy, "checkpoint")
-    return evaluate(report, policy, base, baseline_name=base_name)
+    return session.rank0(
+        lambda: (
+            evaluate(report, policy, base, baseline_name=base_name) if report is not None else None
+        ),
+        share=False,
+    )
 
 
 def _append_step_summary(result: CheckResult, output_format: CheckFormat) -> None:

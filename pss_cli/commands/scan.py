@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +28,9 @@ from pss_cli.config import (
     ScanConfig,
 )
 from pss_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from pss_cli.results import ScanReport
 
 
 def scan_command(
@@ -61,11 +65,42 @@ def scan_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute per-layer singularity metrics (stable rank, sigma_max, ...) of a checkpoint."""
+    from pss_cli.distributed import open_session
+
+    # Under torchrun every process runs this; the session keeps them in step (one error, on
+    # rank 0) and only rank 0 renders, prints and writes. Single-process: each step just runs.
+    with open_session() as session:
+        config = session.run(
+            lambda: _scan_config(
+                include, exclude, top_k, min_stable_rank, exact, device, seed, dtype, limit
+            )
+        )
+        session.rank0(lambda: _check_output(output, checkpoint), share=False)
+        from pss_cli.report.progress import stderr_progress
+
+        with stderr_progress(enabled=not quiet and session.rank == 0) as progress:
+            report = session.scan(checkpoint, config, progress)
+        session.rank0(
+            lambda: _emit(report, checkpoint, output_format, limit, output, quiet), share=False
+        )
+
+
+def _scan_config(
+    include: list[str] | None,
+    exclude: list[str] | None,
+    top_k: int,
+    min_stable_rank: float,
+    exact: bool,
+    device: str,
+    seed: int,
+    dtype: ComputeDtype,
+    limit: int | None,
+) -> ScanConfig:
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
-    config = ScanConfig(
+    return ScanConfig(
         include=tuple(include or ()),
         exclude=tuple(exclude or ()),
         top_k=top_k,
@@ -75,21 +110,28 @@ def scan_command(
         seed=seed,
         compute_dtype=dtype,
     )
-    from pss_cli.report.files import (
-        check_report_path,
-        refuse_overwriting_checkpoint,
-        write_text_atomically,
-    )
+
+
+def _check_output(output: Path | None, checkpoint: Path) -> None:
+    from pss_cli.report.files import check_report_path, refuse_overwriting_checkpoint
 
     if output is not None:
         check_report_path(output)
         refuse_overwriting_checkpoint(output, checkpoint)
-    from pss_cli.pipeline import scan_checkpoint
-    from pss_cli.report.progress import stderr_progress
+
+
+def _emit(
+    report: ScanReport | None,
+    checkpoint: Path,
+    output_format: OutputFormat,
+    limit: int | None,
+    output: Path | None,
+    quiet: bool,
+) -> None:
+    from pss_cli.report.files import write_text_atomically
     from pss_cli.report.render import render_scan
 
-    with stderr_progress(enabled=not quiet) as progress:
-        report = scan_checkpoint(checkpoint, config, progress)
+    assert report is not None  # rank 0 (or a single process) always has the report
     text = render_scan(report, output_format, limit=limit)
     if output is not None:
         write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))

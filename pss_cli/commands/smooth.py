@@ -72,7 +72,7 @@ def smooth_command(
     optimizer_state: Annotated[
         OptimizerPolicy,
         typer.Option("--optimizer-state", help="What to do with optimizer.pt (see README)."),
-    ] = OptimizerPolicy.RESET,
+    ] = OptimizerPolicy.KEEP,
     allow_master_weights: Annotated[
         bool,
         typer.Option(
@@ -95,6 +95,9 @@ def smooth_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Smooth the dominant singular values of singular matrices into a new checkpoint."""
+    from pss_cli.distributed import refuse_torchrun
+
+    refuse_torchrun("smooth")
     if out is None and not dry_run:
         raise UsageError("--out is required (or use --dry-run)", "e.g. --out repaired/")
     if layers and all_layers:
