@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -18,6 +19,7 @@ from pss_cli import __version__
 from pss_cli.commands.check import check_command
 from pss_cli.commands.scan import scan_command
 from pss_cli.commands.smooth import smooth_command
+from pss_cli.commands.trend import trend_command
 from pss_cli.errors import ExitCode, PssError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,6 +54,7 @@ def guarded(command: F) -> F:
         except (typer.Exit, typer.Abort):
             raise  # deliberate exits carry their own code
         except PssError as exc:
+            _exit_if_terminated()
             report_error(exc.message, exc.hint)
             raise typer.Exit(int(exc.exit_code)) from None
         except KeyboardInterrupt:
@@ -64,6 +67,7 @@ def guarded(command: F) -> F:
             )
             raise typer.Exit(int(ExitCode.INPUT)) from None
         except Exception as exc:
+            _exit_if_terminated()
             if os.environ.get("PSS_DEBUG"):
                 raise
             detail = str(exc).splitlines()[0] if str(exc) else ""
@@ -100,7 +104,27 @@ def root(
 app.command("scan", no_args_is_help=True)(guarded(scan_command))
 app.command("smooth", no_args_is_help=True)(guarded(smooth_command))
 app.command("check", no_args_is_help=True)(guarded(check_command))
+app.command("trend", no_args_is_help=True)(guarded(trend_command))
+
+
+_TERMINATED: list[int] = []  # SIGTERM received (set by the handler main() installs)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    # SIGTERM (a cancelled CI job, docker stop, kill) unwinds like Ctrl-C, so the writers'
+    # cleanup runs and no staging folder is left behind; only SIGKILL cannot be caught.
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _exit_if_terminated() -> None:
+    # A KeyboardInterrupt raised inside torch or safetensors can come out as another error
+    # (e.g. a RuntimeError turned into "cannot read tensor"): after SIGTERM, say what happened.
+    if _TERMINATED:
+        report_error("interrupted", None)
+        raise typer.Exit(130) from None
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()

@@ -53,6 +53,12 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_EXACT_MAX_DIM = 512
 DEFAULT_CPU_BATCH_BYTES = 512 * 2**20
 CUDA_FREE_MEMORY_FRACTION = 0.5
+# Host staging buffer of the scan's reads (pinned, and two of them, on CUDA): file bytes land here
+# in the stored dtype and are converted into the compute buffer a few MiB at a time.
+STAGING_BUFFER_BYTES = 16 * 2**20
+# Distributed scans (torchrun): the collective timeout. Ranks that finished their share wait in a
+# collective for the slowest one, so this bounds the imbalance between shares, not the scan.
+DISTRIBUTED_TIMEOUT_SECONDS = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,46 @@ class ScanConfig:
     compute_dtype: ComputeDtype = ComputeDtype.FLOAT32
     cpu_batch_bytes: int = DEFAULT_CPU_BATCH_BYTES
     exact_max_dim: int = DEFAULT_EXACT_MAX_DIM
+
+
+# --- pss trend: the early-warning detector (README "pss trend"; NOTES.md "The method") ---------
+# A layer's SR - 1 below (1 - 0.5) x (the median of its own last 3 values - 1), SR >= 1 being
+# rank one: the paper's collapses fall from ~50-130 to < 5 within a few steps, far beyond a 2x
+# drop; healthy training drifts by a few percent between checkpoints.
+DEFAULT_TREND_DROP_FRACTION = 0.5
+# ...but the drop rule is off by default: on the examples/ control run (LR 3e-3, no explosion)
+# freshly initialised matrices fell from SR ~50 to ~22 in 40 steps while simply learning, and the
+# rule called a collapse at step 60; only the sigma_max growth rule told the diverging run (first
+# warning at step 100, 12 steps before its loss explosion) from the healthy one
+# (docs/EXPERIMENTS.md). `pss trend --warn-on-drop` turns it on.
+DEFAULT_TREND_WARN_ON_DROP = False
+DEFAULT_TREND_WINDOW = 3
+# sigma_max above 2 x the median of its last 3 values.
+DEFAULT_TREND_SIGMA_GROWTH = 2.0
+# "Many layers at once" (the paper's signature of a coming explosion): a collapse verdict.
+DEFAULT_TREND_COLLAPSE_LAYERS = 2
+# Training-log spikes: grad norm > 2.5 x its EMA (decay 0.9), the trigger of the paper's training
+# code (NOTES.md); loss > 1.5 x its lowest earlier value; both after 5 logged points of warm-up.
+DEFAULT_GRAD_SPIKE_FACTOR = 2.5
+DEFAULT_GRAD_EMA_DECAY = 0.9
+DEFAULT_LOSS_SPIKE_FACTOR = 1.5
+DEFAULT_LOG_WARMUP_POINTS = 5
+# Roles followed and plotted but never warned about (except NaN/Inf): low-rank by nature (MiniLM's
+# position embeddings: 7.7; NOTES.md), skipped by the paper's code and left alone by `pss smooth`
+# (repair.PROTECTED_ROLES). On the examples/ divergence run the token embedding's sigma_max grew
+# 4x from its small init over the first 80 steps, long before anything went wrong.
+TREND_QUIET_ROLES = ("embedding", "lm_head")
+
+
+@dataclass(frozen=True)
+class TrendConfig:
+    drop_fraction: float = DEFAULT_TREND_DROP_FRACTION
+    warn_on_drop: bool = DEFAULT_TREND_WARN_ON_DROP
+    window: int = DEFAULT_TREND_WINDOW
+    sigma_growth: float = DEFAULT_TREND_SIGMA_GROWTH
+    collapse_layers: int = DEFAULT_TREND_COLLAPSE_LAYERS
+    grad_spike_factor: float = DEFAULT_GRAD_SPIKE_FACTOR
+    grad_ema_decay: float = DEFAULT_GRAD_EMA_DECAY
+    loss_spike_factor: float = DEFAULT_LOSS_SPIKE_FACTOR
+    log_warmup_points: int = DEFAULT_LOG_WARMUP_POINTS
+    quiet_roles: tuple[str, ...] = TREND_QUIET_ROLES

@@ -47,7 +47,7 @@ def test_exit_code_table_matches_the_enum() -> None:
     assert sorted(int(code) for code in rows) == sorted(int(code) for code in ExitCode)
 
 
-@pytest.mark.parametrize("command", ["scan", "smooth", "check"])
+@pytest.mark.parametrize("command", ["scan", "smooth", "check", "trend"])
 def test_every_option_is_documented(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
