@@ -228,3 +228,20 @@ def test_summary_counts_each_kind_of_flag(runner: CliRunner, tmp_path: Path) -> 
     path = write_tensors(tmp_path / "m.safetensors", tensors)
     result = runner.invoke(app, ["scan", str(path)], terminal_width=200)
     assert "3 matrices, 2 flagged (1 with NaN/Inf, 1 all-zero), 0 tensors skipped" in result.stdout
+
+
+def test_a_newline_in_a_tensor_name_does_not_split_the_table_row(tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    name = "evil\nname\x1b[31m"
+    write_tensors(path, {name: torch.randn(64, 48, generator=torch.Generator().manual_seed(0))})
+    result = CliRunner().invoke(app, ["scan", str(path), "-q"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    shown = [line for line in lines if "evil" in line]  # the table row and the summary line
+    assert len(shown) == 2 and all("evil\\nname\\x1b[31m" in line for line in shown)
+    assert not any(line.lstrip("│ ").startswith("name") for line in lines)  # nothing split
+    assert "\x1b" not in result.stdout
+    data = json.loads(CliRunner().invoke(app, ["scan", str(path), "-f", "json", "-q"]).stdout)
+    assert data["layers"][0]["name"] == name  # JSON keeps the exact name

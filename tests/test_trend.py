@@ -586,3 +586,25 @@ def test_control_characters_in_tensor_names_cannot_forge_output_lines(tmp_path: 
     assert "evil\\n\\x1b[31mverdict: healthy.weight" in result.stdout
     _, data = trend_json(str(tmp_path))
     assert evil in data["verdict"]["layers_to_smooth"]  # JSON keeps the exact name
+
+
+def test_a_compute_failure_on_one_checkpoint_is_a_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pss_cli.errors import ComputeError
+
+    write_run(tmp_path, STEPS[:4], COLLAPSING, 10**6)
+    real = pipeline.scan_checkpoint
+
+    def failing(path: Path, config: ScanConfig, progress: Any = None) -> Any:
+        if path.name == "checkpoint-200":
+            raise ComputeError("the solver failed on 'x'", "report it")
+        return real(path, config, progress)
+
+    monkeypatch.setattr(pipeline, "scan_checkpoint", failing)
+    report = analyse_run([tmp_path], ScanConfig(), TrendConfig(), use_cache=False)
+    assert [c.status for c in report.checkpoints] == ["ok", "failed", "ok", "ok"]
+    assert (
+        report.checkpoints[1].error is not None and "solver failed" in report.checkpoints[1].error
+    )
+    assert report.verdict.status == "healthy"

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pss_cli.config import OutputFormat
+from pss_cli.errors import printable
 from pss_cli.report.table import _fmt
 from pss_cli.results import SmoothReport, smooth_report_to_json_dict
 
@@ -42,7 +43,9 @@ def _table(report: SmoothReport, title: str, after: bool) -> Table:
             sigma = _fmt(layer.sigma_max_before, 4)
             rank = f"{_fmt(layer.stable_rank_before, 2)} -> {_fmt(layer.predicted_stable_rank, 2)}"
         row: list[str | Text] = [
-            Text(layer.display_name),
+            # printable(): a newline or escape sequence in a tensor name must not split the
+            # row or reach the terminal (hostile files name their tensors).
+            Text(printable(layer.display_name)),
             layer.role,
             "x".join(str(d) for d in layer.matrix_shape),
             str(layer.k),

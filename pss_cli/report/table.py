@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from pss_cli.errors import printable
 from pss_cli.results import LayerResult, ScanReport
 
 
@@ -59,7 +60,9 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
     for layer in shown:
         style = "bold red" if layer.flags else None
         table.add_row(
-            Text(layer.display_name),
+            # printable(): a newline or escape sequence in a tensor name must not split the
+            # row or reach the terminal (hostile files name their tensors).
+            Text(printable(layer.display_name)),
             layer.role,
             "x".join(str(d) for d in layer.matrix_shape),
             layer.dtype,
@@ -99,6 +102,7 @@ def _summary_line(report: ScanReport) -> Text:
         text.append(f" (stable rank < {floor})")
     text.append(f", {s.skipped} tensors skipped")
     if s.min_stable_rank is not None:
-        text.append(f"; lowest stable rank {s.min_stable_rank:.2f} in {s.min_stable_rank_layer}")
+        lowest = printable(s.min_stable_rank_layer or "")
+        text.append(f"; lowest stable rank {s.min_stable_rank:.2f} in {lowest}")
     text.append(f"; {report.method} on {report.device}, {report.timings['total_seconds']:.2f} s")
     return text

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pss_cli import __version__
 from pss_cli.config import ScanConfig, TrendConfig
-from pss_cli.errors import CheckpointError, PssError
+from pss_cli.errors import CheckpointError, ComputeError, PssError
 from pss_cli.results import LayerResult
 from pss_cli.trend import cache_store
 from pss_cli.trend.detect import (
@@ -165,7 +165,9 @@ def _layers_of(
 
     try:
         report = scan_checkpoint(checkpoint.path, config)
-    except CheckpointError as exc:
+    except (CheckpointError, ComputeError) as exc:
+        # One bad checkpoint (unreadable, or a matrix the solver could not handle) is a gap in
+        # the series; usage errors (a bad --include) still end the command.
         message = exc.message + (f" ({exc.hint})" if exc.hint else "")
         if notice is not None:
             notice(f"step {checkpoint.step}: cannot scan '{checkpoint.path}': {exc.message}")
