@@ -32,6 +32,7 @@ from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.checkpoint.selection import MatrixTarget, MatrixView, SkippedTarget, select
+from pss_cli.checkpoint.torch_dtypes import torch_dtype_or_none
 from pss_cli.config import (
     CUDA_FREE_MEMORY_FRACTION,
     MIN_STABLE_RANK_FRACTION_OF_RANK,
@@ -69,22 +70,6 @@ NORM_CHUNK_ENTRIES = 4 * 2**20  # bounds the float64 temporary of the norm to 32
 _NORM_ROW = 1024
 # Stored dtypes streamed straight into the compute buffer (a copy_ converts them exactly).
 _STREAMED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_TORCH_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-}
 
 
 @dataclass(frozen=True)
@@ -641,19 +626,12 @@ def _read_matrix(
     """Matrix `slot` of `entry` viewed as (-1, *shape) (the whole tensor when shape is None),
     read into a fresh tensor with positional reads; None where the reader cannot (then the
     caller maps the file)."""
-    dtype = _torch_dtype(entry.dtype)
+    dtype = torch_dtype_or_none(entry.dtype)
     if dtype is None or not reader.can_read_into(entry):
         return None
     out = torch.empty(shape if shape is not None else entry.shape, dtype=dtype)
     reader.read_into(entry, out, slot * out.numel() * out.element_size())
     return out
-
-
-def _torch_dtype(name: str) -> torch.dtype | None:
-    # safetensors' own names for these (safetensors.torch); the float8 types need torch >= 2.1.
-    attribute = _TORCH_DTYPE_NAMES.get(name)
-    found = getattr(torch, attribute, None) if attribute is not None else None
-    return found if isinstance(found, torch.dtype) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pss_cli.checkpoint.optimizer import (
     rewrite_optimizer_state,
 )
 from pss_cli.checkpoint.reader import TensorReader
-from pss_cli.checkpoint.selection import MatrixView, select
+from pss_cli.checkpoint.selection import MatrixView, glob_literal, select
 from pss_cli.checkpoint.torch_writer import write_torch_checkpoint
 from pss_cli.checkpoint.writer import check_output_path, write_repaired_checkpoint
 from pss_cli.config import ComputeDtype, OptimizerPolicy, ScanConfig, SmoothingMethod
@@ -549,7 +549,7 @@ def _verify(
         )
     rescan = scan_checkpoint(
         out,
-        replace(config.scan, include=tuple(_glob_literal(n) for n in sorted(modified)), exclude=()),
+        replace(config.scan, include=tuple(glob_literal(n) for n in sorted(modified)), exclude=()),
     )
     measured = {(x.name, x.index): x for x in rescan.layers}
     return len(untouched), measured
@@ -750,11 +750,6 @@ def _parameters(config: SmoothConfig) -> dict[str, object]:
 
 def _parameters_text(config: SmoothConfig) -> str:
     return ";".join(f"{key}={value}" for key, value in _parameters(config).items())
-
-
-def _glob_literal(name: str) -> str:
-    """A glob that matches exactly `name`, even when it holds [ ] * ? (tensor names can)."""
-    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
 
 
 def _skip(layer: LayerResult, reason: str) -> SkippedResult:

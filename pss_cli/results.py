@@ -103,7 +103,7 @@ def report_to_json_dict(report: ScanReport) -> dict[str, Any]:
         row["top_singular_values"] = list(layer.top_singular_values)
         row["flags"] = list(layer.flags)
         layers.append(row)
-    data: dict[str, Any] = _finite(
+    data: dict[str, Any] = finite_json(
         {
             "schema_version": report.schema_version,
             "pss_version": report.pss_version,
@@ -122,13 +122,14 @@ def report_to_json_dict(report: ScanReport) -> dict[str, Any]:
     return data
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
+    """NaN/Inf -> null, recursively (JSON has neither)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: finite_json(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
+        return [finite_json(item) for item in value]
     return value
 
 
@@ -185,7 +186,7 @@ def smooth_report_to_json_dict(report: SmoothReport) -> dict[str, Any]:
         row = asdict(layer)
         row["matrix_shape"] = list(layer.matrix_shape)
         layers.append(row)
-    data: dict[str, Any] = _finite(
+    data: dict[str, Any] = finite_json(
         {
             "schema_version": report.schema_version,
             "pss_version": report.pss_version,

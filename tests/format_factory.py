@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -27,6 +28,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from pss_cli.config import ScanConfig
+from pss_cli.pipeline import scan_checkpoint
 from tests.spectra_factory import power_law, spiky, with_spectrum
 
 COLLAPSED = "model.layers.0.mlp.down_proj.weight"
@@ -166,3 +169,16 @@ def hostile_torch_file(path: Path, marker: Path, variant: str) -> Path:
     else:
         raise ValueError(variant)
     return path
+
+
+def stable_ranks(path: Path) -> dict[str, tuple[float | None, float | None]]:
+    """(stable rank, sigma_max) per matrix of a scan with seed 5, for format comparisons."""
+    report = scan_checkpoint(path, ScanConfig(seed=5))
+    return {x.display_name: (x.stable_rank, x.sigma_max) for x in report.layers}
+
+
+def safetensors_reference(tmp_path: Path, model: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`stable_ranks` of `model` saved as safetensors: what every other format must match."""
+    path = tmp_path / "reference.safetensors"
+    save_file({k: v.contiguous() for k, v in model.items()}, str(path))
+    return stable_ranks(path)

@@ -28,25 +28,16 @@ from tests.format_factory import (
     adam_state,
     load_dcp,
     model_state,
+    safetensors_reference,
     save_dcp,
     save_dcp_chunked,
+    stable_ranks,
 )
 
 
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
-
-
-def _stable_ranks(path: Path) -> dict[str, tuple[float | None, float | None]]:
-    report = scan_checkpoint(path, ScanConfig(seed=5))
-    return {x.display_name: (x.stable_rank, x.sigma_max) for x in report.layers}
-
-
-def _reference(tmp_path: Path, model: dict[str, torch.Tensor]) -> dict[str, Any]:
-    path = tmp_path / "reference.safetensors"
-    save_file({k: v.contiguous() for k, v in model.items()}, str(path))
-    return _stable_ranks(path)
 
 
 def _full_dcp(tmp_path: Path, dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, Any]]:
@@ -70,8 +61,8 @@ def test_scan_equals_safetensors_and_skips_optimizer_moments(
     # Model weights only, under their FQN; Adam moments (2-D floats too) are not entries.
     assert sorted(e.name for e in layout.entries) == sorted(state["model"])
     assert all(e.key == (f"model.{e.name}",) for e in layout.entries)
-    assert _stable_ranks(folder) == _reference(tmp_path, state["model"])
-    assert not any("exp_avg" in name for name in _stable_ranks(folder))
+    assert stable_ranks(folder) == safetensors_reference(tmp_path, state["model"])
+    assert not any("exp_avg" in name for name in stable_ranks(folder))
 
 
 def test_bare_fqn_layout_like_torchtitan(tmp_path: Path) -> None:
@@ -85,7 +76,7 @@ def test_bare_fqn_layout_like_torchtitan(tmp_path: Path) -> None:
         for moment in ("exp_avg", "exp_avg_sq")
     }
     folder = save_dcp(tmp_path / "titan", {**model, "optimizer": optimizer, "train_state": b"x"})
-    assert _stable_ranks(folder) == _reference(tmp_path, model)
+    assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
 
 
 def test_multi_rank_chunks_read_like_one_tensor(tmp_path: Path) -> None:
@@ -99,7 +90,7 @@ def test_multi_rank_chunks_read_like_one_tensor(tmp_path: Path) -> None:
     with TensorReader(layout) as reader:
         for entry in layout.entries:
             assert torch.equal(reader.read(entry), model[entry.name])
-    assert _stable_ranks(folder) == _reference(tmp_path, model)
+    assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
 
 
 def test_check_flags_the_collapsed_matrix(tmp_path: Path, runner: CliRunner) -> None:
@@ -361,7 +352,7 @@ def test_a_real_two_rank_fsdp_style_save(tmp_path: Path) -> None:
     mp.spawn(_save_sharded_with_process_group, args=(2, str(folder), port), nprocs=2)
     assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     model = model_state()
-    assert _stable_ranks(folder) == _reference(tmp_path, model)
+    assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
     report = _smooth(folder, tmp_path / "out")
     assert [x.name for x in report.layers] == [COLLAPSED] and report.layers[0].verified
     loaded = load_dcp(tmp_path / "out", {"model": model})["model"]

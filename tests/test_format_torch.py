@@ -19,23 +19,19 @@ from pss_cli.config import OptimizerPolicy, ScanConfig
 from pss_cli.core.smoothing import SmoothingParams
 from pss_cli.pipeline import scan_checkpoint
 from pss_cli.repair import SmoothConfig, smooth_checkpoint
-from tests.format_factory import COLLAPSED, adam_state, hostile_torch_file, model_state
+from tests.format_factory import (
+    COLLAPSED,
+    adam_state,
+    hostile_torch_file,
+    model_state,
+    safetensors_reference,
+    stable_ranks,
+)
 
 
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
-
-
-def _stable_ranks(path: Path) -> dict[str, tuple[float | None, float | None]]:
-    report = scan_checkpoint(path, ScanConfig(seed=5))
-    return {x.display_name: (x.stable_rank, x.sigma_max) for x in report.layers}
-
-
-def _reference(tmp_path: Path, model: dict[str, torch.Tensor]) -> dict[str, Any]:
-    path = tmp_path / "reference.safetensors"
-    save_file({k: v.contiguous() for k, v in model.items()}, str(path))
-    return _stable_ranks(path)
 
 
 def _load(path: Path) -> Any:
@@ -74,7 +70,7 @@ def test_scan_equals_safetensors(tmp_path: Path, suffix: str, wrapper: str) -> N
     assert layout.kind is LayoutKind.TORCH_FILE
     # Optimizer moments beside the model (2-D float tensors) are not entries.
     assert sorted(e.name for e in layout.entries) == sorted(model)
-    assert _stable_ranks(path) == _reference(tmp_path, model)
+    assert stable_ranks(path) == safetensors_reference(tmp_path, model)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -83,7 +79,7 @@ def test_dtypes_and_legacy_format(tmp_path: Path, dtype: torch.dtype) -> None:
     path = tmp_path / "legacy.bin"
     torch.save(model, path, _use_new_zipfile_serialization=False)
     assert not zipfile.is_zipfile(path)
-    assert _stable_ranks(path) == _reference(tmp_path, model)
+    assert stable_ranks(path) == safetensors_reference(tmp_path, model)
     assert {e.name: e.dtype for e in open_checkpoint(path).entries}[COLLAPSED] == {
         torch.bfloat16: "BF16",
         torch.float16: "F16",
@@ -127,8 +123,8 @@ def test_sharded_bin_index_and_folders(tmp_path: Path) -> None:
     folder = _hf_sharded(tmp_path / "hf", model)
     layout = open_checkpoint(folder)
     assert layout.kind is LayoutKind.TORCH_SHARDED and len(layout.files) == 2
-    assert _stable_ranks(folder) == _reference(tmp_path, model)
-    assert _stable_ranks(folder / "pytorch_model.bin.index.json") == _stable_ranks(folder)
+    assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
+    assert stable_ranks(folder / "pytorch_model.bin.index.json") == stable_ranks(folder)
     # A missing shard is named.
     (folder / "pytorch_model-00002-of-00002.bin").unlink()
     result = CliRunner().invoke(app, ["scan", str(folder)])
@@ -147,7 +143,7 @@ def test_trainer_folder_reads_the_weights_not_the_optimizer(tmp_path: Path) -> N
     layout = open_checkpoint(folder)
     assert layout.kind is LayoutKind.TORCH_DIRECTORY
     assert [p.name for p in layout.files] == ["pytorch_model.bin"]
-    assert _stable_ranks(folder) == _reference(tmp_path, model)
+    assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
 
 
 def test_safetensors_preferred_and_bin_reported_as_not_scanned(tmp_path: Path) -> None:
@@ -377,6 +373,6 @@ def test_scan_re_maps_files_without_changing_results(
     model = model_state()
     path = tmp_path / "model.pt"
     torch.save(model, path)
-    expected = _stable_ranks(path)
+    expected = stable_ranks(path)
     monkeypatch.setattr(torch_file, "REMAP_BYTES", 0)
-    assert _stable_ranks(path) == expected == _reference(tmp_path, model)
+    assert stable_ranks(path) == expected == safetensors_reference(tmp_path, model)

@@ -152,6 +152,11 @@ class SkippedTarget:
     reason: str  # human readable, e.g. "1-D tensor (bias or norm scale)"
 
 
+def glob_literal(name: str) -> str:
+    """A glob that matches exactly `name`, even when it holds [ ] * ? (tensor names can)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
 def select(
     entries: Iterable[TensorEntry],
     include: Sequence[str] = (),

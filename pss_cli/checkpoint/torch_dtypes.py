@@ -40,3 +40,8 @@ def safetensors_dtype(dtype: torch.dtype) -> str | None:
 
 def torch_dtype_of(code: str) -> torch.dtype:
     return _CODE_TO_TORCH[code]
+
+
+def torch_dtype_or_none(code: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype string; None when this torch has none for it."""
+    return _CODE_TO_TORCH.get(code)

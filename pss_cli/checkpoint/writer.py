@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from pss_cli.checkpoint.header import MAX_HEADER_BYTES, METADATA_KEY, read_header
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, UsageError
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -42,34 +43,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 CHUNK_BYTES = 16 * 1024 * 1024
 _TMP_TAG = ".pss-tmp-"
 _OLD_TAG = ".pss-old-"
-
-# torch dtype -> safetensors dtype string. Optional torch dtypes (newer releases only) are added
-# below when this torch has them.
-_TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.complex64: "C64",
-}
-for _attr, _code in (
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-    ("float8_e8m0fnu", "F8_E8M0"),
-):
-    if isinstance(getattr(torch, _attr, None), torch.dtype):
-        _TORCH_TO_SAFETENSORS[getattr(torch, _attr)] = _code
 
 
 @dataclass(frozen=True)
@@ -171,7 +144,7 @@ def _check_replacements(
         entry = by_name.get(name)
         if entry is None:
             raise ValueError(f"replacement for tensor '{name}', which the checkpoint does not hold")
-        dtype = _TORCH_TO_SAFETENSORS.get(tensor.dtype)
+        dtype = safetensors_dtype(tensor.dtype)
         if dtype != entry.dtype:
             raise ValueError(
                 f"replacement for tensor '{name}' has dtype {tensor.dtype} but the checkpoint "

@@ -42,13 +42,17 @@ def check_report_path(path: Path) -> None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
     check_report_path(path)
     directory = path.parent if str(path.parent) else Path(".")
     temp: str | None = None
     try:
         fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             # Data on disk before the rename publishes it: after a crash the report is the old
             # one or the new one, never an empty file (a full disk often shows up only here).

@@ -31,7 +31,9 @@ def _severity_key(layer: LayerResult) -> tuple[int, float]:
     return (1, layer.stable_rank)
 
 
-def render_table(report: ScanReport, limit: int | None = None, color: bool | None = None) -> str:
+def text_console(color: bool | None) -> tuple[Console, io.StringIO]:
+    """A console rendering into a string: coloured and terminal-wide when `color` (None: when
+    stdout is a terminal), else plain at 160 columns (files, pipes, tests)."""
     if color is None:
         color = sys.stdout.isatty()
     width = shutil.get_terminal_size((160, 24)).columns if color else 160
@@ -39,6 +41,11 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
     console = Console(
         file=buffer, force_terminal=color, no_color=not color, width=width, highlight=False
     )
+    return console, buffer
+
+
+def render_table(report: ScanReport, limit: int | None = None, color: bool | None = None) -> str:
+    console, buffer = text_console(color)
     rows = sorted(report.layers, key=_severity_key)
     shown = rows[:limit] if limit is not None else rows
     k = report.settings.get("top_k", 16)

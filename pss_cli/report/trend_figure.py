@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pss_cli.errors import UsageError
-from pss_cli.report.files import check_report_path, write_text_atomically
+from pss_cli.report.files import (
+    check_report_path,
+    write_bytes_atomically,
+    write_text_atomically,
+)
 from pss_cli.report.trend_render import verdict_lines
 from pss_cli.trend.series import LayerTrend, TrendReport
 
@@ -45,7 +49,7 @@ def write_plot(report: TrendReport, path: Path) -> None:
     figure.savefig(buffer, format=fmt, dpi=130, bbox_inches="tight")
     _pyplot().close(figure)
     if suffix == ".png":
-        _write_bytes_atomically(path, buffer.getvalue())
+        write_bytes_atomically(path, buffer.getvalue())
     elif suffix == ".svg":
         write_text_atomically(path, buffer.getvalue().decode("utf-8"))
     else:
@@ -270,32 +274,6 @@ svg{{max-width:100%;height:auto}}</style></head><body>
 <p>pss {html.escape(report.pss_version)}</p>
 </body></html>
 """
-
-
-def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    from pss_cli.report.files import OutputError
-
-    directory = path.parent if str(path.parent) else Path(".")
-    temp = None
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-        temp = None
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write '{path}': {exc.strerror or exc}", "check the path, space and permissions"
-        ) from exc
-    finally:
-        if temp is not None:
-            Path(temp).unlink(missing_ok=True)
 
 
 def _pyplot() -> Any:

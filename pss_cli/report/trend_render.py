@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import math
-import shutil
-import sys
 from collections.abc import Sequence
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from pss_cli.errors import printable
+from pss_cli.report.table import text_console
 from pss_cli.trend.series import COLLAPSE, HEALTHY, LayerTrend, TrendReport
 
 _BARS = "▁▂▃▄▅▆▇█"
@@ -42,13 +39,7 @@ def sparkline(values: Sequence[float | None], log_scale: bool = False) -> str:
 
 
 def render_trend_table(report: TrendReport, color: bool | None = None) -> str:
-    if color is None:
-        color = sys.stdout.isatty()
-    width = shutil.get_terminal_size((160, 24)).columns if color else 160
-    buffer = io.StringIO()
-    console = Console(
-        file=buffer, force_terminal=color, no_color=not color, width=width, highlight=False
-    )
+    console, buffer = text_console(color)
     steps = report.steps
     span = f"steps {steps[0]}..{steps[-1]}" if steps else "no steps"
     run = escape(printable(report.run))

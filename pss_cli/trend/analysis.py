@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pss_cli import __version__
+from pss_cli.checkpoint.selection import glob_literal
 from pss_cli.config import ScanConfig, TrendConfig
 from pss_cli.errors import CheckpointError, ComputeError, PssError
 from pss_cli.results import LayerResult
@@ -281,14 +282,9 @@ def _commands(
             out = out.with_name(out.name + ".safetensors")
         parts = ["pss", "smooth", str(source)]
         for name in layers:
-            parts += ["--layers", _glob_literal(name)]
+            parts += ["--layers", glob_literal(name)]
         parts += ["--out", str(out)]
         commands.append(shlex.join(parts))
     if last_healthy is not None:
         commands.append(f"# or resume from {shlex.quote(last_healthy.path)} with a lower LR")
     return tuple(commands)
-
-
-def _glob_literal(name: str) -> str:
-    """A glob that matches exactly `name`, even when it holds [ ] * ? (tensor names can)."""
-    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)

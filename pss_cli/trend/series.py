@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pss_cli.results import display_name
+from pss_cli.results import display_name, finite_json
 from pss_cli.trend.detect import SPECTRAL_COLLAPSE, WarningEvent
 from pss_cli.trend.discovery import LogPoint
 
@@ -110,7 +110,7 @@ def _warned_key(layer: LayerTrend) -> tuple[int, int, float]:
 
 def trend_to_json_dict(report: TrendReport) -> dict[str, Any]:
     verdict = report.verdict
-    data: dict[str, Any] = _finite(
+    data: dict[str, Any] = finite_json(
         {
             "schema": TREND_SCHEMA,
             "schema_version": report.schema_version,
@@ -169,14 +169,3 @@ def trend_to_json_dict(report: TrendReport) -> dict[str, Any]:
         }
     )
     return data
-
-
-def _finite(value: Any) -> Any:
-    """NaN/Inf -> null (JSON has neither; a NaN loss is still visible as null beside its step)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
