@@ -5,7 +5,7 @@
 
 Each workload is a synthetic safetensors checkpoint written to a temporary folder (deleted at the
 end). Every matrix is a Marchenko-Pastur bulk (i.i.d. Gaussian entries scaled 1/sqrt(long side))
-plus 0-3 rank-1 spikes. The spike-free matrices are the hard case of NOTES.md "Numerics":
+plus 0-3 rank-1 spikes. The spike-free matrices are the hard case of docs/DESIGN.md "Numerics":
 sigma_2/sigma_1 ~ 0.99+, where few-step subspace iteration underestimates sigma_1 by percents.
 
 Every method runs in its own fresh subprocess (this script with the hidden `--method` flag) so
@@ -43,12 +43,12 @@ SEED = 20240611
 # Rows generated per chunk: Gaussian noise is drawn in float32 a few MiB at a time and copied into
 # the (possibly BF16) output, so generation needs no full-size float32 temporary per matrix.
 CHUNK_ELEMENTS = 2**22
-# Spike strengths are chosen so that sigma_1 / bulk edge falls in this range (NOTES: realistic
+# Spike strengths are chosen so that sigma_1 / bulk edge falls in this range (DESIGN.md: realistic
 # weights show outliers a little to a few times above the bulk).
 SPIKE_RATIO_RANGE = (1.2, 3.0)
 # pss's Krylov block width (pss_cli.core.spectra.DEFAULT_BLOCK_SIZE): the floor uses the same.
 FLOOR_BLOCK_SIZE = 32
-# The NOTES.md figures for WeightWatcher 0.7.7 on this CPU, quoted when it cannot be measured.
+# The docs/DESIGN.md figures for WeightWatcher 0.7.7 on this CPU, quoted when it cannot be measured.
 WW_NOTES_SECONDS = {(4096, 4096): 9.5, (11008, 4096): 14.0, (4096, 11008): 14.0}
 
 # Goals (product requirements; reported, never tuned for).
@@ -221,7 +221,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _tall(a: torch.Tensor) -> torch.Tensor:
-    # LAPACK svdvals was 2.5-3.5x slower on a wide matrix than on its transpose (NOTES.md).
+    # LAPACK svdvals was 2.5-3.5x slower on a wide matrix than on its transpose (docs/DESIGN.md).
     return a if a.shape[0] >= a.shape[1] else a.mT
 
 
@@ -668,12 +668,12 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
             if all(q is not None for q in quoted):
                 estimate = sum(q for q in quoted if q is not None)
                 ww_note = (
-                    f"WeightWatcher: not installed. NOT MEASURED: NOTES.md quotes ~9.5 s per "
+                    f"WeightWatcher: not installed. NOT MEASURED: docs/DESIGN.md quotes ~9.5 s per "
                     f"4096x4096 and ~14 s per 11008x4096 on this CPU, i.e. ~{estimate:.0f} s "
                     "for this workload."
                 )
             else:
-                ww_note = "WeightWatcher: not installed (no NOTES.md figure for these shapes)."
+                ww_note = "WeightWatcher: not installed (no docs/DESIGN.md figure for them)."
         progress("import-only baseline")
         baseline = spawn("baseline", workdir, checkpoint, 0, options)
 

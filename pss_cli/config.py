@@ -35,7 +35,7 @@ class ComputeDtype(StrEnum):
 
 DEFAULT_TOP_K = 16
 # The paper (arXiv 2602.01308) sees GPT-2 FFN stable ranks of ~50-130 in stable runs and < 5 right
-# before a loss explosion; healthy all-MiniLM-L6-v2 FFN matrices sit at 10-24 (NOTES.md). 5 flags
+# before a loss explosion; healthy all-MiniLM-L6-v2 FFN matrices sit at 10-24 (DESIGN.md). 5 flags
 # a collapse without flagging healthy small models.
 DEFAULT_MIN_STABLE_RANK = 5.0
 # A matrix whose short side is s cannot have a stable rank above s; the floor is lowered to
@@ -75,7 +75,7 @@ class ScanConfig:
     exact_max_dim: int = DEFAULT_EXACT_MAX_DIM
 
 
-# --- pss trend: the early-warning detector (README "pss trend"; NOTES.md "The method") ---------
+# --- pss trend: the early-warning detector (README "pss trend"; docs/DESIGN.md "The method") ---
 # A layer's SR - 1 below (1 - 0.5) x (the median of its own last 3 values - 1), SR >= 1 being
 # rank one: the paper's collapses fall from ~50-130 to < 5 within a few steps, far beyond a 2x
 # drop; healthy training drifts by a few percent between checkpoints.
@@ -92,13 +92,13 @@ DEFAULT_TREND_SIGMA_GROWTH = 2.0
 # "Many layers at once" (the paper's signature of a coming explosion): a collapse verdict.
 DEFAULT_TREND_COLLAPSE_LAYERS = 2
 # Training-log spikes: grad norm > 2.5 x its EMA (decay 0.9), the trigger of the paper's training
-# code (NOTES.md); loss > 1.5 x its lowest earlier value; both after 5 logged points of warm-up.
+# code (DESIGN.md); loss > 1.5 x its lowest earlier value; both after 5 logged points of warm-up.
 DEFAULT_GRAD_SPIKE_FACTOR = 2.5
 DEFAULT_GRAD_EMA_DECAY = 0.9
 DEFAULT_LOSS_SPIKE_FACTOR = 1.5
 DEFAULT_LOG_WARMUP_POINTS = 5
 # Roles followed and plotted but never warned about (except NaN/Inf): low-rank by nature (MiniLM's
-# position embeddings: 7.7; NOTES.md), skipped by the paper's code and left alone by `pss smooth`
+# position embeddings: 7.7; DESIGN.md), skipped by the paper's code and left alone by `pss smooth`
 # (repair.PROTECTED_ROLES). On the examples/ divergence run the token embedding's sigma_max grew
 # 4x from its small init over the first 80 steps, long before anything went wrong.
 TREND_QUIET_ROLES = ("embedding", "lm_head")

@@ -4,7 +4,7 @@ No files, no printing, no torch: the same code gates a fresh scan and a saved JS
 tests drive it with hand-built reports. Rule ids are stable (PSS001...): CI configs, SARIF alerts
 and ignore lists refer to them, so an id is never reused for another meaning.
 
-Defaults and their reasons (NOTES.md, measured with `pss scan`):
+Defaults and their reasons (docs/DESIGN.md, measured with `pss scan`):
 - stable rank: the paper (arXiv 2602.01308) sees GPT-2 FFN matrices at ~50-130 in stable runs and
   below ~5 right before a loss explosion; a healthy all-MiniLM-L6-v2 has FFN matrices at 10-24.
   5 (scan's own flag) catches a collapse without flagging healthy small models.
@@ -193,8 +193,8 @@ class Policy:
 
 def stable_rank_floor(min_stable_rank: float, short_side: int, fraction: float) -> float:
     """Copy of pss_cli.core.metrics.stable_rank_floor (that module imports torch): a matrix can
-    never exceed its short side, so tiny matrices get `fraction` of it (NOTES.md: MiniLM's 2 x 384
-    token-type embedding sits at 1.03 and is healthy)."""
+    never exceed its short side, so tiny matrices get `fraction` of it (docs/DESIGN.md:
+    MiniLM's 2 x 384 token-type embedding sits at 1.03 and is healthy)."""
     return min(min_stable_rank, fraction * short_side)
 
 

@@ -589,7 +589,7 @@ def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int
         else:
             target.zero_()
         return norm, bad
-    # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (NOTES.md).
+    # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (docs/DESIGN.md).
     target.copy_(oriented)
     norm = _buffer_norm(target)
     bad = 0 if math.isfinite(norm) else _count_nonfinite(source)

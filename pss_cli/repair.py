@@ -54,7 +54,7 @@ from pss_cli.pipeline import (
 )
 from pss_cli.results import LayerResult, ScanReport, SkippedResult, SmoothedLayer, SmoothReport
 
-# Roles left alone unless named with --layers: embeddings are low-rank by nature (NOTES.md:
+# Roles left alone unless named with --layers: embeddings are low-rank by nature (docs/DESIGN.md:
 # MiniLM position embeddings 7.7) and the paper's code skips embeddings and the LM head.
 PROTECTED_ROLES = frozenset({"embedding", "lm_head"})
 # A cap target is reached within this relative tolerance after casting back to the stored dtype
@@ -323,7 +323,7 @@ def _with_targets(
 
     Healthy peers are finite, unflagged matrices of the same role and shape in this checkpoint,
     else of the same role, else all of them: the checkpoint's own healthy layers say what a
-    normal spectrum looks like for this model, which an absolute number cannot (NOTES.md).
+    normal spectrum looks like for this model, which an absolute number cannot (docs/DESIGN.md).
     """
     healthy = [x for x in scan.layers if not x.flags and x.stable_rank is not None]
     out: list[_Plan] = []

@@ -35,7 +35,7 @@ def power_law(r: int, exponent: float = 0.6) -> torch.Tensor:
 def flat_bulk(r: int) -> torch.Tensor:
     """Quarter-circle (square Marchenko-Pastur) singular values: sigma_2/sigma_1 ~ 0.99+.
 
-    The hard case for randomized SVD (NOTES.md): quantiles of the density (1/pi) sqrt(4 - s^2).
+    The hard case of randomized SVD (DESIGN.md): quantiles of the density (1/pi) sqrt(4 - s^2).
     """
     # Inverse of the CDF of the quarter-circle law, by interpolation on a fine grid.
     grid = torch.linspace(0.0, 2.0, 20001, dtype=torch.float64)

@@ -46,7 +46,7 @@ def test_lists_every_2d_weight(exact_report) -> None:
         }
     assert {layer.name for layer in exact_report.layers} == two_d
     assert len(two_d) == 40
-    # NOTES.md's figures for this model: token-type embeddings ~1.03 (2 x 384), pooler ~99.
+    # docs/DESIGN.md's figures for this model: token-type embeddings ~1.03 (2 x 384), pooler ~99.
     by_name = {layer.name: layer for layer in exact_report.layers}
     assert by_name["embeddings.token_type_embeddings.weight"].stable_rank == pytest.approx(
         1.03, abs=0.01

@@ -99,7 +99,7 @@ def test_softmax_keeps_sum_and_order(s: torch.Tensor, window: int, temperature: 
     out = softmax_values(s, window, temperature)
     assert float(out[:window].sum()) == pytest.approx(float(s[:window].sum()), rel=1e-9)
     assert (out[:window][:-1] >= out[:window][1:] - 1e-12).all()
-    assert (out[:window] >= 0).all()  # may underflow to 0: softmax can sharpen (NOTES.md)
+    assert (out[:window] >= 0).all()  # may underflow to 0: softmax can sharpen (docs/DESIGN.md)
     assert torch.equal(out[window:], s[window:])
 
 

@@ -52,7 +52,7 @@ def test_spike_converges_to_float32_precision() -> None:
     truth = spiky(800, spikes=(20.0, 10.0, 6.0))
     a = with_spectrum(1000, 800, truth, seed=3).to(torch.float32)[None]
     values = _krylov(a).values[0]
-    # A clear gap makes Krylov converge fast and far (NOTES.md: errors ~1e-6).
+    # A clear gap makes Krylov converge fast and far (docs/DESIGN.md: errors ~1e-6).
     assert _relative_errors(values[:3], truth[:3]).max() <= 1e-5
 
 

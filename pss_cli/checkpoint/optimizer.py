@@ -4,8 +4,8 @@ Adam's moments (exp_avg ~ smoothed gradient, exp_avg_sq ~ its smoothed square) w
 for the old weights; after a large edit they describe a point the model is no longer at. Three
 policies: RESET zeroes the moments of the modified parameters (precedent: SPAM, arXiv
 2501.06842), KEEP leaves them (precedent: Kimi K2's QK-Clip after small targeted edits), DROP
-removes the file so the trainer starts a fresh optimizer. See NOTES.md "Optimizer state and the
-master-weights trap".
+removes the file so the trainer starts a fresh optimizer. See docs/DESIGN.md "Optimizer state and
+master weights".
 
 Security: optimizer files are pickles. They are only ever loaded with
 ``torch.load(weights_only=True)``, which refuses any global outside a short allow-list of
@@ -278,7 +278,7 @@ def _map_modified(
 def _first_update_factor(state_dict: dict[str, Any]) -> float:
     """Adam's first update after zeroing both moments with `step` kept (bias corrections ~1):
     m = (1 - b1) g, v = (1 - b2) g^2, so |update| = lr (1 - b1) / sqrt(1 - b2): ~3.2 lr for
-    b1 = 0.9, b2 = 0.999 (NOTES.md "Optimizer state and the master-weights trap")."""
+    b1 = 0.9, b2 = 0.999 (docs/DESIGN.md "Optimizer state and master weights")."""
     groups = state_dict["param_groups"]
     betas = groups[0].get("betas", _DEFAULT_BETAS) if groups else _DEFAULT_BETAS
     try:

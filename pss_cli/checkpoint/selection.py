@@ -3,7 +3,7 @@
 Roles come from tensor names through one ordered regex table (first match wins), covering the
 HF names of GPT-2, BERT, Llama/Mistral/Qwen2, Phi, Falcon/Bloom, GPT-NeoX, GPT-J, OPT, T5,
 Mixtral and stacked-expert MoE, and Meta's original Llama names. Unknown names get ``other``:
-a wrong role is worse than none, because thresholds depend on the role (NOTES: embeddings
+a wrong role is worse than none, because thresholds depend on the role (docs/DESIGN.md: embeddings
 have tiny stable ranks by nature).
 """
 

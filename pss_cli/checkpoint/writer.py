@@ -5,7 +5,7 @@ the replaced tensors overwritten; everything else is streamed across in fixed-si
 memory stays bounded by one chunk plus one replacement tensor, and untouched tensors are
 byte-identical by construction (STYLE.md rule 8). Tensor entries, dtypes, shapes and data_offsets
 are kept exactly, which is valid because a replacement has the same shape and dtype, hence the
-same byte size (NOTES.md "safetensors facts": offsets must tile the data area).
+same byte size (docs/DESIGN.md "safetensors": offsets must tile the data area).
 
 Atomicity: everything is staged beside ``out`` (same parent, so the final rename never crosses a
 filesystem), fsynced, then moved into place with one rename; on any failure, Ctrl-C included, the

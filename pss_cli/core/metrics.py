@@ -1,4 +1,4 @@
-"""Singularity metrics from singular values (PSS, arXiv 2602.01308, and NOTES.md)."""
+"""Singularity metrics from singular values (PSS, arXiv 2602.01308, and docs/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -72,5 +72,5 @@ def entropy_effective_rank(singular_values: torch.Tensor) -> float | None:
 
 
 def stable_rank_floor(min_stable_rank: float, short_side: int, fraction: float) -> float:
-    """The floor actually applied: never above `fraction` of what the shape allows (NOTES.md)."""
+    """The floor actually applied: never above `fraction` of the shape's rank (docs/DESIGN.md)."""
     return min(min_stable_rank, fraction * short_side)

@@ -3,7 +3,7 @@
 Each function maps the top singular values s (descending) to new values s' of the same length;
 `apply_spectrum_change` then forms W' = W + U_k diag(s'_k - s_k) V_k^T, so singular vectors and
 every value outside the top k are unchanged (the paper says only the dominant values change;
-arXiv 2602.01308, and NOTES.md for what its code does differently).
+arXiv 2602.01308, and docs/DESIGN.md for what its code does differently).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def conv_values(top: torch.Tensor, window: int, rank: int) -> torch.Tensor:
 def softmax_values(top: torch.Tensor, window: int, temperature: float) -> torch.Tensor:
     """s' = softmax(s / t) * sum(s) over the top `window` values: keeps their sum and order.
 
-    Scale-dependent (NOTES.md): with large gaps it can sharpen rather than smooth; the report
+    Scale-dependent (docs/DESIGN.md): with large gaps it can sharpen rather than smooth; the report
     shows the resulting stable rank so that this is visible.
     """
     if temperature <= 0:

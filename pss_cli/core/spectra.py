@@ -268,7 +268,7 @@ def _block_lanczos(
                 )
         if iteration == max_iterations:
             # Not converged within the budget: pay for the full SVD rather than report a value
-            # that may be off (the flat-bulk trap of NOTES.md).
+            # that may be off (the flat-bulk trap of docs/DESIGN.md).
             not_converged = ~(
                 (remaining[:, 0] <= settings.tol_sigma_max)
                 & (remaining.amax(dim=1) <= settings.tol_top_k)

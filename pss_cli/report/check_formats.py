@@ -18,7 +18,7 @@ from pss_cli.errors import printable
 from pss_cli.gate import RULES, CheckResult, Finding, Severity
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
-# GitHub shows at most 10 error and 10 warning annotations per step (NOTES.md, CI conventions);
+# GitHub shows at most 10 error and 10 warning annotations per step (docs/DESIGN.md, CI);
 # the rest would be dropped silently, so pss cuts them itself and says how many it cut.
 GITHUB_ANNOTATION_CAP = 10
 CHECK_SCHEMA_VERSION = 1
