@@ -23,6 +23,7 @@ from pss_cli.checkpoint.digest import tensor_digests
 from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.formats import TORCH_SUFFIXES, provenance_sidecar
 from pss_cli.checkpoint.header import read_header
+from pss_cli.checkpoint.lr_files import LrScalePlan
 from pss_cli.checkpoint.model import TORCH_KINDS, CheckpointLayout, LayoutKind, TensorEntry
 from pss_cli.checkpoint.optimizer import (
     OptimizerOutcome,
@@ -80,6 +81,9 @@ class SmoothConfig:
     allow_master_weights: bool = False
     force: bool = False
     dry_run: bool = False
+    # Multiply the learning rates stored in the optimizer and scheduler state (lr_scale.py):
+    # a trainer that restores them ignores the LR given at resume.
+    lr_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,7 @@ def smooth_checkpoint(
         )
     if out is not None and not config.dry_run:
         _check_output(layout, out, config.force)
+    lr_plan = _lr_scale_plan(layout, folder, config)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = _select(scan, layout, config)
     changes, more_skips = _compute_changes(layout, plans, config)
@@ -172,20 +177,22 @@ def smooth_checkpoint(
         if layout.kind not in _ONE_FILE_KINDS and layout.kind is not LayoutKind.DCP
         else None
     )
+    scheduler_file = lr_plan.scheduler_file if lr_plan is not None else None
     modified_names = sorted(replacements)
 
     def optimizer_hook(_input_root: Path, staging: Path) -> None:
-        if optimizer_file is None:
-            return
-        optimizer_outcome.append(
-            rewrite_optimizer_state(
-                optimizer_file,
-                staging / optimizer_file.name,
-                config.optimizer_state,
-                layout.entries,
-                modified_names,
+        if optimizer_file is not None:
+            optimizer_outcome.append(
+                rewrite_optimizer_state(
+                    optimizer_file,
+                    staging / optimizer_file.name,
+                    config.optimizer_state,
+                    layout.entries,
+                    modified_names,
+                )
             )
-        )
+        if lr_plan is not None:
+            lr_plan.write_folder(staging)
 
     provenance = {
         "pss.version": __version__,
@@ -194,7 +201,10 @@ def smooth_checkpoint(
         "pss.parameters": _parameters_text(config),
         "pss.modified_tensors": ",".join(modified_names),
     }
-    skip_optimizer = lambda path: optimizer_file is not None and path == optimizer_file  # noqa: E731
+
+    def skip_optimizer(path: Path) -> bool:
+        return path in (optimizer_file, scheduler_file)
+
     verification: list[tuple[int, dict[tuple[str, int | None], LayerResult]]] = []
 
     def verify_staged(staged: Path) -> None:
@@ -202,6 +212,8 @@ def smooth_checkpoint(
         # that fails its own verification never appears where a trainer could resume from it,
         # and with --force the previous output stays until the new one has passed.
         verification.append(_verify_or_raise(layout, staged, changes, config))
+        if lr_plan is not None:
+            lr_plan.verify(staged)
 
     if layout.kind is LayoutKind.DCP:
         written_out, dcp_outcome = write_dcp_checkpoint(
@@ -221,12 +233,16 @@ def smooth_checkpoint(
             outcome = apply_in_file(
                 obj, file, config.optimizer_state, layout.entries, modified_names
             )
+            scaled = lr_plan.scale_object(obj) if lr_plan is not None else False
             if outcome is None:
-                return False
+                return scaled
             optimizer_outcome.append(outcome)
-            return outcome.policy is not OptimizerPolicy.KEEP and (
-                outcome.policy is OptimizerPolicy.DROP
-                or bool(outcome.reset_param_ids or outcome.reset_names)
+            return scaled or (
+                outcome.policy is not OptimizerPolicy.KEEP
+                and (
+                    outcome.policy is OptimizerPolicy.DROP
+                    or bool(outcome.reset_param_ids or outcome.reset_names)
+                )
             )
 
         written_out = write_torch_checkpoint(
@@ -253,6 +269,10 @@ def smooth_checkpoint(
         ).out
     verified_untouched, after = verification[-1]
     optimizer = _optimizer_summary(optimizer_outcome, optimizer_file, config)
+    if lr_plan is not None:
+        optimizer["lr_scale"] = lr_plan.summary()
+        messages = optimizer.get("messages")
+        optimizer["messages"] = [*(messages if isinstance(messages, list) else []), lr_plan.note()]
     return _report(
         scan,
         layout,
@@ -265,6 +285,38 @@ def smooth_checkpoint(
         optimizer,
         started,
     )
+
+
+def _lr_scale_plan(
+    layout: CheckpointLayout, folder: Path, config: SmoothConfig
+) -> LrScalePlan | None:
+    """Find what --lr-scale will scale before any computation; refuse when there is nothing."""
+    if config.lr_scale is None:
+        return None
+    factor = config.lr_scale
+    if not (math.isfinite(factor) and factor > 0):
+        raise UsageError(f"--lr-scale must be a positive number (got {factor})")
+    plan: LrScalePlan | None = None
+    if layout.kind is LayoutKind.DCP:
+        raise UsageError(
+            f"--lr-scale does not rewrite DCP folders yet ('{layout.root}')",
+            "set the resume learning rate in your training script (after loading the "
+            "optimizer state), or smooth without --lr-scale",
+        )
+    if layout.kind is LayoutKind.TORCH_FILE:
+        from pss_cli.checkpoint.torch_file import load
+
+        plan = LrScalePlan.for_file(factor, layout.root, load(layout.root))
+    elif layout.kind not in _ONE_FILE_KINDS:
+        plan = LrScalePlan.for_folder(factor, folder)
+    if plan is None:
+        raise UsageError(
+            f"--lr-scale has nothing to scale: '{layout.root}' holds no optimizer or LR "
+            "scheduler state",
+            "pass the training checkpoint (a Trainer checkpoint-N/ folder, an accelerate "
+            "save_state folder, a Lightning .ckpt), or set the LR in your training script",
+        )
+    return plan
 
 
 def _select(
@@ -567,18 +619,16 @@ def _check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
     """Every refusal about OUT before any work is done (not after minutes of SVDs)."""
     check_output_path(layout, out, force=force)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
-    if layout.kind in TORCH_KINDS and out.suffix.lower() in TORCH_SUFFIXES:
-        if layout.kind is not LayoutKind.TORCH_FILE:
-            raise UsageError(
-                f"output '{out}' names one file but the input '{layout.root}' is a "
-                f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
-                hint="pass a folder as the output path",
-            )
-        if out.suffix.lower() != layout.root.suffix.lower():
-            raise UsageError(
-                f"output '{out}' has another suffix than the input '{layout.root.name}'",
-                hint=f"name the output '*{layout.root.suffix}': smooth writes the input's format",
-            )
+    if (
+        layout.kind in TORCH_KINDS
+        and out.suffix.lower() in TORCH_SUFFIXES
+        and layout.kind is not LayoutKind.TORCH_FILE
+    ):
+        raise UsageError(
+            f"output '{out}' names one file but the input '{layout.root}' is a "
+            f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
+            hint="pass a folder as the output path",
+        )
     if layout.kind is LayoutKind.DCP and out.suffix.lower() in (".safetensors", *TORCH_SUFFIXES):
         raise UsageError(
             f"output '{out}' names a file but the input '{layout.root}' is a DCP folder",

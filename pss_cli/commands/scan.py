@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from pss_cli.commands.options import (
+    AllowPickleTypesOpt,
     CheckpointArg,
     DeviceOpt,
     ExcludeOpt,
@@ -63,8 +64,12 @@ def scan_command(
     ] = None,
     output: OutputOpt = None,
     quiet: QuietOpt = False,
+    allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Compute per-layer singularity metrics (stable rank, sigma_max, ...) of a checkpoint."""
+    from pss_cli.checkpoint.formats import set_allow_pickle_types
+
+    set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import open_session
 
     # Under torchrun every process runs this; the session keeps them in step (one error, on

@@ -116,10 +116,20 @@ def resume_recipe(report: SmoothReport) -> str:
         if reset
         else "the repaired matrices meet gradients (and Adam moments) of the old weights"
     )
+    scaled = report.optimizer.get("lr_scale")
+    factor = scaled.get("factor") if isinstance(scaled, dict) else None
+    lower = (
+        f"its stored learning rates are already x{factor:g} (--lr-scale): resume from it as "
+        "it is, or add gradient clipping"
+        if isinstance(factor, float)
+        else "resume at a lower learning rate (e.g. half: `pss smooth ... --lr-scale 0.5`, "
+        "because a trainer that restores the optimizer and scheduler state ignores the LR "
+        "you pass at resume) or with gradient clipping"
+    )
     return (
         "To resume from the repaired checkpoint:\n"
         f"  - point your trainer at {report.output} (same layout and tensor names as the input);\n"
-        f"  - resume at a lower learning rate (e.g. half) or with gradient clipping: {why}; in "
+        f"  - {lower}: {why}; in "
         "docs/EXPERIMENTS.md smoothing alone at the same LR did not prevent a new explosion, "
         "while a lower LR or clipping did;\n"
         "  - consider skipping the data window around the spike;\n"
