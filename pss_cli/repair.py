@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pss_cli import __version__
+from pss_cli.checkpoint import out_checks
 from pss_cli.checkpoint.dcp_writer import write_dcp_checkpoint
 from pss_cli.checkpoint.digest import tensor_digests
 from pss_cli.checkpoint.discover import open_checkpoint
@@ -85,6 +86,7 @@ class SmoothConfig:
     # Multiply the learning rates stored in the optimizer and scheduler state (lr_scale.py):
     # a trainer that restores them ignores the LR given at resume.
     lr_scale: float | None = None
+    clean_stale: bool = False  # remove staging entries left in OUT's folder by killed runs
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,10 @@ def smooth_checkpoint(
             "repair the fp32 master weights instead, or pass --allow-master-weights if your "
             "resume loads the model weights (e.g. load_from_fp32_weights=False)",
         )
+    notes: list[str] = []
     if out is not None and not config.dry_run:
         _check_output(layout, out, config.force)
+        notes.extend(_staging_notes(out, config.clean_stale))
     lr_plan = _lr_scale_plan(layout, folder, config)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = _select(scan, layout, config)
@@ -166,6 +170,7 @@ def smooth_checkpoint(
             messages=(
                 *planned.messages,
                 "nothing to change: no selected matrix needs smoothing; nothing was written",
+                *_why_nothing(config, not_smoothed),
             ),
         )
 
@@ -274,7 +279,7 @@ def smooth_checkpoint(
         optimizer["lr_scale"] = lr_plan.summary()
         messages = optimizer.get("messages")
         optimizer["messages"] = [*(messages if isinstance(messages, list) else []), lr_plan.note()]
-    return _report(
+    final = _report(
         scan,
         layout,
         config,
@@ -285,6 +290,87 @@ def smooth_checkpoint(
         verified_untouched,
         optimizer,
         started,
+    )
+    return replace(final, messages=(*notes, *final.messages))
+
+
+def _staging_notes(out: Path, clean: bool) -> list[str]:
+    """Refuse a concurrent run into OUT; name (or, with clean, remove) stale staging entries."""
+    entries = out_checks.staging_entries(out)
+    out_checks.refuse_concurrent(out, entries)
+    if clean and entries.stale:
+        removed = out_checks.remove_stale(entries)
+        return [f"removed {len(removed)} stale staging entr{'y' if len(removed) == 1 else 'ies'}"]
+    note = out_checks.stale_note(entries)
+    return [note] if note else []
+
+
+def _why_nothing(config: SmoothConfig, skipped: tuple[SkippedResult, ...]) -> list[str]:
+    """Why --all changed nothing: each target is a peer median, which healthy matrices meet."""
+    if not (
+        config.all_layers
+        and config.params.method is SmoothingMethod.CAP
+        and config.params.target_stable_rank is None
+        and skipped
+    ):
+        return []
+    return [
+        "with --all and no --target-stable-rank, each matrix's target is the median stable rank "
+        "of its healthy peers, and every selected matrix already reaches it; pass "
+        "--target-stable-rank SR to raise matrices to SR"
+    ]
+
+
+# Names under which transformers ties the LM head to the token embedding (tie_word_embeddings),
+# and the embedding names it ties to.
+_LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+_TOKEN_EMBEDDING_HINTS = ("wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in")
+
+
+def _tied_to(pattern: str, scan: ScanReport, layout: CheckpointLayout) -> str | None:
+    """The token embedding an absent, tied LM head shares its storage with (safetensors and
+    torch files keep tied tensors once); None unless the model's config says nothing against
+    tying and exactly one token embedding is stored."""
+    if not any(fnmatchcase(name, pattern) for name in _LM_HEAD_NAMES) and not any(
+        pattern.endswith(name) for name in _LM_HEAD_NAMES
+    ):
+        return None
+    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        import json
+
+        try:
+            tie = json.loads(config_file.read_text(encoding="utf-8")).get(
+                "tie_word_embeddings", True
+            )
+        except (OSError, ValueError, AttributeError):
+            tie = True
+        if tie is False:
+            return None
+    candidates = [
+        x.name
+        for x in scan.layers
+        if x.index is None and any(hint in x.name for hint in _TOKEN_EMBEDDING_HINTS)
+    ]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def selected_by_default(layer: LayerResult) -> bool:
+    """What `pss smooth` without --layers/--all picks (and what `pss scan`'s hint counts)."""
+    return FLAG_LOW_STABLE_RANK in layer.flags and layer.role not in PROTECTED_ROLES
+
+
+def would_smooth_by_default(layers: tuple[LayerResult, ...]) -> int:
+    """How many matrices a default `pss smooth` changes: selected, and smoothable (finite, not
+    quantized, not all-zero)."""
+    return sum(
+        1
+        for x in layers
+        if selected_by_default(x)
+        and x.scale_tensor is None
+        and not x.nonfinite_count
+        and x.stable_rank is not None
     )
 
 
@@ -332,9 +418,18 @@ def _select(
             g for g in config.layers if not any(fnmatchcase(x.name, g) for x in scan.layers)
         ]
         if unmatched:
+            tied = _tied_to(unmatched[0], scan, layout)
             raise UsageError(
-                f"--layers '{unmatched[0]}' matches no analysed matrix in '{layout.root}'",
-                "run `pss scan` to list the matrix names",
+                f"--layers '{unmatched[0]}' matches no analysed matrix in '{layout.root}'"
+                + (
+                    f": the LM head is tied to '{tied}' (the checkpoint stores that one "
+                    "tensor for both)"
+                    if tied
+                    else ""
+                ),
+                f"name it instead: --layers '{tied}' (smoothing it changes the LM head too)"
+                if tied
+                else "run `pss scan` to list the matrix names",
             )
     for layer in scan.layers:
         explicit = any(fnmatchcase(layer.name, g) for g in config.layers)
@@ -343,7 +438,7 @@ def _select(
         elif config.all_layers:
             chosen = layer.role not in PROTECTED_ROLES
         else:
-            chosen = FLAG_LOW_STABLE_RANK in layer.flags and layer.role not in PROTECTED_ROLES
+            chosen = selected_by_default(layer)
         if not chosen:
             continue
         reason = None
@@ -638,6 +733,8 @@ def _num(value: float | None) -> str:
 def _check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
     """Every refusal about OUT before any work is done (not after minutes of SVDs)."""
     check_output_path(layout, out, force=force)
+    out_checks.probe_writable(out.parent, out)
+    out_checks.refuse_file_in_checkpoint_folder(layout.root, out)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
     if (
         layout.kind in TORCH_KINDS

@@ -8,7 +8,8 @@ folders of ``checkpoints/`` (every entry there, ordered by the number in its nam
 folder named ``checkpoint-20-pss-smoothed`` beside the originals is deleted at the first save
 after resuming with the same ``output_dir``. So the default output leaves the run folder: it
 is ``<run>-pss-<checkpoint name>`` beside the run folder (an existing folder, where no rotation
-of that run looks); a checkpoint outside a run folder gets ``<name>-pss-smoothed`` beside it.
+of that run looks); so does a weights file inside a checkpoint folder (``model.safetensors`` of
+``checkpoint-N/``); any other checkpoint gets ``<name>-pss-smoothed`` beside it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ def _stem_suffix(name: str) -> tuple[str, str]:
 
 def default_output(source: Path) -> Path:
     """The suggested ``--out`` for repairing ``source`` (see the module docstring)."""
-    if _ROTATED.match(source.name) and source.parent.name not in ("", ".", ".."):
-        run = source.parent
-        return run.with_name(f"{run.name}{RUN_SUFFIX}-{source.name}")
+    from pss_cli.checkpoint.out_checks import in_checkpoint_folder
+
+    parent = source.parent
+    if parent.name not in ("", ".", "..") and (
+        _ROTATED.match(source.name) or in_checkpoint_folder(source)
+    ):
+        # beside the run (or checkpoint) folder, not inside it: out of the rotation's reach,
+        # and not a second weights file in a folder that loaders read as a whole
+        return parent.with_name(f"{parent.name}{RUN_SUFFIX}-{source.name}")
     stem, suffix = _stem_suffix(source.name)
     return source.with_name(stem + OUT_SUFFIX + suffix)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -141,10 +142,16 @@ def _emit(
     if output is not None:
         write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))
     typer.echo(text, nl=not text.endswith("\n"))
-    flagged = report.summary.flag_counts.get("low_stable_rank", 0)
-    if flagged and not quiet and output_format is OutputFormat.TABLE:
+    if quiet or output_format is not OutputFormat.TABLE:
+        return
+    from pss_cli.repair import would_smooth_by_default  # the count smooth's selection gives
+
+    count = would_smooth_by_default(report.layers)
+    if count:
+        matrices = "matrix" if count == 1 else "matrices"
         typer.echo(
-            f"hint: `pss smooth {checkpoint} --out NEW_PATH --dry-run` previews a repair of "
-            f"the {flagged} matrices with a low stable rank",
+            f"hint: `pss smooth {shlex.quote(str(checkpoint))} --out NEW_PATH --dry-run` "
+            f"previews a repair of the {count} {matrices} with a low stable rank that smooth "
+            "would change (embeddings and the LM head are left alone unless named)",
             err=True,
         )

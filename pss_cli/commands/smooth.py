@@ -91,6 +91,13 @@ def smooth_command(
             "(e.g. 0.5 to resume at half the LR).",
         ),
     ] = None,
+    clean_stale: Annotated[
+        bool,
+        typer.Option(
+            "--clean-stale",
+            help="Remove staging entries (.*.pss-tmp-*) that killed pss runs left beside OUT.",
+        ),
+    ] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     dry_run: Annotated[
@@ -171,6 +178,7 @@ def smooth_command(
         force=force,
         dry_run=dry_run,
         lr_scale=lr_scale,
+        clean_stale=clean_stale,
     )
     with stderr_progress(enabled=not quiet) as progress:
         report = smooth_checkpoint(

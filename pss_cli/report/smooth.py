@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pss_cli.config import OutputFormat
-from pss_cli.errors import printable
+from pss_cli.errors import count, printable
 from pss_cli.report.table import _fmt
 from pss_cli.results import SmoothReport, smooth_report_to_json_dict
 
@@ -85,7 +85,10 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
         )
         for skipped in report.not_smoothed:
             console.print(f"left alone: {skipped.name}: {skipped.reason}")
-        console.print(f"dry run: {len(report.layers)} matrices would change; nothing written")
+        console.print(
+            f"dry run: {count(len(report.layers), 'matrix', 'matrices')} would change; "
+            "nothing written"
+        )
         return buffer.getvalue()
     if report.layers:
         console.print(
@@ -94,8 +97,10 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
         verified = sum(1 for layer in report.layers if layer.verified)
         console.print(
             Text(
-                f"{len(report.layers)} matrices smoothed ({verified} verified), "
-                f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
+                f"{count(len(report.layers), 'matrix', 'matrices')} smoothed "
+                f"({verified} verified), "
+                f"{count(report.untouched_tensors_verified, 'other tensor')} byte-identical to "
+                "the input; "
                 f"written to {report.output}"
             )
         )
