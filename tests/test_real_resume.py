@@ -161,3 +161,50 @@ def test_lightning_ckpt_scan_trend_smooth_and_resume_at_half_lr(
         written = torch.load(out_file, weights_only=True)["state_dict"]
     for name, tensor in written.items():
         assert torch.equal(repaired.start_weights[name], tensor), name
+
+
+def test_trainer_reset_maps_the_repaired_parameter_exactly(
+    hf_run: tuple[Path, RunRecord], tmp_path: Path
+) -> None:
+    """Trainer's optimizer ids are its decay group then its no-decay group, each in
+    named_parameters() order: pss rebuilds that order and zeroes only the repaired tensor's
+    moments; the id is checked against the optimizer a real Trainer builds."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    run, _ = hf_run
+    out = tmp_path / "reset"
+    code, stdout, err = _pss(
+        "smooth", run / "checkpoint-20", "--layers", LAYER, "--method", "clip",
+        "--optimizer-state", "reset", "--out", out, "-q", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    optimizer = json.loads(stdout)["optimizer"]
+    assert optimizer["mapping"] == "exact"
+    assert not any("cannot tell" in m for m in optimizer["messages"])
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    )
+    args = TrainingArguments(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True)
+    real = Trainer(model=model, args=args).create_optimizer()
+    by_param = {id(p): n for n, p in model.named_parameters()}
+    order = [by_param[id(p)] for g in real.param_groups for p in g["params"]]
+    assert optimizer["reset_param_ids"] == [order.index(LAYER)]
+    state = torch.load(out / "optimizer.pt", weights_only=True)["state"]
+    zeroed = [i for i, s in state.items() if not s["exp_avg"].any()]
+    assert zeroed == [order.index(LAYER)]
+
+
+def test_lightning_reset_maps_the_repaired_parameter_exactly(
+    lightning_ckpts: tuple[Path, RunRecord], tmp_path: Path
+) -> None:
+    root, _ = lightning_ckpts
+    out = tmp_path / "reset.ckpt"
+    code, stdout, err = _pss(
+        "smooth", root / "checkpoints" / "epoch=1-step=20.ckpt", "--layers", "hidden.weight",
+        "--method", "clip", "--optimizer-state", "reset", "--allow-pickle-types", "--out", out,
+        "-q", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    optimizer = json.loads(stdout)["optimizer"]
+    # configure_optimizers(self.parameters()): inp.weight, inp.bias, hidden.weight, ...
+    assert optimizer["mapping"] == "exact" and optimizer["reset_param_ids"] == [2]

@@ -45,8 +45,7 @@ def check_report_path(path: Path) -> None:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=directory)
     except OSError as exc:
         raise UsageError(
-            f"cannot write '{path}': folder '{directory}' is not writable "
-            f"({exc.strerror or exc})",
+            f"cannot write '{path}': folder '{directory}' is not writable ({exc.strerror or exc})",
             "choose a writable --output path",
         ) from None
     os.close(fd)
