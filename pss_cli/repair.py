@@ -6,6 +6,7 @@ smoothing itself live in `pss_cli.core.smoothing`, the file work in `pss_cli.che
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -459,65 +460,116 @@ def _select(
         target = by_name[layer.name]
         plans.append(_Plan(layer, target.entry, target.view, None, None, config.params.method))
     if config.params.method is SmoothingMethod.CAP:
-        plans, cap_skips = _with_targets(plans, scan, config)
+        plans, cap_skips = _with_targets(plans, scan, config, layout.root)
         skipped.extend(cap_skips)
     return plans, tuple(skipped)
 
 
 def _with_targets(
-    plans: list[_Plan], scan: ScanReport, config: SmoothConfig
+    plans: list[_Plan], scan: ScanReport, config: SmoothConfig, source: Path | None = None
 ) -> tuple[list[_Plan], list[SkippedResult]]:
-    """Target stable rank per matrix: the option, or the median of healthy peers.
+    """Target stable rank per matrix, and where it came from (shown in the plan):
 
-    Healthy peers are finite, unflagged matrices of the same role and shape in this checkpoint,
-    else of the same role, else all of them: the checkpoint's own healthy layers say what a
-    normal spectrum looks like for this model, which an absolute number cannot (NOTES.md).
+    1. --target-stable-rank;
+    2. when the matrix's role is known, the median of the healthy (finite, unflagged) matrices
+       of the same role and shape in this checkpoint: they say what a normal spectrum looks
+       like for this model, which an absolute number cannot. Never peers of another role: an
+       embedding's or LM head's spectrum says nothing about an MLP's (an unknown-role head once
+       got its target from the embeddings: an 83 % change of its norm);
+    3. the matrix's own last healthy stable rank in the run's trend cache (`pss trend` writes
+       it beside the checkpoints);
+    4. just above the flag threshold (FALLBACK_TARGET_FACTOR): the mildest edit that unflags it.
     """
     healthy = [x for x in scan.layers if not x.flags and x.stable_rank is not None]
+    history = _own_history(source) if source is not None else {}
     out: list[_Plan] = []
     skipped: list[SkippedResult] = []
     for plan in plans:
         layer = plan.layer
         rank = min(layer.matrix_shape)
         if config.params.target_stable_rank is not None:
-            target, source = config.params.target_stable_rank, "--target-stable-rank"
+            target, origin = config.params.target_stable_rank, "--target-stable-rank"
         else:
-            target, source = _peer_median(layer, healthy, config.scan.min_stable_rank)
+            target, origin = _default_target(layer, healthy, history, config.scan.min_stable_rank)
         if target > rank:
             if config.params.target_stable_rank is not None:
                 raise UsageError(
                     f"--target-stable-rank {target:g} exceeds the rank {rank} of '{layer.name}'",
                     "choose a target below min(m, n) of every selected matrix",
                 )
-            target, source = 0.5 * rank, f"half the rank {rank} (peer median was higher)"
+            target, origin = 0.5 * rank, f"half the rank {rank} ({origin} was higher)"
         assert layer.stable_rank is not None
         if layer.stable_rank >= target:
             skipped.append(
                 _skip(layer, f"stable rank {layer.stable_rank:.3g} already >= target {target:.3g}")
             )
             continue
-        out.append(replace(plan, target=target, target_source=source))
+        out.append(replace(plan, target=target, target_source=origin))
     return out, skipped
 
 
-def _peer_median(
-    layer: LayerResult, healthy: list[LayerResult], min_stable_rank: float
+_UNKNOWN_ROLE = "other"
+
+
+def _default_target(
+    layer: LayerResult,
+    healthy: list[LayerResult],
+    history: dict[tuple[str, int | None], tuple[float, int]],
+    min_stable_rank: float,
 ) -> tuple[float, str]:
-    tiers = (
-        (
-            "role and shape",
-            [x for x in healthy if x.role == layer.role and x.matrix_shape == layer.matrix_shape],
-        ),
-        ("role", [x for x in healthy if x.role == layer.role]),
-        ("all healthy matrices", healthy),
+    if layer.role != _UNKNOWN_ROLE:
+        peers = [
+            x.stable_rank
+            for x in healthy
+            if x.role == layer.role
+            and x.matrix_shape == layer.matrix_shape
+            and x.stable_rank is not None
+        ]
+        if peers:
+            return (
+                statistics.median(peers),
+                f"median of {len(peers)} healthy {layer.role} matrices of shape "
+                f"{'x'.join(map(str, layer.matrix_shape))}",
+            )
+    own = history.get((layer.name, layer.index))
+    if own is not None:
+        return own[0], f"its own stable rank at step {own[1]} (trend cache)"
+    why = "no healthy peer of its role and shape" if layer.role != _UNKNOWN_ROLE else "role unknown"
+    return (
+        FALLBACK_TARGET_FACTOR * min_stable_rank,
+        f"{FALLBACK_TARGET_FACTOR:g} x --min-stable-rank ({why}, no history)",
     )
-    for label, peers in tiers:
-        values = [x.stable_rank for x in peers if x.stable_rank is not None]
-        if values:
-            median = statistics.median(values)
-            return median, f"median of {len(values)} healthy matrices ({label})"
-    target = FALLBACK_TARGET_FACTOR * min_stable_rank
-    return target, f"{FALLBACK_TARGET_FACTOR:g} x --min-stable-rank (no healthy peers)"
+
+
+def _own_history(source: Path) -> dict[tuple[str, int | None], tuple[float, int]]:
+    """(name, index) -> (stable rank, step) at the latest earlier checkpoint where the matrix
+    was healthy, from the trend cache beside ``source`` (empty when there is none)."""
+    from pss_cli.report_io import report_from_json_dict
+    from pss_cli.trend.cache_store import DEFAULT_CACHE_DIR_NAME
+    from pss_cli.trend.discovery import step_from_name
+
+    cache = source.parent / DEFAULT_CACHE_DIR_NAME
+    my_step = step_from_name(source.name)
+    if my_step is None or not cache.is_dir():
+        return {}
+    best: dict[tuple[str, int | None], tuple[float, int]] = {}
+    for entry_file in sorted(cache.glob("*.json")):
+        try:
+            entry = json.loads(entry_file.read_text(encoding="utf-8"))
+            checkpoint = Path(entry["key"]["checkpoint"])
+            report = report_from_json_dict(entry["report"], str(entry_file))
+        except (OSError, ValueError, KeyError, TypeError, PssError):
+            continue
+        step = step_from_name(checkpoint.name)
+        if step is None or step >= my_step or checkpoint.parent != source.parent.resolve():
+            continue
+        for x in report.layers:
+            if x.flags or x.stable_rank is None:
+                continue
+            key = (x.name, x.index)
+            if key not in best or best[key][1] < step:
+                best[key] = (x.stable_rank, step)
+    return best
 
 
 def _compute_changes(

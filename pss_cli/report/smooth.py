@@ -69,6 +69,14 @@ def render_plan(report: SmoothReport) -> str:
         console.print(
             _table(report, f"pss smooth plan ({report.method}): {escape(report.input)}", False)
         )
+    for layer in report.layers:
+        if layer.target_source is not None:
+            console.print(
+                Text(
+                    f"target of {printable(layer.display_name)}: "
+                    f"{_fmt(layer.target_stable_rank, 3)} = {layer.target_source}"
+                )
+            )
     for skipped in report.not_smoothed:
         console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"))
     return buffer.getvalue()
