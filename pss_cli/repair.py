@@ -231,6 +231,7 @@ def smooth_checkpoint(
             config.optimizer_state,
             force=config.force,
             before_commit=verify_staged,
+            lr_items=lr_plan.dcp_items() if lr_plan is not None else None,
         )
         optimizer_outcome.append(dcp_outcome)
     elif layout.kind in TORCH_KINDS:
@@ -386,12 +387,10 @@ def _lr_scale_plan(
         raise UsageError(f"--lr-scale must be a positive number (got {factor})")
     plan: LrScalePlan | None = None
     if layout.kind is LayoutKind.DCP:
-        raise UsageError(
-            f"--lr-scale does not rewrite DCP folders yet ('{layout.root}')",
-            "set the resume learning rate in your training script (after loading the "
-            "optimizer state), or smooth without --lr-scale",
+        plan = LrScalePlan.for_dcp(
+            factor, layout.root, keep_optimizer=config.optimizer_state is not OptimizerPolicy.DROP
         )
-    if layout.kind is LayoutKind.TORCH_FILE:
+    elif layout.kind is LayoutKind.TORCH_FILE:
         from pss_cli.checkpoint.torch_file import load
 
         plan = LrScalePlan.for_file(factor, layout.root, load(layout.root))

@@ -68,6 +68,8 @@ class LrScalePlan:
     optimizer_file: Path | None = None
     scheduler_file: Path | None = None
     in_file: Path | None = None  # a single torch file holding both
+    dcp_folder: Path | None = None  # a DCP folder: LRs are bytes items (dcp_lr.py)
+    dcp_keys: list[str] = field(default_factory=list)
     before: list[float] = field(default_factory=list)
     after: list[float] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
@@ -82,6 +84,33 @@ class LrScalePlan:
         plan = cls(factor, optimizer, scheduler)
         plan.before = plan._values_of(optimizer, scheduler)
         return plan
+
+    @classmethod
+    def for_dcp(cls, factor: float, folder: Path, keep_optimizer: bool) -> LrScalePlan | None:
+        from pss_cli.checkpoint import dcp_lr
+        from pss_cli.checkpoint.dcp import load_metadata
+
+        metadata = load_metadata(folder)
+        keys = [
+            k
+            for k in dcp_lr.lr_keys(metadata)
+            if keep_optimizer or "param_groups" not in k.split(".")
+        ]
+        if not keys:
+            return None
+        plan = cls(factor, dcp_folder=folder, dcp_keys=keys)
+        plan.before = dcp_lr.values(folder, metadata, keys)
+        return plan
+
+    def dcp_items(self) -> dict[Any, bytes]:
+        """The scaled bytes items for dcp_writer (index -> serialised value)."""
+        from pss_cli.checkpoint import dcp_lr
+        from pss_cli.checkpoint.dcp import load_metadata
+
+        assert self.dcp_folder is not None
+        metadata = load_metadata(self.dcp_folder)
+        self.keys = list(self.dcp_keys)
+        return dcp_lr.scaled_items(self.dcp_folder, metadata, self.dcp_keys, self.factor)
 
     @classmethod
     def for_file(cls, factor: float, file: Path, obj: Any) -> LrScalePlan | None:
@@ -134,7 +163,13 @@ class LrScalePlan:
     def verify(self, staged: Path) -> None:
         """Re-read the staged output: every LR is the input's times the factor (a dropped
         optimizer's are gone, so only the scheduler's are compared then)."""
-        if self.in_file is not None:
+        expected = self.before
+        if self.dcp_folder is not None:
+            from pss_cli.checkpoint import dcp_lr
+            from pss_cli.checkpoint.dcp import load_metadata
+
+            self.after = dcp_lr.values(staged, load_metadata(staged), self.dcp_keys)
+        elif self.in_file is not None:
             target = staged if staged.is_file() else staged / self.in_file.name
             optimizers, schedulers = _in_file_states(torch_file.load(target))
             self.after = lr_scale.lr_values(optimizers, schedulers)
@@ -171,13 +206,15 @@ class LrScalePlan:
         }
 
     def note(self) -> str:
-        where = (
-            self.in_file.name
-            if self.in_file is not None
-            else ", ".join(
+        if self.dcp_folder is not None:
+            shown = ", ".join(self.dcp_keys[:3]) + (", ..." if len(self.dcp_keys) > 3 else "")
+            where = f"the DCP items {shown}"
+        elif self.in_file is not None:
+            where = self.in_file.name
+        else:
+            where = ", ".join(
                 p.name for p in (self.optimizer_file, self.scheduler_file) if p is not None
             )
-        )
         first = (
             f" (lr {self.before[0]:.4g} -> {self.after[0]:.4g})"
             if self.before and self.after

@@ -31,13 +31,22 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _scaled(value: Any, factor: float) -> tuple[Any, bool]:
+def scaled(value: Any, factor: float) -> tuple[Any, bool]:
     """``value`` times ``factor`` when it is a number or a list/tuple of numbers."""
     if _is_number(value):
         return float(value) * factor, True
     if isinstance(value, list | tuple) and value and all(_is_number(v) for v in value):
         return type(value)(float(v) * factor for v in value), True
     return value, False
+
+
+def numbers(value: Any) -> list[float]:
+    """The LR numbers ``value`` holds (a number, or a list/tuple of numbers)."""
+    if _is_number(value):
+        return [float(value)]
+    if isinstance(value, list | tuple):
+        return [float(v) for v in value if _is_number(v)]
+    return []
 
 
 def scale_optimizer(state_dict: dict[str, Any], factor: float) -> list[str]:
@@ -52,7 +61,7 @@ def scale_optimizer(state_dict: dict[str, Any], factor: float) -> list[str]:
             continue
         for key in GROUP_LR_KEYS:
             if key in group:
-                group[key], done = _scaled(group[key], factor)
+                group[key], done = scaled(group[key], factor)
                 if done:
                     changed.append(f"param_groups[{i}].{key}")
     return changed
@@ -63,7 +72,7 @@ def scale_scheduler(state: dict[str, Any], factor: float, where: str = "") -> li
     changed: list[str] = []
     for key in SCHEDULER_LR_KEYS:
         if key in state:
-            state[key], done = _scaled(state[key], factor)
+            state[key], done = scaled(state[key], factor)
             if done:
                 changed.append(f"{where}{key}")
     for key in _NESTED_KEYS:
