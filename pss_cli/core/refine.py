@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pss_cli.core.spectra import Triplets
+from pss_cli.core.spectra import Triplets, deterministic_lapack
 
 
 def refine_float64(matrix: torch.Tensor, triplets: Triplets) -> Triplets:
@@ -23,9 +23,13 @@ def refine_float64(matrix: torch.Tensor, triplets: Triplets) -> Triplets:
     Returns top-k triplets (left (m, k), values (k,), right (n, k)), all float64 CPU.
     """
     right = triplets.right.to("cpu", torch.float64)  # (n, k)
-    basis, _ = torch.linalg.qr(matrix @ right)  # (m, k) orthonormal range of W V
+    product = matrix @ right  # (m, k)
+    # LAPACK on one thread: its last bits depend on the thread count (spectra.py)
+    with deterministic_lapack(product):
+        basis, _ = torch.linalg.qr(product)  # (m, k) orthonormal range of W V
     small = basis.T @ matrix  # (k, n): W restricted to that range
-    u_small, values, vh = torch.linalg.svd(small, full_matrices=False)  # (k, k), (k,), (k, n)
+    with deterministic_lapack(small):
+        u_small, values, vh = torch.linalg.svd(small, full_matrices=False)  # (k,k), (k,), (k,n)
     return Triplets(
         left=basis @ u_small,
         values=values,
