@@ -44,17 +44,21 @@ class StagingEntries:
 
 def probe_writable(folder: Path, out: Path) -> None:
     """UsageError unless a file can be created in ``folder`` (the output's parent)."""
+    # Not named like a staging entry: nothing waiting for staging (or sweeping stale ones)
+    # should mistake a probe for a write in progress.
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-probe-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.pss-probe-", dir=folder)
     except OSError as exc:
         raise UsageError(
             f"cannot write the output '{out}': its folder '{folder}' is not writable "
             f"({exc.strerror or exc})",
             "choose an output on a writable disk, or fix the folder's permissions",
         ) from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(name)
+    try:
+        os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def _alive(pid: int) -> bool:

@@ -48,9 +48,11 @@ def check_report_path(path: Path) -> None:
             f"cannot write '{path}': folder '{directory}' is not writable ({exc.strerror or exc})",
             "choose a writable --output path",
         ) from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+    try:
+        os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
