@@ -19,9 +19,6 @@ from pss_cli.app import app
 from pss_cli.checkpoint.out_names import default_output
 from tests.real_runs import RunRecord, lightning_run, trainer_run
 
-pytest.importorskip("transformers")
-pytest.importorskip("lightning")
-
 LAYER = "transformer.h.0.mlp.c_fc.weight"
 
 
