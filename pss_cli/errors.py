@@ -66,3 +66,8 @@ class ComputeError(PssError):
     """The numerics failed in a way the user cannot fix by changing the input (exit 3)."""
 
     exit_code = ExitCode.INPUT
+
+
+def count(n: int, singular: str, plural: str | None = None) -> str:
+    """``1 matrix``, ``2 matrices``, ``0 errors``: a number with its noun agreed."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"

@@ -949,6 +949,101 @@ def test_other_pickles_in_the_folder_are_copied_never_loaded(
 
 
 # ---------------------------------------------------------------------------------------------
+def _invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_pickle_with_plain_data_hyperparameters_needs_the_opt_in(tmp_path: Path) -> None:
+    """A Lightning-style .ckpt whose hyperparameters hold a pathlib.Path: refused with the
+    opt-in named; read with --allow-pickle-types; check reports PSS002 without it."""
+    import argparse
+    import pathlib
+
+    path = tmp_path / "epoch=0-step=5.ckpt"
+    weights = {"w": torch.randn(8, 6, generator=torch.Generator().manual_seed(0))}
+    extra = {"data": pathlib.Path("/d"), "args": argparse.Namespace(a=1)}
+    torch.save({"state_dict": weights, "hyper_parameters": extra}, path)
+    refused = _invoke("scan", path, "-q")
+    assert refused.exit_code == 3 and "--allow-pickle-types" in refused.stderr
+    assert _invoke("check", path, "-q").exit_code == 1
+    assert _invoke("scan", path, "-q", "--allow-pickle-types").exit_code == 0
+
+
+def _spiked_file(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from tests.spectra_factory import spiky, with_spectrum
+
+    path = tmp_path / "in" / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"h.0.mlp.c_fc.weight": with_spectrum(24, 48, spiky(24), 0).float()}, str(path))
+    return path
+
+
+def test_smooth_out_in_an_unwritable_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pss_cli.checkpoint.out_checks as out_checks
+
+    def read_only(*_a: object, **_k: object) -> tuple[int, str]:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(out_checks.tempfile, "mkstemp", read_only)
+    result = _invoke("smooth", _spiked_file(tmp_path), "--out", tmp_path / "o.safetensors")
+    assert result.exit_code == 2 and "is not writable" in result.stderr
+
+
+def test_smooth_out_that_another_run_is_writing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / f".o.safetensors.pss-tmp-{child.pid}-x.safetensors").write_bytes(b"")
+        result = _invoke("smooth", _spiked_file(tmp_path), "--out", tmp_path / "o.safetensors")
+    finally:
+        child.kill()
+        child.wait()
+    assert result.exit_code == 2 and "another pss process is writing" in result.stderr
+
+
+def test_smooth_file_out_inside_a_checkpoint_folder(tmp_path: Path) -> None:
+    source = _spiked_file(tmp_path)
+    (source.parent / "config.json").write_text("{}")
+    result = _invoke("smooth", source, "--out", source.parent / "smoothed.safetensors")
+    assert result.exit_code == 2 and "second weights file" in result.stderr
+
+
+def test_stale_staging_from_a_killed_smooth(tmp_path: Path) -> None:
+    stale = tmp_path / ".old.pss-tmp-x"  # no live PID: a killed run's (or an old version's)
+    stale.mkdir()
+    result = _invoke(
+        "smooth", _spiked_file(tmp_path), "--out", tmp_path / "o.safetensors", "--clean-stale"
+    )
+    assert result.exit_code == 0 and "removed 1 stale staging entry" in result.stdout
+    assert not stale.exists()
+
+
+def test_lr_scale_without_optimizer_state(tmp_path: Path) -> None:
+    result = _invoke(
+        "smooth", _spiked_file(tmp_path), "--lr-scale", "0.5", "--out", tmp_path / "o.safetensors"
+    )
+    assert result.exit_code == 2 and "nothing to scale" in result.stderr
+
+
+def test_check_output_in_an_unwritable_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pss_cli.report.files as files
+
+    def read_only(*_a: object, **_k: object) -> tuple[int, str]:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    result = _invoke("check", _spiked_file(tmp_path), "-o", tmp_path / "r.txt", "-q")
+    assert result.exit_code == 2 and "not writable" in result.stderr
+
+
 # The README table mirrors this module.
 
 HANDLED_ROWS = {
@@ -978,6 +1073,34 @@ HANDLED_ROWS = {
     "other pickles of a training folder (`scheduler.pt`, `rng_state.pth`, ...)": (
         "0",
         test_other_pickles_in_the_folder_are_copied_never_loaded,
+    ),
+    "a `.pt`/`.ckpt` whose hyperparameters hold a `pathlib` path or an `argparse.Namespace`": (
+        "3; check: 1",
+        test_pickle_with_plain_data_hyperparameters_needs_the_opt_in,
+    ),
+    "`smooth --out` in a folder that cannot be written": (
+        "2",
+        test_smooth_out_in_an_unwritable_folder,
+    ),
+    "`smooth --out` that another pss run is writing now": (
+        "2",
+        test_smooth_out_that_another_run_is_writing,
+    ),
+    "`smooth --out FILE` beside a one-file input inside a checkpoint folder": (
+        "2",
+        test_smooth_file_out_inside_a_checkpoint_folder,
+    ),
+    "staging entries left by a killed `smooth` (`.*.pss-tmp-*`)": (
+        "0",
+        test_stale_staging_from_a_killed_smooth,
+    ),
+    "`smooth --lr-scale` on a checkpoint without optimizer or scheduler state": (
+        "2",
+        test_lr_scale_without_optimizer_state,
+    ),
+    "`check -o` into a folder that cannot be written": (
+        "2",
+        test_check_output_in_an_unwritable_folder,
     ),
 }
 

@@ -478,7 +478,9 @@ def test_two_concurrent_smooth_processes(tmp_path: Path) -> None:
     assert codes == [0, 2], outcomes
     winner = methods[[code for code, _ in outcomes].index(0)]
     loser_err = next(err for code, err in outcomes if code == 2)
-    assert "already exists" in loser_err and loser_err.count("\n") == 2
+    # the loser sees the winner's staging before computing, or loses the race to commit
+    assert "already exists" in loser_err or "another pss process is writing" in loser_err
+    assert loser_err.count("\n") == 2
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
             assert f.metadata()["pss.method"] == winner

@@ -104,7 +104,9 @@ def test_reset_falls_back_to_all_when_shapes_repeat(tmp_path: Path) -> None:
     dst = tmp_path / "optimizer.pt"
     outcome = rewrite_optimizer_state(src, dst, OptimizerPolicy.RESET, entries, ["0.weight"])
     assert outcome.mapping == "all" and outcome.reset_param_ids == tuple(range(6))
-    assert any("cannot tell which optimizer parameter is '0.weight'" in m for m in outcome.messages)
+    assert any(
+        "cannot tell which optimizer parameters" in m and "0.weight" in m for m in outcome.messages
+    )
     assert any("ALL 6 parameters" in m for m in outcome.messages)
     new, old = load(dst), load(src)
     new_state, old_state = new["state"], old["state"]

@@ -64,12 +64,14 @@ def write_dcp_checkpoint(
     *,
     force: bool = False,
     before_commit: Callable[[Path], None] | None = None,
+    lr_items: Mapping[MetadataIndex, bytes] | None = None,
 ) -> tuple[Path, OptimizerOutcome]:
     """Write the DCP folder ``layout.root`` to the folder ``out`` with ``replacements`` (model
     FQN -> tensor of the stored shape and dtype) and the optimizer ``policy`` applied to the
     modified parameters' FQN-keyed moments. Returns ``out`` and what was done to the optimizer
     state. ``before_commit(staged_folder)`` runs on the complete staged output; raising there
-    publishes nothing."""
+    publishes nothing. ``lr_items`` are bytes items to write instead of the stored ones (the
+    learning rates scaled by ``--lr-scale``, dcp_lr.py)."""
     folder = layout.root
     metadata = load_metadata(folder)
     keys = keys_of(metadata)
@@ -84,7 +86,7 @@ def write_dcp_checkpoint(
     try:
         with st.staged_folder(out, folder) as staging:
             scratch = staging / _SCRATCH
-            blobs = _write_blobs(scratch, metadata, layout, replacements, moments)
+            blobs = _write_blobs(scratch, metadata, layout, replacements, moments, lr_items)
             storage_data = _write_storage(folder, staging, metadata, blobs, scratch, dropped)
             scratch.unlink()
             new_metadata = dataclasses.replace(
@@ -201,6 +203,7 @@ def _write_blobs(
     layout: CheckpointLayout,
     replacements: Mapping[str, torch.Tensor],
     moments: list[DcpKey],
+    extra: Mapping[MetadataIndex, bytes] | None = None,
 ) -> dict[MetadataIndex, tuple[int, int]]:
     """Serialise every chunk to rewrite into ``scratch``: index -> (offset, length) there."""
     blobs: dict[MetadataIndex, tuple[int, int]] = {}
@@ -225,6 +228,9 @@ def _write_blobs(
             assert isinstance(storage, TensorStorageMetadata)
             for index, chunk in zip(chunk_indexes(item.key, storage), storage.chunks, strict=True):
                 put(index, torch.zeros(tuple(chunk.sizes), dtype=storage.properties.dtype))
+        for index, data in (extra or {}).items():
+            blobs[index] = (f.tell(), len(data))
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     return blobs

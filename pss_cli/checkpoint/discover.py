@@ -38,7 +38,6 @@ INDEX_SUFFIX = ".safetensors.index.json"
 DEFAULT_INDEX_NAME = "model.safetensors.index.json"
 # Formats we recognise only to say so clearly.
 _UNSUPPORTED_SUFFIXES = {
-    ".ckpt": "PyTorch Lightning / pickle",
     ".gguf": "GGUF",
 }
 _CONVERT_HINT = "convert the weights to safetensors (e.g. safetensors.torch.save_file) first"

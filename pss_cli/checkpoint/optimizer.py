@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pss_cli.checkpoint import param_order
 from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import CheckpointError
@@ -145,6 +146,12 @@ def _reset(
     ids: list[int] | None = _ids_by_param_names(state_dict, modified)
     doubts: list[str] = []
     matched_by = "by the optimizer's saved param_names"
+    if ids is None:
+        # HF Trainer / accelerate: the model's own parameter order, rebuilt from config.json
+        by_order = param_order.trainer_mapping(src.parent, state_dict, model_entries)
+        if by_order is not None and all(name in by_order for name in modified):
+            ids = sorted({by_order[name] for name in modified})
+            matched_by = "by the model's parameter order and Trainer's decay grouping"
     if ids is None:
         ids, doubts = _map_modified(model_entries, modified, moments)
         matched_by = "by unique shape"
@@ -268,11 +275,18 @@ def _map_modified(
             ids.extend(pid for pid, s in moments.items() if s == shape)
             continue
         doubts.append(
-            f"cannot tell which optimizer parameter is '{name}': shape {list(shape)} is held by "
-            f"{model_counts[shape]} model tensor(s) and {opt_counts[shape]} optimizer state(s); "
-            "resetting the moments of every parameter instead"
+            f"'{name}' (shape {list(shape)}: {model_counts[shape]} model tensor(s), "
+            f"{opt_counts[shape]} optimizer state(s))"
         )
-    return (sorted(set(ids)) if not doubts else None), doubts
+    if not doubts:
+        return sorted(set(ids)), []
+    more = f" and {len(doubts) - 1} more" if len(doubts) > 1 else ""
+    note = (
+        f"cannot tell which optimizer parameters are the {len(modified)} repaired tensor(s): "
+        f"no saved param_names, no model order to rebuild, and shapes repeat, e.g. {doubts[0]}"
+        f"{more}; resetting the moments of every parameter instead"
+    )
+    return None, [note]
 
 
 def _first_update_factor(state_dict: dict[str, Any]) -> float:
@@ -370,6 +384,11 @@ def apply_in_file(
         ids: list[Any] | None = list(modified) if all(name in state for name in modified) else None
         if ids is None:
             ids = _ids_by_param_names(state_dict, modified)
+        if ids is None:
+            # Lightning: configure_optimizers(self.parameters()) = the state_dict's order
+            by_order = param_order.module_order_mapping(state_dict, model_entries)
+            if by_order is not None and all(name in by_order for name in modified):
+                ids = sorted({by_order[name] for name in modified})
         doubts: list[str] = []
         if ids is None:
             found, doubts = _map_modified(model_entries, modified, moments)

@@ -28,7 +28,7 @@ def input_folder(layout: CheckpointLayout) -> Path:
 @contextlib.contextmanager
 def staged_folder(out: Path, like: Path) -> Iterator[Path]:
     """A fresh hidden folder beside ``out`` (same filesystem), removed on any failure."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
     try:
         shutil.copymode(like, staging)  # mkdtemp makes it 0700
         yield staging
@@ -40,7 +40,9 @@ def staged_folder(out: Path, like: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def staged_file(out: Path) -> Iterator[Path]:
     # The suffix kept, so that the staged file can be opened (and verified) as a checkpoint.
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}{TMP_TAG}", suffix=out.suffix, dir=out.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", suffix=out.suffix, dir=out.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:

@@ -18,6 +18,7 @@ key path (TensorEntry.key) so that a repair can put tensors back exactly where t
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 import warnings
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pss_cli.checkpoint.formats import HARMLESS_PICKLE_TYPES, allow_pickle_types
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
@@ -73,13 +75,27 @@ def load(path: Path) -> Any:
         with warnings.catch_warnings():
             # Legacy (non-zip) files make torch warn about the pickle protocol; irrelevant here.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
+            with torch.serialization.safe_globals(_extra_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
     except OSError as exc:
         raise CorruptCheckpointError(
             f"cannot read '{path}': {exc.strerror or exc}", hint=_DAMAGED_HINT
         ) from None
     except Exception as exc:
         raise load_error(path, exc) from None
+
+
+def _extra_safe_globals() -> list[Any]:
+    """The opt-in allow-list (formats.HARMLESS_PICKLE_TYPES) as classes, or nothing."""
+    if not allow_pickle_types():
+        return []
+    classes: list[Any] = []
+    for dotted in HARMLESS_PICKLE_TYPES:
+        module, _, name = dotted.rpartition(".")
+        found = getattr(importlib.import_module(module), name, None)
+        if found is not None:
+            classes.append(found)
+    return classes
 
 
 def load_error(path: Path, exc: BaseException) -> CheckpointError:
@@ -89,10 +105,18 @@ def load_error(path: Path, exc: BaseException) -> CheckpointError:
         r"[Uu]nsupported (?:global|class)[: ]+([\w.]+)", text
     )
     if found:
+        name = found.group(1)
+        hint = CONVERT_HINT
+        if name in HARMLESS_PICKLE_TYPES and not allow_pickle_types():
+            hint = (
+                f"'{name}' is plain data (a hyperparameter, typically): pass "
+                "--allow-pickle-types (or set PSS_ALLOW_PICKLE_TYPES=1) to let pss build it and "
+                "the few other harmless types listed in the README"
+            )
         return CheckpointError(
-            f"'{path}' needs arbitrary pickle to load (the global '{found.group(1)}'): pss "
+            f"'{path}' needs arbitrary pickle to load (the global '{name}'): pss "
             "refuses it, because unpickling can run any code the file's author chose",
-            hint=CONVERT_HINT,
+            hint=hint,
         )
     if "WeightsUnpickler error:" in text:
         # Not a global: an opcode or structure torch's safe unpickler refuses (garbage, or a

@@ -259,7 +259,7 @@ def _write_single_file(
 ) -> None:
     # The suffix kept, so that the staged file can be opened (and verified) as a checkpoint.
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{out.name}{_TMP_TAG}", suffix=out.suffix, dir=out.parent
+        prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-", suffix=out.suffix, dir=out.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)
@@ -289,15 +289,17 @@ def _write_folder(
     skip_copy: Callable[[Path], bool] | None,
     before_commit: Callable[[Path], None] | None = None,
 ) -> tuple[list[str], list[str]]:
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-", dir=out.parent))
     try:
         shutil.copymode(input_folder, staging)  # mkdtemp makes it 0700
         names = []
         for src in layout.files:
             _write_safetensors(src, staging / src.name, layout, replacements, provenance)
+            shutil.copymode(src, staging / src.name)  # a 0600 shard stays 0600
             names.append(src.name)
         if layout.index_file is not None:
             _write_index(layout, staging / layout.index_file.name, provenance)
+            shutil.copymode(layout.index_file, staging / layout.index_file.name)
         copied: list[str] = []
         if layout.kind is not LayoutKind.SINGLE_FILE:
             written = {src.name for src in layout.files}

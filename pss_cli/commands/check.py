@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pss_cli.commands.options import DeviceOpt, OutputOpt, QuietOpt
+from pss_cli.commands.options import AllowPickleTypesOpt, DeviceOpt, OutputOpt, QuietOpt
 from pss_cli.config import DEFAULT_DEVICE, ScanConfig
 from pss_cli.errors import CheckpointError, ExitCode
 from pss_cli.gate import CheckResult, Policy, Severity, evaluate, merge, unreadable
@@ -78,8 +78,12 @@ def check_command(
     ] = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     quiet: QuietOpt = False,
+    allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Gate a checkpoint or scan report on stable rank, NaN/Inf and baseline regressions."""
+    from pss_cli.checkpoint.formats import set_allow_pickle_types
+
+    set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import open_session
     from pss_cli.policy import load_policy
 

@@ -59,3 +59,11 @@ MinStableRankOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]
+AllowPickleTypesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle-types",
+        help="Also load pathlib paths and argparse.Namespace from .pt/.ckpt pickles (plain "
+        "data that runs no code; off by default). Env: PSS_ALLOW_PICKLE_TYPES=1.",
+    ),
+]

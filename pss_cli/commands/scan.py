@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pss_cli.commands.options import (
+    AllowPickleTypesOpt,
     CheckpointArg,
     DeviceOpt,
     ExcludeOpt,
@@ -63,8 +65,12 @@ def scan_command(
     ] = None,
     output: OutputOpt = None,
     quiet: QuietOpt = False,
+    allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Compute per-layer singularity metrics (stable rank, sigma_max, ...) of a checkpoint."""
+    from pss_cli.checkpoint.formats import set_allow_pickle_types
+
+    set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import open_session
 
     # Under torchrun every process runs this; the session keeps them in step (one error, on
@@ -136,10 +142,16 @@ def _emit(
     if output is not None:
         write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))
     typer.echo(text, nl=not text.endswith("\n"))
-    flagged = report.summary.flag_counts.get("low_stable_rank", 0)
-    if flagged and not quiet and output_format is OutputFormat.TABLE:
+    if quiet or output_format is not OutputFormat.TABLE:
+        return
+    from pss_cli.repair import would_smooth_by_default  # the count smooth's selection gives
+
+    count = would_smooth_by_default(report.layers)
+    if count:
+        matrices = "matrix" if count == 1 else "matrices"
         typer.echo(
-            f"hint: `pss smooth {checkpoint} --out NEW_PATH --dry-run` previews a repair of "
-            f"the {flagged} matrices with a low stable rank",
+            f"hint: `pss smooth {shlex.quote(str(checkpoint))} --out NEW_PATH --dry-run` "
+            f"previews a repair of the {count} {matrices} with a low stable rank that smooth "
+            "would change (embeddings and the LM head are left alone unless named)",
             err=True,
         )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pss_cli.commands.options import (
+    AllowPickleTypesOpt,
     CheckpointArg,
     DeviceOpt,
     ExcludeOpt,
@@ -80,6 +82,22 @@ def smooth_command(
             help="Write even though DeepSpeed fp32 master weights would undo the repair.",
         ),
     ] = False,
+    lr_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--lr-scale",
+            metavar="FACTOR",
+            help="Multiply the learning rates stored in the optimizer and scheduler state "
+            "(e.g. 0.5 to resume at half the LR).",
+        ),
+    ] = None,
+    clean_stale: Annotated[
+        bool,
+        typer.Option(
+            "--clean-stale",
+            help="Remove staging entries (.*.pss-tmp-*) that killed pss runs left beside OUT.",
+        ),
+    ] = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     dry_run: Annotated[
@@ -93,17 +111,37 @@ def smooth_command(
     seed: SeedOpt = DEFAULT_SEED,
     output_format: FormatOpt = OutputFormat.TABLE,
     quiet: QuietOpt = False,
+    allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Smooth the dominant singular values of singular matrices into a new checkpoint."""
+    from pss_cli.checkpoint.formats import set_allow_pickle_types
+
+    set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import refuse_torchrun
 
     refuse_torchrun("smooth")
+    from pss_cli.checkpoint.out_names import default_output, rotation_risk
+
+    suggested = default_output(checkpoint)
     if out is None and not dry_run:
-        raise UsageError("--out is required (or use --dry-run)", "e.g. --out repaired/")
+        raise UsageError(
+            "--out is required (or use --dry-run)",
+            f"e.g. --out {shlex.quote(str(suggested))} (outside the run folder, where no "
+            "trainer's checkpoint rotation deletes it)",
+        )
+    risk = rotation_risk(out) if out is not None else None
+    if risk is not None and not quiet:
+        typer.echo(
+            f"warning: {risk}; resume with another output_dir, or write to "
+            f"--out {shlex.quote(str(suggested))}",
+            err=True,
+        )
     if layers and all_layers:
         raise UsageError("--layers and --all cannot be combined")
     if not (math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"--temperature must be a positive number (got {temperature})")
+    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise UsageError(f"--lr-scale must be a positive number (got {lr_scale})")
     if clip_count < 1:
         raise UsageError(f"--clip-count must be at least 1 (got {clip_count})")
     if target_stable_rank is not None and not (
@@ -139,6 +177,8 @@ def smooth_command(
         allow_master_weights=allow_master_weights,
         force=force,
         dry_run=dry_run,
+        lr_scale=lr_scale,
+        clean_stale=clean_stale,
     )
     with stderr_progress(enabled=not quiet) as progress:
         report = smooth_checkpoint(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from pss_cli.commands.options import (
+    AllowPickleTypesOpt,
     DeviceOpt,
     ExcludeOpt,
     FormatOpt,
@@ -111,8 +112,12 @@ def trend_command(
     output_format: FormatOpt = OutputFormat.TABLE,
     output: OutputOpt = None,
     quiet: QuietOpt = False,
+    allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Follow a training run's spectra over its checkpoints; warn before a collapse (exit 1)."""
+    from pss_cli.checkpoint.formats import set_allow_pickle_types
+
+    set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import refuse_torchrun
 
     refuse_torchrun("trend")

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
-from pss_cli.errors import printable
+from pss_cli.errors import count, printable
 from pss_cli.gate import RULES, CheckResult, Finding, Severity
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -37,8 +37,9 @@ def verdict_line(result: CheckResult) -> str:
     verdict = "passed" if result.passed else "failed"
     source = f" against baseline {result.baseline}" if result.baseline else ""
     return (
-        f"pss check {verdict}: {result.errors} errors, {result.warnings} warnings in "
-        f"{result.layers_checked} matrices of {result.checkpoint}{source} "
+        f"pss check {verdict}: {count(result.errors, 'error')}, "
+        f"{count(result.warnings, 'warning')} in "
+        f"{count(result.layers_checked, 'matrix', 'matrices')} of {result.checkpoint}{source} "
         f"(--fail-on {result.fail_on})"
     )
 

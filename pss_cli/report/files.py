@@ -39,6 +39,20 @@ def check_report_path(path: Path) -> None:
         )
     if path.is_dir():
         raise UsageError(f"cannot write '{path}': it is a folder", "name a file for --output")
+    try:
+        # Created and removed at once: permission bits say nothing about read-only mounts,
+        # and a report refused after the whole scan wastes it.
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=directory)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write '{path}': folder '{directory}' is not writable ({exc.strerror or exc})",
+            "choose a writable --output path",
+        ) from None
+    try:
+        os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

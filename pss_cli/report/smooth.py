@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pss_cli.config import OutputFormat
-from pss_cli.errors import printable
+from pss_cli.errors import count, printable
 from pss_cli.report.table import _fmt
 from pss_cli.results import SmoothReport, smooth_report_to_json_dict
 
@@ -69,6 +69,14 @@ def render_plan(report: SmoothReport) -> str:
         console.print(
             _table(report, f"pss smooth plan ({report.method}): {escape(report.input)}", False)
         )
+    for layer in report.layers:
+        if layer.target_source is not None:
+            console.print(
+                Text(
+                    f"target of {printable(layer.display_name)}: "
+                    f"{_fmt(layer.target_stable_rank, 3)} = {layer.target_source}"
+                )
+            )
     for skipped in report.not_smoothed:
         console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"))
     return buffer.getvalue()
@@ -85,7 +93,10 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
         )
         for skipped in report.not_smoothed:
             console.print(f"left alone: {skipped.name}: {skipped.reason}")
-        console.print(f"dry run: {len(report.layers)} matrices would change; nothing written")
+        console.print(
+            f"dry run: {count(len(report.layers), 'matrix', 'matrices')} would change; "
+            "nothing written"
+        )
         return buffer.getvalue()
     if report.layers:
         console.print(
@@ -94,8 +105,10 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
         verified = sum(1 for layer in report.layers if layer.verified)
         console.print(
             Text(
-                f"{len(report.layers)} matrices smoothed ({verified} verified), "
-                f"{report.untouched_tensors_verified} other tensors byte-identical to the input; "
+                f"{count(len(report.layers), 'matrix', 'matrices')} smoothed "
+                f"({verified} verified), "
+                f"{count(report.untouched_tensors_verified, 'other tensor')} byte-identical to "
+                "the input; "
                 f"written to {report.output}"
             )
         )
@@ -116,10 +129,20 @@ def resume_recipe(report: SmoothReport) -> str:
         if reset
         else "the repaired matrices meet gradients (and Adam moments) of the old weights"
     )
+    scaled = report.optimizer.get("lr_scale")
+    factor = scaled.get("factor") if isinstance(scaled, dict) else None
+    lower = (
+        f"its stored learning rates are already x{factor:g} (--lr-scale): resume from it as "
+        "it is, or add gradient clipping"
+        if isinstance(factor, float)
+        else "resume at a lower learning rate (e.g. half: `pss smooth ... --lr-scale 0.5`, "
+        "because a trainer that restores the optimizer and scheduler state ignores the LR "
+        "you pass at resume) or with gradient clipping"
+    )
     return (
         "To resume from the repaired checkpoint:\n"
         f"  - point your trainer at {report.output} (same layout and tensor names as the input);\n"
-        f"  - resume at a lower learning rate (e.g. half) or with gradient clipping: {why}; in "
+        f"  - {lower}: {why}; in "
         "docs/EXPERIMENTS.md smoothing alone at the same LR did not prevent a new explosion, "
         "while a lower LR or clipping did;\n"
         "  - consider skipping the data window around the spike;\n"

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from pss_cli.errors import printable
+from pss_cli.errors import count, printable
 from pss_cli.results import LayerResult, ScanReport
 
 
@@ -94,7 +94,7 @@ def _summary_line(report: ScanReport) -> Text:
     s = report.summary
     floor = report.settings.get("min_stable_rank")
     text = Text()
-    text.append(f"{s.matrices} matrices, ")
+    text.append(f"{count(s.matrices, 'matrix', 'matrices')}, ")
     text.append(f"{s.flagged} flagged", style="bold red" if s.flagged else "bold green")
     low = s.flag_counts.get("low_stable_rank", 0)
     others = [
@@ -107,7 +107,7 @@ def _summary_line(report: ScanReport) -> Text:
         text.append(f" ({', '.join(reasons)})")
     else:
         text.append(f" (stable rank < {floor})")
-    text.append(f", {s.skipped} tensors skipped")
+    text.append(f", {count(s.skipped, 'tensor')} skipped")
     if s.min_stable_rank is not None:
         lowest = printable(s.min_stable_rank_layer or "")
         text.append(f"; lowest stable rank {s.min_stable_rank:.2f} in {lowest}")

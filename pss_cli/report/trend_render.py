@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from rich.markup import escape
 from rich.table import Table
 
-from pss_cli.errors import printable
+from pss_cli.errors import count, printable
 from pss_cli.report.table import text_console
 from pss_cli.trend.series import COLLAPSE, HEALTHY, LayerTrend, TrendReport
 
@@ -43,7 +43,7 @@ def render_trend_table(report: TrendReport, color: bool | None = None) -> str:
     steps = report.steps
     span = f"steps {steps[0]}..{steps[-1]}" if steps else "no steps"
     run = escape(printable(report.run))
-    console.print(f"[bold]pss trend:[/] {run}  ({len(steps)} checkpoints, {span})")
+    console.print(f"[bold]pss trend:[/] {run}  ({count(len(steps), 'checkpoint')}, {span})")
     cached = sum(1 for c in report.checkpoints if c.from_cache)
     failed = sum(1 for c in report.checkpoints if c.status == "failed")
     scanned = len(report.checkpoints) - cached - failed
@@ -105,8 +105,8 @@ def verdict_lines(report: TrendReport) -> list[str]:
     n_layers = len(report.layers)
     if v.status == HEALTHY:
         lines = [
-            f"verdict: healthy: no warning in {n_layers} matrices over {len(report.steps)} "
-            "checkpoints"
+            f"verdict: healthy: no warning in {count(n_layers, 'matrix', 'matrices')} over "
+            f"{count(len(report.steps), 'checkpoint')}"
         ]
     else:
         word = "COLLAPSE" if v.status == COLLAPSE else "WARNING"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pss_cli import __version__
+from pss_cli.checkpoint.out_names import default_output
 from pss_cli.checkpoint.selection import glob_literal
 from pss_cli.config import ScanConfig, TrendConfig
 from pss_cli.errors import CheckpointError, ComputeError, PssError
@@ -277,9 +278,7 @@ def _commands(
     commands = []
     if repair is not None and layers:
         source = Path(repair.path)
-        out = source.with_name(source.name.removesuffix(".safetensors") + "-pss-smoothed")
-        if source.name.endswith(".safetensors"):
-            out = out.with_name(out.name + ".safetensors")
+        out = default_output(source)  # the same default `pss smooth` suggests
         parts = ["pss", "smooth", str(source)]
         for name in layers:
             parts += ["--layers", glob_literal(name)]

@@ -1,8 +1,9 @@
 """Find a training run's checkpoints and their step numbers (torch-free: names and JSON only).
 
 Recognised names (a folder or a single checkpoint file): Hugging Face Trainer `checkpoint-N`,
-`step-N`, `step_N`, `stepN`, DeepSpeed `global_stepN`, Megatron `iter_NNNNNNN`. The step comes
-from the name, or else from the checkpoint's `trainer_state.json` (`global_step`); explicit paths
+`step-N`, `step_N`, `stepN`, DeepSpeed `global_stepN`, Megatron `iter_NNNNNNN`, Lightning
+`epoch=E-step=S.ckpt` / `step=S.ckpt`. The step comes from the name, or else from the
+checkpoint's `trainer_state.json` or a Lightning file's own `global_step`; explicit paths
 without either are numbered by their position (and the report says so).
 """
 
@@ -24,8 +25,11 @@ _STEP_NAMES = (
     re.compile(r"step[-_]?(\d+)"),
     re.compile(r"global_step(\d+)"),
     re.compile(r"iter_(\d+)"),
+    # PyTorch Lightning's ModelCheckpoint: `epoch=E-step=S.ckpt`, `step=S.ckpt`, and the `-vN`
+    # it appends when a name is taken.
+    re.compile(r"(?:epoch=\d+-)?step=(\d+)(?:-v\d+)?"),
 )
-_FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
+_FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")
 TRAINER_STATE = "trainer_state.json"
 # HF's trainer_state.json of a long run with per-step logging is a few MB; far above that it is
 # not a trainer state worth loading whole.
@@ -36,7 +40,7 @@ _MAX_STATE_BYTES = 256 * 2**20
 class RunCheckpoint:
     path: Path
     step: int
-    step_source: str  # "name" | "trainer_state" | "order"
+    step_source: str  # "name" | "trainer_state" | "global_step" (in a .ckpt) | "order"
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ def _explicit(paths: list[Path]) -> RunLayout:
         state_step = _global_step(path / TRAINER_STATE) if path.is_dir() else None
         if state_step is not None:
             found.append(RunCheckpoint(path, state_step, "trainer_state"))
+        elif (file_step := _lightning_global_step(path)) is not None:
+            found.append(RunCheckpoint(path, file_step, "global_step"))
         else:
             found.append(RunCheckpoint(path, position, "order"))
     if any(c.step_source == "order" for c in found) and not all(
@@ -151,6 +157,23 @@ def _sorted_unique(found: list[RunCheckpoint]) -> tuple[RunCheckpoint, ...]:
 def _global_step(path: Path) -> int | None:
     state = _read_state(path)
     step = state.get("global_step") if state is not None else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
+def _lightning_global_step(path: Path) -> int | None:
+    """The ``global_step`` a Lightning .ckpt (or any torch file) keeps at its top level, read
+    with the same safe loader as the weights; None when absent or unreadable (the file's own
+    error comes later, from the scan)."""
+    if not path.is_file() or not path.name.endswith((".ckpt", ".pt", ".pth")):
+        return None
+    from pss_cli.checkpoint.torch_file import load  # imports torch: only for such files
+    from pss_cli.errors import PssError
+
+    try:
+        obj = load(path)
+    except PssError:
+        return None
+    step = obj.get("global_step") if isinstance(obj, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 

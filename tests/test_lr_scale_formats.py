@@ -1,0 +1,131 @@
+"""`pss smooth --lr-scale` on the other training layouts, resumed by their own loaders: an
+accelerate `save_state` folder (optimizer.bin + scheduler.bin, `load_state`) and a DCP folder
+(`torch.distributed.checkpoint.load` + `set_state_dict`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from typer.testing import CliRunner
+
+from pss_cli.app import app
+from tests.spectra_factory import spiky, with_spectrum
+
+
+def _pss(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    with torch.no_grad():  # one collapsed matrix for the default selection to find
+        model[0].weight.copy_(with_spectrum(48, 32, spiky(32, (9.0,)), seed=1).float())
+    return model
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: object) -> None:
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.ones(4, 32)).pow(2).mean().backward()
+        optimizer.step()
+        scheduler.step()  # type: ignore[attr-defined]
+
+
+def _schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=50, eta_min=1e-4)
+
+
+def test_accelerate_save_state_resumes_at_half_lr(tmp_path: Path) -> None:
+    import accelerate  # in the `test` extra: a missing package fails, never skips
+
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = _schedule(optimizer)
+    acc = accelerate.Accelerator(cpu=True)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    _train(model, optimizer, scheduler)
+    acc.save_state(str(tmp_path / "state"))
+    lr_before = optimizer.param_groups[0]["lr"]
+    assert (tmp_path / "state" / "scheduler.bin").is_file()
+
+    code, out, err = _pss(
+        "smooth", tmp_path / "state", "--lr-scale", "0.5", "--out", tmp_path / "fixed",
+        "-q", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["optimizer"]["lr_scale"]["verified"] is True
+
+    model2 = _model()
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    scheduler2 = _schedule(optimizer2)
+    acc2 = accelerate.Accelerator(cpu=True)
+    model2, optimizer2, scheduler2 = acc2.prepare(model2, optimizer2, scheduler2)
+    acc2.load_state(str(tmp_path / "fixed"))
+    assert math.isclose(optimizer2.param_groups[0]["lr"], 0.5 * lr_before, rel_tol=1e-9)
+    assert math.isclose(scheduler2.scheduler.eta_min, 0.5e-4, rel_tol=1e-9)
+
+
+def test_dcp_resumes_at_half_lr(tmp_path: Path) -> None:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = _schedule(optimizer)
+    _train(model, optimizer, scheduler)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(
+            {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()},
+            checkpoint_id=str(tmp_path / "dcp"),
+            no_dist=True,
+        )
+    reference = []
+    for _ in range(5):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    code, out, err = _pss(
+        "smooth", tmp_path / "dcp", "--lr-scale", "0.5", "--out", tmp_path / "fixed",
+        "-q", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["optimizer"]["lr_scale"]["verified"] is True
+
+    model2 = _model()
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    scheduler2 = _schedule(optimizer2)
+    model_sd2, optim_sd2 = get_state_dict(model2, optimizer2)
+    target = {"model": model_sd2, "optimizer": optim_sd2, "scheduler": scheduler2.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=str(tmp_path / "fixed"), no_dist=True)
+    set_state_dict(
+        model2, optimizer2, model_state_dict=target["model"], optim_state_dict=target["optimizer"]
+    )
+    scheduler2.load_state_dict(target["scheduler"])
+    resumed = []
+    for _ in range(5):
+        resumed.append(optimizer2.param_groups[0]["lr"])
+        optimizer2.step()
+        scheduler2.step()
+    for half, full in zip(resumed, reference, strict=True):
+        assert math.isclose(half, 0.5 * full, rel_tol=1e-9)
+
+
+def test_lr_scale_without_optimizer_state_is_refused_before_computing(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": with_spectrum(48, 32, spiky(32, (9.0,)), seed=1).float()}, str(path))
+    code, _, err = _pss("smooth", path, "--lr-scale", "0.5", "--out", tmp_path / "o.safetensors")
+    assert code == 2 and "--lr-scale has nothing to scale" in err
+    code, _, err = _pss("smooth", path, "--lr-scale", "0", "--out", tmp_path / "o.safetensors")
+    assert code == 2 and "positive" in err
