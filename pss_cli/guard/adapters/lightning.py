@@ -74,10 +74,11 @@ def guarded_optimizers(
         params = [p for group in optimizer.param_groups for p in group["params"]]
         stepped = ClipThenStep(optimizer, params, max_grad_norm, clip_algorithm)
     guard = Guard(module, stepped, config, event_log=event_log, sinks=sinks)
-    out: dict[str, Any] = {"optimizer": guard.wrap_optimizer()}
+    guarded = guard.wrap_optimizer()
+    out: dict[str, Any] = {"optimizer": guarded}
     if scheduler is not None:
         config_entry: dict[str, Any] = {
-            "scheduler": lightning_scheduler(guard, scheduler),
+            "scheduler": lightning_scheduler(guard, scheduler, guarded),
             "interval": interval,
             "frequency": frequency,
         }
@@ -87,17 +88,27 @@ def guarded_optimizers(
     return out
 
 
-def lightning_scheduler(guard: Guard, scheduler: Any) -> GuardedScheduler:
+def lightning_scheduler(
+    guard: Guard, scheduler: Any, optimizer: GuardedOptimizer
+) -> GuardedScheduler:
     """`guard.wrap_scheduler(scheduler)` that is also an instance of the scheduler's class.
 
     Lightning accepts only `LRScheduler` / `ReduceLROnPlateau` instances (or demands an
-    `lr_scheduler_step` override), and treats a `ReduceLROnPlateau` specially; a proxy class
-    derived from both keeps those checks true while `step()` stays the guard's. The same
-    pattern as Lightning's own `LightningOptimizer` (a class made per wrapped type).
+    `lr_scheduler_step` override), treats a `ReduceLROnPlateau` specially, and checks that
+    `scheduler.optimizer` is one of the optimizers `configure_optimizers` returned: a proxy
+    class derived from both, whose `optimizer` is the guarded one, keeps those checks true while
+    `step()` stays the guard's. The same pattern as Lightning's own `LightningOptimizer` (a
+    class made per wrapped type). The inner scheduler keeps driving the inner optimizer's
+    learning rates (the same param_groups).
     """
-    cls = type(f"Guarded{type(scheduler).__name__}", (GuardedScheduler, type(scheduler)), {})
-    proxy: GuardedScheduler = cls.__new__(cls)
+    cls: type[GuardedScheduler] = type(
+        f"Guarded{type(scheduler).__name__}",
+        (GuardedScheduler, type(scheduler)),
+        {"optimizer": property(lambda self: self.__dict__["guarded_optimizer"])},
+    )
+    proxy = object.__new__(cls)
     GuardedScheduler.__init__(proxy, guard, scheduler)
+    proxy.__dict__["guarded_optimizer"] = optimizer
     return proxy
 
 
