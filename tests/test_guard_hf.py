@@ -18,9 +18,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")  # in the `test` extra: never skipped in CI
 
-from transformers import (  # noqa: E402
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
@@ -28,10 +27,10 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from pss_cli.errors import GuardConfigError  # noqa: E402
-from pss_cli.guard import GuardConfig, TriggerAction  # noqa: E402
-from pss_cli.guard.adapters.hf import GuardCallback, find_guard, guarded_optimizers  # noqa: E402
-from pss_cli.trend.guard_log import GUARD_LOG_NAME, read_guard_log  # noqa: E402
+from pss_cli.errors import GuardConfigError
+from pss_cli.guard import GuardConfig, TriggerAction
+from pss_cli.guard.adapters.hf import GuardCallback, find_guard, guarded_optimizers
+from pss_cli.trend.guard_log import GUARD_LOG_NAME, read_guard_log
 
 VOCAB, SEQ, STEPS, BATCH = 64, 16, 30, 4
 # The spike rule armed after 5 steps with a factor no norm can stay under: it fires at guard

@@ -12,17 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch")  # in the `test` extra: never skipped in CI
-
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-from pss_cli.errors import GuardConfigError  # noqa: E402
-from pss_cli.guard import GuardConfig, TriggerAction  # noqa: E402
-from pss_cli.guard.adapters.lightning import (  # noqa: E402
+from pss_cli.errors import GuardConfigError
+from pss_cli.guard import GuardConfig, TriggerAction
+from pss_cli.guard.adapters.lightning import (
     GuardCallback,
     find_guards,
     guarded_optimizers,

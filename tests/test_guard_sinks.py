@@ -7,18 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("tensorboard")  # in the `test` extra: never skipped in CI
-
-from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
 
-from pss_cli.errors import GuardConfigError  # noqa: E402
-from pss_cli.guard import Guard, GuardConfig, TriggerAction  # noqa: E402
-from pss_cli.guard.results import GuardEvent  # noqa: E402
-from pss_cli.guard.sinks import TensorBoardSink, WandbSink  # noqa: E402
-from tests.guard_factory import make_model, make_optimizer, train  # noqa: E402
+from pss_cli.errors import GuardConfigError
+from pss_cli.guard import Guard, GuardConfig, TriggerAction
+from pss_cli.guard.results import GuardEvent
+from pss_cli.guard.sinks import TensorBoardSink, WandbSink
+from tests.guard_factory import make_model, make_optimizer, train
 
 STEPS, TRIGGER = 12, 4
 CONFIG = GuardConfig(

@@ -92,7 +92,7 @@ class WandbSink:
     ) -> None:
         if run is None:
             try:
-                import wandb
+                import wandb  # type: ignore[import-not-found]
             except ImportError as error:
                 raise GuardConfigError(
                     f"WandbSink needs the wandb package ({error})",
