@@ -580,3 +580,21 @@ def test_import_pss_cli_guard_does_not_import_torch() -> None:
         "GuardConfig(); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_with_a_grad_scaler_unscale_then_guard_then_update() -> None:
+    # docs/GUARD.md: scaler.unscale_ -> guard.step -> scaler.update (the scaler halves on Inf).
+    model, guard = guarded(GuardConfig())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    skipped = []
+    for step in range(3):
+        loss = loss_of(model, step)
+        scaler.scale(loss).backward()
+        if step == 1:
+            model.h[0].c_fc.weight.grad[0, 0] = float("inf")  # type: ignore[index]
+        scaler.unscale_(guard.optimizer)
+        skipped.append(guard.step(loss).skipped)
+        scaler.update()
+        guard.optimizer.zero_grad()
+    assert skipped == [False, True, False]
+    assert scaler.get_scale() == 2.0**9
