@@ -80,7 +80,7 @@ def batch(step: int, size: int = 4) -> torch.Tensor:
 
 
 def loss_of(model: nn.Module, step: int) -> torch.Tensor:
-    tokens = batch(step)
+    tokens = batch(step).to(next(model.parameters()).device)
     logits = model(tokens[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
