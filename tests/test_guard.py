@@ -141,7 +141,7 @@ def test_decision_is_frozen_and_carries_the_contract_fields() -> None:
     loss.backward()
     decision = guard.step(loss)
     assert decision.step == 0 and not decision.skipped and decision.reason is None
-    assert decision.loss == pytest.approx(float(loss))
+    assert decision.loss == pytest.approx(float(loss.detach()))
     assert decision.smoothed == () and decision.actions == ()
     assert decision.grad_norm > 0
     assert guard.last_decision is decision
@@ -598,3 +598,21 @@ def test_with_a_grad_scaler_unscale_then_guard_then_update() -> None:
         guard.optimizer.zero_grad()
     assert skipped == [False, True, False]
     assert scaler.get_scale() == 2.0**9
+
+
+@pytest.mark.parametrize(
+    "method", [SmoothingMethod.CONV, SmoothingMethod.SOFTMAX, SmoothingMethod.CLIP]
+)
+def test_every_method_smooths_in_place_with_finite_results(method: SmoothingMethod) -> None:
+    model, guard = guarded(GuardConfig(**FIRE_AT_ONCE, smooth_method=method))
+    run(model, guard, 1)
+    fc = model.h[1].c_fc.weight  # type: ignore[union-attr]
+    top_before = float(torch.linalg.svdvals(fc.detach().double())[0])
+    loss_of(model, 1).backward()
+    decision = guard.step()
+    assert "h.1.c_fc.weight" in decision.smoothed
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    top_after = float(torch.linalg.svdvals(fc.detach().double())[0])
+    if method is SmoothingMethod.CLIP:
+        assert top_after < top_before  # sigma_1 -> sigma_2
+    assert top_after != top_before
