@@ -59,7 +59,7 @@ def test_power_step_on_a_zero_matrix_is_zero_not_nan() -> None:
 def test_frobenius_norm_sq_is_exact() -> None:
     w = _matrix([3.0, 2.0, 1.0], m=5, n=3)
     assert float(frobenius_norm_sq(w)) == pytest.approx(14.0, rel=1e-12)
-    assert frobenius_norm_sq(w.float()).dtype == torch.float32
+    assert frobenius_norm_sq(w.float()).dtype == torch.float64
 
 
 def test_stable_jacobian_energy_matches_its_definition() -> None:

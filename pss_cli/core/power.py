@@ -49,10 +49,14 @@ def power_step(
 
 
 def frobenius_norm_sq(matrix: torch.Tensor) -> torch.Tensor:
-    """||W||_F^2 as a 0-d float32 tensor (float64 for float64 input), from every entry."""
+    """||W||_F^2 as a 0-d float64 tensor, from every entry.
+
+    The norm is reduced in float32 (float64 for float64 input) and squared in float64, the
+    dtype of the guard's vector of scalars.
+    """
     dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     norm: torch.Tensor = torch.linalg.vector_norm(matrix, dtype=dtype)
-    return norm.square()
+    return norm.to(torch.float64).square()
 
 
 def random_unit_vector(n: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:

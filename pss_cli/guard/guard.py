@@ -2,7 +2,7 @@
 
 `guard.step(loss)` replaces `optimizer.step()`. Per step it
 1. gathers, on the device, the per-parameter gradient norms, a non-finite flag, the loss and, on
-   monitor steps, sigma_1 and ||W||_F^2 of a few matrices, into one float32 vector;
+   monitor steps, sigma_1 and ||W||_F^2 of a few matrices, into one float64 vector;
 2. under torch.distributed, all-reduces that vector once (SUM: every rank then holds the same
    numbers and takes the same decision; a NaN on one rank is a flag, never a NaN in the sum);
 3. reads it with one `.tolist()`: the step's only host synchronisation. (A 0/1 device factor
@@ -54,6 +54,10 @@ _SEVERITY = {
     TriggerAction.SMOOTH: 3,
     TriggerAction.RAISE: 4,
 }
+# The step's vector of scalars: float64, because squared norms of an exploding gradient
+# (||g|| > 1.8e19) overflow float32 and would read as non-finite; the vector is a few hundred
+# numbers, so its precision costs nothing.
+_VECTOR_DTYPE = torch.float64
 # How many parameters a grad-norm trigger names (largest gradient norms first).
 _NAMED_LAYERS = 3
 
@@ -285,27 +289,17 @@ class Guard:
     def _gather(self, loss: torch.Tensor | float | None, indices: list[int]) -> list[float]:
         """[nonfinite flag, loss, has loss, ||g_p||^2 per param..., monitor readings...]."""
         device = self._device
-        sq: list[torch.Tensor] = []
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        for p in self._params:
-            grad = p.grad
-            if grad is None:
-                sq.append(zero)
-                continue
-            local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
-            sq.append(
-                torch.linalg.vector_norm(local.detach(), dtype=torch.float32).square().to(device)
-            )
-        norms = torch.stack(sq) if sq else zero.new_zeros(0)
+        zero = torch.zeros((), dtype=_VECTOR_DTYPE, device=device)
+        norms = _squared_grad_norms(self._params, device) if self._params else zero.new_zeros(0)
         if loss is None:
             loss_t, has_loss = zero, zero
         elif isinstance(loss, torch.Tensor):
-            loss_t = loss.detach().reshape(-1)[0].to(device=device, dtype=torch.float32)
-            has_loss = torch.ones((), dtype=torch.float32, device=device)
+            loss_t = loss.detach().reshape(-1)[0].to(device=device, dtype=_VECTOR_DTYPE)
+            has_loss = torch.ones((), dtype=_VECTOR_DTYPE, device=device)
         else:
-            loss_t = torch.tensor(float(loss), dtype=torch.float32, device=device)
-            has_loss = torch.ones((), dtype=torch.float32, device=device)
-        bad = (~torch.isfinite(norms)).sum() + (~torch.isfinite(loss_t)).to(torch.float32)
+            loss_t = torch.tensor(float(loss), dtype=_VECTOR_DTYPE, device=device)
+            has_loss = torch.ones((), dtype=_VECTOR_DTYPE, device=device)
+        bad = (~torch.isfinite(norms)).sum() + (~torch.isfinite(loss_t)).to(_VECTOR_DTYPE)
         norms = torch.where(torch.isfinite(norms), norms, zero)
         loss_t = torch.where(torch.isfinite(loss_t), loss_t, zero)
         if indices:
@@ -316,7 +310,7 @@ class Guard:
             readings = zero.new_zeros(0)
         vector = torch.cat(
             [
-                bad.to(torch.float32).reshape(1),
+                bad.to(_VECTOR_DTYPE).reshape(1),
                 loss_t.reshape(1),
                 has_loss.reshape(1),
                 norms,
@@ -509,6 +503,36 @@ class Guard:
         from pss_cli.guard.wrappers import GuardedScheduler
 
         return GuardedScheduler(self, scheduler)
+
+
+def _squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """(P,) float64 ||g_p||^2 per parameter (0 without a gradient; a DTensor's local shard), on
+    `device`, without a host synchronisation.
+
+    float32/float64 gradients of one device go through one fused `torch._foreach_norm` (what
+    `clip_grad_norm_` uses: one kernel launch per group instead of one per parameter); others
+    (bf16/fp16) are reduced one by one in float32, which keeps their norm from rounding to
+    the gradient's 8-bit mantissa.
+    """
+    squared: list[torch.Tensor | None] = [None] * len(params)
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+    for i, p in enumerate(params):
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+        local = local.detach()
+        if local.dtype in (torch.float32, torch.float64) and not local.is_sparse:
+            groups.setdefault((local.device, local.dtype), []).append((i, local))
+        else:
+            norm = torch.linalg.vector_norm(local, dtype=torch.float32)
+            squared[i] = norm.to(device=device, dtype=_VECTOR_DTYPE).square()
+    for members in groups.values():
+        norms = torch._foreach_norm([t for _, t in members])
+        for (i, _), norm in zip(members, norms, strict=True):
+            squared[i] = norm.to(device=device, dtype=_VECTOR_DTYPE).square()
+    zero = torch.zeros((), dtype=_VECTOR_DTYPE, device=device)
+    return torch.stack([zero if sq is None else sq for sq in squared])
 
 
 def _world_size() -> int:

@@ -48,7 +48,7 @@ class SpectralMonitor:
 
     @torch.no_grad()
     def measure(self, indices: list[int], device: torch.device) -> torch.Tensor:
-        """(2 * len(indices),) [sigma_1..., ||W||_F^2...] float32 on `device`; advances the cursor.
+        """(2 * len(indices),) [sigma_1..., ||W||_F^2...] float64 on `device`; advances the cursor.
 
         Reads the weights only; its random start vectors come from the monitor's own generator.
         """
@@ -67,8 +67,8 @@ class SpectralMonitor:
                 n_iters = max(self.first_power_iters, 1)
             sigma, vector = power_step(matrix, vector, n_iters)
             self.vectors[index] = vector
-            sigmas.append(sigma.to(device=device, dtype=torch.float32))
-            frobs.append(frobenius_norm_sq(matrix).to(device=device, dtype=torch.float32))
+            sigmas.append(sigma.to(device=device, dtype=torch.float64))
+            frobs.append(frobenius_norm_sq(matrix).to(device=device))
         self.cursor = (self.cursor + len(indices)) % max(1, len(self.specs))
         return torch.stack(sigmas + frobs)
 
