@@ -54,9 +54,10 @@ _SEVERITY = {
     TriggerAction.SMOOTH: 3,
     TriggerAction.RAISE: 4,
 }
-# The step's vector of scalars: float64, because squared norms of an exploding gradient
-# (||g|| > 1.8e19) overflow float32 and would read as non-finite; the vector is a few hundred
-# numbers, so its precision costs nothing.
+# The step's vector of scalars: float64. It is a few hundred numbers, so this costs nothing, and
+# the all-reduce's x / world + x / world stays exact to far below the float32 rounding the norms
+# already carry. (A gradient whose norm overflows float32 inside the norm kernel, > 1.8e19,
+# still reads as non-finite and is skipped: no dtype of the vector changes that.)
 _VECTOR_DTYPE = torch.float64
 # How many parameters a grad-norm trigger names (largest gradient norms first).
 _NAMED_LAYERS = 3
