@@ -616,3 +616,38 @@ def test_every_method_smooths_in_place_with_finite_results(method: SmoothingMeth
     if method is SmoothingMethod.CLIP:
         assert top_after < top_before  # sigma_1 -> sigma_2
     assert top_after != top_before
+
+
+def test_spectral_smooth_with_flagged_scope_changes_only_the_flagged_matrix() -> None:
+    config = GuardConfig(
+        spike_action=TriggerAction.OFF,
+        spectral_action=TriggerAction.SMOOTH,
+        smooth_scope="flagged",  # type: ignore[arg-type]
+        check_every=1,
+        matrices_per_check=100,
+    )
+    model, guard = guarded(config)
+    run(model, guard, 4)
+    with torch.no_grad():
+        model.h[1].c_fc.weight.mul_(10.0)  # type: ignore[union-attr]
+    decision = run(model, guard, 1, start=4)[0]
+    assert decision.smoothed == ("h.1.c_fc.weight",)
+    assert decision.actions == ("smooth", "skip")
+
+
+def test_sje_on_log_triggers_when_asked() -> None:
+    config = GuardConfig(**FIRE_AT_ONCE, spike_action=TriggerAction.LOG, sje_on_trigger=True)
+    model, guard = guarded(config)
+    run(model, guard, 2)
+    trigger = next(e for e in guard.events if e.kind == "trigger")
+    sje = trigger.detail["sje"]
+    assert set(sje) == {spec.name for spec in guard.specs}
+    assert all(0.0 < value <= 1.0 for value in sje.values())
+
+
+def test_steps_without_gradients_do_not_feed_the_moving_average() -> None:
+    model, guard = guarded(GuardConfig(**NEVER_FIRES))
+    guard.step()  # no backward yet: no gradient at all
+    assert guard.spike.ema is None and guard.spike.seen == 0
+    run(model, guard, 1, start=1)
+    assert guard.spike.ema is not None and guard.spike.ema > 0

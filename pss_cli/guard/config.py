@@ -126,6 +126,11 @@ class GuardConfig:
     # keep: Adam moments untouched (a small targeted edit; Kimi K2's QK-Clip precedent); reset:
     # the smoothed entries' moments zeroed, step counts kept (as `pss smooth --optimizer-state`).
     optimizer_policy: OptimizerPolicy = OptimizerPolicy.KEEP
+    # Stable Jacobian Energy (the paper) is computed on every smooth step for free (the top
+    # singular triplets are needed anyway). On log/skip/raise trigger steps it needs those
+    # triplets for every monitored matrix, as costly as a smooth: off by default, so that a
+    # log-only rule firing every 30 steps does not cost a full SVD pass each time.
+    sje_on_trigger: bool = False
     # --- misc ----------------------------------------------------------------------------------
     # The monitor's own torch.Generator seed (start vectors, smoothing start blocks): the global
     # RNG is never touched, so a run without triggers is bit-identical to an unguarded one.

@@ -163,7 +163,10 @@ class Guard:
         layers: list[str] = []
         metrics: dict[str, float] = {}
         spectral_warnings = self._read_monitor(indices, readings, metrics)
-        if nonfinite:
+        # No gradient at all (a step before the first backward, or all frozen this step): the
+        # norm is 0 by construction, not a measurement; it must not drag the EMAs to zero.
+        has_grads = any(p.grad is not None for p in self._params)
+        if nonfinite or not has_grads:
             self.spike.tick()
             self.zscore.tick()
         else:
@@ -197,18 +200,22 @@ class Guard:
         actions: list[str] = []
         smoothed: tuple[str, ...] = ()
         outcomes: list[SmoothOutcome] = []
+        sje: dict[str, float] = {}
+        if fired and action != TriggerAction.SMOOTH and self.config.sje_on_trigger:
+            sje = self._measure_sje(step)
+            metrics.update({f"sje/{name}": value for name, value in sje.items()})
         if fired:
             self.counters["triggers"] += 1
             for rule, rule_action, rule_reason in fired:
                 self.counters[f"{rule}_triggers"] += 1
-                self._emit(
-                    GuardEvent(
-                        step,
-                        "trigger",
-                        rule_reason,
-                        {"rule": rule, "action": str(rule_action), "layers": list(layers)},
-                    )
-                )
+                detail: dict[str, Any] = {
+                    "rule": rule,
+                    "action": str(rule_action),
+                    "layers": list(layers),
+                }
+                if sje:
+                    detail["sje"] = dict(sje)
+                self._emit(GuardEvent(step, "trigger", rule_reason, detail))
             if action == TriggerAction.LOG:
                 actions.append("log")
         if nonfinite:
@@ -414,6 +421,21 @@ class Guard:
         if c.optimizer_policy == OptimizerPolicy.RESET:
             self._reset_moments(touched)
         return outcomes
+
+    def _measure_sje(self, step: int) -> dict[str, float]:
+        """SJE of every monitored matrix from this step's gradients, weights unchanged."""
+        c = self.config
+        dtype = torch.float64 if c.smooth_dtype == ComputeDtype.FLOAT64 else torch.float32
+        params = smoothing_params(SmoothingMethod.CONV, None, c.softmax_temperature, c.clip_count)
+        out: dict[str, float] = {}
+        for index, spec in enumerate(self.specs):
+            seed = (c.seed * 1_000_003 + step * 1009 + index) % (2**63)
+            outcome = smooth_spec(
+                spec, params, c.smooth_top_k, dtype, seed, KrylovSettings(), write=False
+            )
+            if outcome.sje is not None:
+                out[spec.name] = outcome.sje
+        return out
 
     def _reset_moments(self, specs: list[MatrixSpec]) -> None:
         """Zero the smoothed entries' optimizer moments (same shape as the parameter); step
