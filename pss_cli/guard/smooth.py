@@ -22,7 +22,12 @@ from pss_cli.core.smoothing import (
     apply_spectrum_change,
     smooth_values,
 )
-from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
+from pss_cli.core.spectra import (
+    KrylovSettings,
+    gaussian_start,
+    top_singular_triplets,
+    uses_exact_path,
+)
 from pss_cli.guard.targets import MatrixSpec, full_value, is_dtensor
 
 
@@ -63,9 +68,12 @@ def smooth_spec(
     work = unit.to(dtype)
     unit_norm = float(torch.linalg.vector_norm(unit))
     k = min(rank, top_k)
-    generator_seed = seed
+    if uses_exact_path(m, n, rank, settings):
+        # A full SVD computes every triplet anyway: take them all at once rather than
+        # growing k and factorising again (halved the trigger step's SVD time).
+        k = rank
     while True:
-        start = gaussian_start([generator_seed], rank, settings.block_size)[0]
+        start = gaussian_start([seed], rank, settings.block_size)[0]
         triplets = top_singular_triplets(work, k, start, settings)
         sigma = float(triplets.values[0])
         stable_rank = (unit_norm / sigma) ** 2 if sigma > 0 else None
