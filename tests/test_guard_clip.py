@@ -114,3 +114,18 @@ def test_lightning_scheduler_proxy_keeps_the_scheduler_type_and_waits_after_a_sk
         scheduler.step(1.0 + step)  # a worsening metric: each real step halves the LR
     assert guarded.guard.last_decision.skipped
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lr / 2)
+
+
+def test_the_guard_core_never_imports_a_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pss_cli.guard, pss_cli.guard.guard, pss_cli.guard.sinks, "
+        "pss_cli.guard.adapters.clip, pss_cli.commands.trend\n"
+        "bad = [m for m in ('transformers', 'lightning', 'accelerate', 'tensorboard', 'wandb',"
+        " 'deepspeed') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
