@@ -21,6 +21,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -112,7 +113,11 @@ class Guard:
         )
         self.monitor = SpectralMonitor(
             self.specs,
-            c.check_every if c.spectral_action != TriggerAction.OFF else 0,
+            # The monitor runs when its readings are used: by the spectral rule, or as the
+            # history `cap` takes its targets from.
+            c.check_every
+            if c.spectral_action != TriggerAction.OFF or c.smooth_method == SmoothingMethod.CAP
+            else 0,
             c.matrices_per_check,
             c.power_iters,
             c.first_power_iters,
@@ -145,49 +150,11 @@ class Guard:
     def step(self, loss: torch.Tensor | float | None = None) -> GuardDecision:
         """Decide this step; take the optimizer step, skip it, or smooth and skip it."""
         step = self.step_count
-        check = self.monitor.due(step)
-        indices = self.monitor.next_indices() if check else []
-        values = self._gather(loss, indices)
-        n_params = len(self._params)
-        nonfinite = values[0] > 0
-        loss_value = values[1] if values[2] > 0 else None
-        sq_norms = values[3 : 3 + n_params]
-        readings = values[3 + n_params :]
-        grad_sum = sum(math.sqrt(max(v, 0.0)) for v in sq_norms)
-        grad_l2 = math.sqrt(max(sum(sq_norms), 0.0))
-        grad_norm = grad_sum if self.config.norm_kind == NormKind.SUM_OF_NORMS else grad_l2
-        if nonfinite:
-            grad_norm = math.nan
-
-        fired: list[tuple[str, TriggerAction, str]] = []  # (rule, action, reason)
-        layers: list[str] = []
-        metrics: dict[str, float] = {}
-        spectral_warnings = self._read_monitor(indices, readings, metrics)
-        # No gradient at all (a step before the first backward, or all frozen this step): the
-        # norm is 0 by construction, not a measurement; it must not drag the EMAs to zero.
-        has_grads = any(p.grad is not None for p in self._params)
-        if nonfinite or not has_grads:
-            self.spike.tick()
-            self.zscore.tick()
-        else:
-            c = self.config
-            if c.spike_action != TriggerAction.OFF:
-                reason = self.spike.observe(grad_norm)
-                if reason is not None:
-                    fired.append(("spike", c.spike_action, reason))
-            if c.zscore_action != TriggerAction.OFF:
-                reason = self.zscore.observe(grad_norm)
-                if reason is not None:
-                    fired.append(("zscore", c.zscore_action, reason))
-            if fired:
-                layers = self._top_grad_layers(sq_norms)
-        if spectral_warnings and self.config.spectral_action != TriggerAction.OFF:
-            text = "; ".join(w.text() for w in spectral_warnings)
-            fired.append(("spectral", self.config.spectral_action, f"spectral: {text}"))
-            self._flagged = {w.name for w in spectral_warnings if w.kind != "nonfinite"}
-            layers = [w.name for w in spectral_warnings] + layers
-
+        indices = self.monitor.next_indices() if self.monitor.due(step) else []
+        reading = self._read(self._gather(loss, indices), indices)
+        fired, layers = self._evaluate(reading)
         action = max((a for _, a, _ in fired), key=_SEVERITY.__getitem__, default=None)
+        nonfinite = reading.nonfinite
         skip = nonfinite or action in (
             TriggerAction.SKIP,
             TriggerAction.SMOOTH,
@@ -197,58 +164,26 @@ class Guard:
         if nonfinite:
             reasons.insert(0, "non-finite loss or gradients")
         reason = "; ".join(reasons) if reasons else None
+
         actions: list[str] = []
         smoothed: tuple[str, ...] = ()
-        outcomes: list[SmoothOutcome] = []
-        sje: dict[str, float] = {}
-        if fired and action != TriggerAction.SMOOTH and self.config.sje_on_trigger:
-            sje = self._measure_sje(step)
-            metrics.update({f"sje/{name}": value for name, value in sje.items()})
         if fired:
-            self.counters["triggers"] += 1
-            for rule, rule_action, rule_reason in fired:
-                self.counters[f"{rule}_triggers"] += 1
-                detail: dict[str, Any] = {
-                    "rule": rule,
-                    "action": str(rule_action),
-                    "layers": list(layers),
-                }
-                if sje:
-                    detail["sje"] = dict(sje)
-                self._emit(GuardEvent(step, "trigger", rule_reason, detail))
+            self._record_triggers(step, fired, layers, action, reading.metrics)
             if action == TriggerAction.LOG:
                 actions.append("log")
         if nonfinite:
             self.counters["nonfinite"] += 1
-            self._emit(
-                GuardEvent(
-                    step,
-                    "nonfinite",
-                    "non-finite loss or gradients: step skipped",
-                    {"loss": loss_value, "layers": self._nonfinite_layers()},
-                )
-            )
-        if action == TriggerAction.SMOOTH and not nonfinite:
-            outcomes = self._smooth(step)
-            smoothed = tuple(o.name for o in outcomes if o.changed)
+            detail = {"loss": reading.loss, "layers": self._nonfinite_layers()}
+            reason_text = "non-finite loss or gradients: step skipped"
+            self._emit(GuardEvent(step, "nonfinite", reason_text, detail))
+        elif action == TriggerAction.SMOOTH:
+            smoothed = self._smooth_and_record(step, reading.metrics)
             actions.append("smooth")
-            for outcome in outcomes:
-                if outcome.sje is not None:
-                    metrics[f"sje/{outcome.name}"] = outcome.sje
-            self.counters["smoothed"] += len(smoothed)
-            self._emit(
-                GuardEvent(
-                    step,
-                    "smooth",
-                    f"smoothed {len(smoothed)} of {len(outcomes)} matrices "
-                    f"({self.config.smooth_method})",
-                    {"method": str(self.config.smooth_method), "matrices": _outcomes(outcomes)},
-                )
-            )
         if skip:
             actions.append("skip")
             self.counters["skipped"] += 1
-            self._emit(GuardEvent(step, "skip", reason or "skipped", {"grad_norm": grad_norm}))
+            detail = {"grad_norm": reading.grad_norm}
+            self._emit(GuardEvent(step, "skip", reason or "skipped", detail))
         else:
             self.optimizer.step()
         self.counters["steps"] += 1
@@ -260,39 +195,140 @@ class Guard:
             triggered=bool(fired) or nonfinite,
             reason=reason,
             smoothed=smoothed,
-            grad_norm=grad_norm,
-            loss=loss_value,
+            grad_norm=reading.grad_norm,
+            loss=reading.loss,
             actions=tuple(actions),
         )
         self.last_decision = decision
+        self._record(step, self._step_metrics(decision, reading), None)
+        if action == TriggerAction.RAISE and not nonfinite:
+            self._raise(step, reason or "", layers)
+        return decision
+
+    def _read(self, values: list[float], indices: list[int]) -> _Reading:
+        """The gathered vector as named numbers, and the monitor's readings as metrics."""
+        n_params = len(self._params)
+        sq_norms = values[3 : 3 + n_params]
+        nonfinite = values[0] > 0
+        grad_sum = sum(math.sqrt(max(v, 0.0)) for v in sq_norms)
+        grad_l2 = math.sqrt(max(sum(sq_norms), 0.0))
+        watched = grad_sum if self.config.norm_kind == NormKind.SUM_OF_NORMS else grad_l2
+        metrics: dict[str, float] = {}
+        warnings_ = self._read_monitor(indices, values[3 + n_params :], metrics)
+        return _Reading(
+            nonfinite=nonfinite,
+            loss=values[1] if values[2] > 0 else None,
+            sq_norms=sq_norms,
+            grad_sum=math.nan if nonfinite else grad_sum,
+            grad_l2=math.nan if nonfinite else grad_l2,
+            grad_norm=math.nan if nonfinite else watched,
+            spectral=warnings_,
+            metrics=metrics,
+        )
+
+    def _evaluate(
+        self, reading: _Reading
+    ) -> tuple[list[tuple[str, TriggerAction, str]], list[str]]:
+        """The rules that fired, as (rule, action, reason), and the layers they name."""
+        c = self.config
+        fired: list[tuple[str, TriggerAction, str]] = []
+        layers: list[str] = []
+        # No gradient at all (a step before the first backward, or all frozen this step): the
+        # norm is 0 by construction, not a measurement; it must not drag the EMAs to zero.
+        has_grads = any(p.grad is not None for p in self._params)
+        if reading.nonfinite or not has_grads:
+            self.spike.tick()
+            self.zscore.tick()
+        else:
+            if c.spike_action != TriggerAction.OFF:
+                reason = self.spike.observe(reading.grad_norm)
+                if reason is not None:
+                    fired.append(("spike", c.spike_action, reason))
+            if c.zscore_action != TriggerAction.OFF:
+                reason = self.zscore.observe(reading.grad_norm)
+                if reason is not None:
+                    fired.append(("zscore", c.zscore_action, reason))
+            if fired:
+                layers = self._top_grad_layers(reading.sq_norms)
+        if reading.spectral and c.spectral_action != TriggerAction.OFF:
+            text = "; ".join(w.text() for w in reading.spectral)
+            fired.append(("spectral", c.spectral_action, f"spectral: {text}"))
+            self._flagged = {w.name for w in reading.spectral if w.kind != "nonfinite"}
+            layers = [w.name for w in reading.spectral] + layers
+        return fired, layers
+
+    def _record_triggers(
+        self,
+        step: int,
+        fired: list[tuple[str, TriggerAction, str]],
+        layers: list[str],
+        action: TriggerAction | None,
+        metrics: dict[str, float],
+    ) -> None:
+        sje: dict[str, float] = {}
+        if action != TriggerAction.SMOOTH and self.config.sje_on_trigger:
+            sje = self._measure_sje(step)
+            metrics.update({f"sje/{name}": value for name, value in sje.items()})
+        self.counters["triggers"] += 1
+        for rule, rule_action, rule_reason in fired:
+            self.counters[f"{rule}_triggers"] += 1
+            detail: dict[str, Any] = {
+                "rule": rule,
+                "action": str(rule_action),
+                "layers": list(layers),
+            }
+            if sje:
+                detail["sje"] = dict(sje)
+            self._emit(GuardEvent(step, "trigger", rule_reason, detail))
+
+    def _smooth_and_record(self, step: int, metrics: dict[str, float]) -> tuple[str, ...]:
+        outcomes = self._smooth(step)
+        smoothed = tuple(o.name for o in outcomes if o.changed)
+        for outcome in outcomes:
+            if outcome.sje is not None:
+                metrics[f"sje/{outcome.name}"] = outcome.sje
+        self.counters["smoothed"] += len(smoothed)
+        method = str(self.config.smooth_method)
+        self._emit(
+            GuardEvent(
+                step,
+                "smooth",
+                f"smoothed {len(smoothed)} of {len(outcomes)} matrices ({method})",
+                {"method": method, "matrices": _outcomes(outcomes)},
+            )
+        )
+        return smoothed
+
+    def _step_metrics(self, decision: GuardDecision, reading: _Reading) -> dict[str, float]:
+        metrics = dict(reading.metrics)
         metrics.update(
             {
-                "grad_norm": grad_norm,
-                "grad_norm_sum": grad_sum if not nonfinite else math.nan,
-                "grad_norm_l2": grad_l2 if not nonfinite else math.nan,
-                "skipped": float(skip),
+                "grad_norm": reading.grad_norm,
+                "grad_norm_sum": reading.grad_sum,
+                "grad_norm_l2": reading.grad_l2,
+                "skipped": float(decision.skipped),
                 "triggered": float(decision.triggered),
             }
         )
-        if loss_value is not None:
-            metrics["loss"] = loss_value
+        if reading.loss is not None:
+            metrics["loss"] = reading.loss
         if self.spike.ema is not None:
             metrics["spike_ema"] = self.spike.ema
         if self.zscore.last_z is not None:
             metrics["zscore"] = self.zscore.last_z
-        self._record(step, metrics, None)
-        if action == TriggerAction.RAISE and not nonfinite:
-            self._emit(GuardEvent(step, "raise", reason or "", {"layers": list(layers)}))
-            raise GuardTriggered(
-                f"pss guard stopped training at step {step}: {reason}"
-                + (f" (layers: {', '.join(layers[: _NAMED_LAYERS * 2])})" if layers else ""),
-                "the step was skipped; roll back to the last good checkpoint and lower the "
-                "learning rate, or set the rule's action to 'smooth' or 'skip' "
-                "(GuardConfig.spike_action / zscore_action / spectral_action)",
-                step=step,
-                layers=tuple(layers),
-            )
-        return decision
+        return metrics
+
+    def _raise(self, step: int, reason: str, layers: list[str]) -> None:
+        self._emit(GuardEvent(step, "raise", reason, {"layers": list(layers)}))
+        named = f" (layers: {', '.join(layers[: _NAMED_LAYERS * 2])})" if layers else ""
+        raise GuardTriggered(
+            f"pss guard stopped training at step {step}: {reason}{named}",
+            "the step was skipped; roll back to the last good checkpoint and lower the "
+            "learning rate, or set the rule's action to 'smooth' or 'skip' "
+            "(GuardConfig.spike_action / zscore_action / spectral_action)",
+            step=step,
+            layers=tuple(layers),
+        )
 
     def _gather(self, loss: torch.Tensor | float | None, indices: list[int]) -> list[float]:
         """[nonfinite flag, loss, has loss, ||g_p||^2 per param..., monitor readings...]."""
@@ -526,6 +562,20 @@ class Guard:
         from pss_cli.guard.wrappers import GuardedScheduler
 
         return GuardedScheduler(self, scheduler)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """One step's numbers, after the host synchronisation."""
+
+    nonfinite: bool
+    loss: float | None
+    sq_norms: list[float]  # ||g_p||^2 per trainable parameter
+    grad_sum: float  # sum_p ||g_p|| (NaN on a non-finite step)
+    grad_l2: float  # sqrt(sum_p ||g_p||^2) (NaN on a non-finite step)
+    grad_norm: float  # the one GuardConfig.norm_kind watches
+    spectral: list[SpectralWarning]
+    metrics: dict[str, float]  # filled as the step goes (per-matrix readings, SJE)
 
 
 def _squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
