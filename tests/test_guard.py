@@ -663,3 +663,10 @@ def test_steps_without_gradients_do_not_feed_the_moving_average() -> None:
     assert guard.spike.ema is None and guard.spike.seen == 0
     run(model, guard, 1, start=1)
     assert guard.spike.ema is not None and guard.spike.ema > 0
+
+
+def test_the_monitor_runs_only_when_its_readings_are_used() -> None:
+    off = {"spectral_action": TriggerAction.OFF}
+    assert guarded(GuardConfig(**off))[1].monitor.check_every == 0  # type: ignore[arg-type]
+    cap = GuardConfig(**off, smooth_method=SmoothingMethod.CAP)  # type: ignore[arg-type]
+    assert guarded(cap)[1].monitor.check_every == cap.check_every
