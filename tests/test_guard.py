@@ -670,3 +670,10 @@ def test_the_monitor_runs_only_when_its_readings_are_used() -> None:
     assert guarded(GuardConfig(**off))[1].monitor.check_every == 0  # type: ignore[arg-type]
     cap = GuardConfig(**off, smooth_method=SmoothingMethod.CAP)  # type: ignore[arg-type]
     assert guarded(cap)[1].monitor.check_every == cap.check_every
+
+
+def test_config_accepts_strings_for_enums_and_names_bad_ones() -> None:
+    config = GuardConfig(spike_action="skip", norm_kind="l2")  # type: ignore[arg-type]
+    assert config.spike_action is TriggerAction.SKIP
+    with pytest.raises(GuardConfigError, match=r"GuardConfig.smooth_method: 'blur' is not one of"):
+        GuardConfig(smooth_method="blur")  # type: ignore[arg-type]

@@ -139,6 +139,20 @@ class GuardConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        # Strings are accepted for the enum fields (GuardConfig(spike_action="skip")), as in a
+        # YAML or CLI config; stored as the enum.
+        for name, enum in _ENUM_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, enum):
+                continue
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                allowed = ", ".join(member.value for member in enum)
+                raise GuardConfigError(
+                    f"GuardConfig.{name}: {value!r} is not one of {allowed}",
+                    "see docs/GUARD.md for the fields and defaults",
+                ) from None
         problems = _problems(self)
         if problems:
             name, text = problems[0]
@@ -151,15 +165,28 @@ class GuardConfig:
         out: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            out[f.name] = value
         return out
+
+
+_ENUM_FIELDS: dict[str, type[StrEnum]] = {
+    "spike_action": TriggerAction,
+    "zscore_action": TriggerAction,
+    "spectral_action": TriggerAction,
+    "norm_kind": NormKind,
+    "smooth_method": SmoothingMethod,
+    "smooth_scope": SmoothScope,
+    "smooth_dtype": ComputeDtype,
+    "optimizer_policy": OptimizerPolicy,
+}
 
 
 def _problems(config: GuardConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    for name in ("spike_action", "zscore_action", "spectral_action"):
-        if not isinstance(getattr(config, name), TriggerAction):
-            problems.append((name, "must be a TriggerAction"))
     positive = ("spike_factor", "zscore_threshold", "spectral_sigma_growth", "min_stable_rank")
     for name in positive:
         if not float(getattr(config, name)) > 0:
