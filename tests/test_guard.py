@@ -185,7 +185,9 @@ def test_smooth_applies_conv_to_monitored_matrices_and_skips() -> None:
     c_attn = model.h[0].c_attn.weight.detach().clone()  # type: ignore[union-attr]
     fc = model.h[1].c_fc.weight.detach().clone()  # type: ignore[union-attr]
     loss_of(model, 1).backward()
+    rng = torch.get_rng_state()
     decision = guard.step()
+    assert torch.equal(rng, torch.get_rng_state())  # smoothing draws from its own generators
     assert decision.skipped and decision.actions == ("smooth", "skip")
     # Q, K, V apart; every monitored matrix of both blocks; no embedding/LM head/norm/bias.
     assert "h.0.c_attn.weight[q]" in decision.smoothed
