@@ -26,7 +26,9 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from typer.testing import CliRunner
 
+from pss_cli.app import app
 from pss_cli.errors import GuardConfigError
 from pss_cli.guard import GuardConfig, TriggerAction
 from pss_cli.guard.adapters.hf import GuardCallback, find_guard, guarded_optimizers
@@ -246,6 +248,14 @@ def test_guard_state_survives_a_trainer_checkpoint_and_resume(tmp_path: Path) ->
     assert guard.step_count == steps and guard.counters == first.counters
     assert _state_equal(guard.state_dict(), first.state_dict())
     assert _same(_params(resumed.model), _params(full.model))
+    # `pss trend OUTPUT_DIR` reads the run's checkpoints and overlays the guard's event log (the
+    # resumed run appended to it: the one skip is still counted once).
+    result = CliRunner().invoke(app, ["trend", str(tmp_path / "a"), "--format", "json", "-q"])
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(result.stdout)
+    assert [c["step"] for c in report["checkpoints"]] == [10, 20]
+    assert report["guard"]["skipped_train_steps"] == [TRIGGER_STEP + 1]
+    assert report["guard"]["counts"]["skip"] == 1
 
 
 def _state_equal(a: Any, b: Any) -> bool:
