@@ -71,3 +71,23 @@ class ComputeError(PssError):
 def count(n: int, singular: str, plural: str | None = None) -> str:
     """``1 matrix``, ``2 matrices``, ``0 errors``: a number with its noun agreed."""
     return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
+class GuardConfigError(UsageError):
+    """`pss_cli.guard.Guard` cannot watch this model/optimizer (raised at construction, exit 2)."""
+
+
+class GuardTriggered(PssError):
+    """A guard rule whose action is `raise` fired: training should stop (and roll back).
+
+    ``layers`` names the parameters involved; ``step`` is the guard step that fired.
+    """
+
+    exit_code = ExitCode.INPUT
+
+    def __init__(
+        self, message: str, hint: str | None = None, *, step: int = -1, layers: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message, hint)
+        self.step = step
+        self.layers = layers
