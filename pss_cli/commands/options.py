@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pss_cli.config import OutputFormat
+from pss_cli.config import OutputFormat, ProductPrecision
 
 CheckpointArg = Annotated[
     Path,
@@ -59,3 +59,11 @@ MinStableRankOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]
+PrecisionOpt = Annotated[
+    ProductPrecision,
+    typer.Option(
+        "--precision",
+        help="Dtype of the Krylov products: auto measures bf16 against fp32 on the device and "
+        "uses bf16 where it is clearly faster; values are always refined in fp32.",
+    ),
+]
