@@ -407,7 +407,7 @@ def batch_peak_bytes(
         columns = (iteration_budget(n, settings) + 1) * settings.block_size
         workspace = (m + n) * columns * itemsize
         if settings.bf16_products:
-            workspace += 2 * m * n * 2  # A and A^T in bf16 (spectra._Products)
+            workspace += m * n * 2  # A in bf16 (spectra._Products)
     return count * matrix + copies + count * workspace
 
 

@@ -369,20 +369,19 @@ def _block_lanczos(
 class _Products:
     """A V and A^T U, in the matrix's dtype or in bf16 (fp32 accumulation, bf16 result).
 
-    The bf16 path keeps A and a transposed copy of A in bf16: torch's bf16 product with a
-    transposed operand was 4-17x slower than with a contiguous one here (AMD EPYC Zen 4,
-    (11008x4096)^T @ (11008x32): 676 ms vs 36 ms), and (U^T A)^T 1.1-2.4x slower. A BF16
-    checkpoint's values arrive exactly (the buffer is scaled by a power of two, see the
-    pipeline), so the bf16 copies add no rounding of A for them.
+    The bf16 path keeps one bf16 copy of A and computes A^T U as (U^T A)^T: torch's bf16 product
+    with a transposed A was 4-17x slower here (AMD EPYC Zen 4, (11008x4096)^T @ (11008x32):
+    676 ms vs 40 ms for (U^T A)^T). A contiguous transposed bf16 copy would make the adjoint as
+    fast as A V, but it cost about what it saves over a scan's ~13 adjoint products (machine
+    shared, best of 7: 334 ms copy vs 13 x 16 ms saved at 4096x4096; 1726 ms vs 13 x 82 ms at
+    11008x4096) and doubles the bf16 memory.
+    A BF16 checkpoint's values arrive exactly (the buffer is scaled by a power of two, see the
+    pipeline), so the bf16 copy adds no rounding of A for them.
     """
 
     def __init__(self, a: torch.Tensor, low: bool) -> None:
         self.a = a
-        self.low: torch.Tensor | None = None
-        self.low_t: torch.Tensor | None = None
-        if low:
-            self.low = a.to(torch.bfloat16)
-            self.low_t = self.low.mT.contiguous()
+        self.low: torch.Tensor | None = a.to(torch.bfloat16) if low else None
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.low is None:
@@ -390,15 +389,14 @@ class _Products:
         return (self.low @ v.to(torch.bfloat16)).to(v.dtype)
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
-        if self.low_t is None:
+        if self.low is None:
             return self.a.mT @ u
-        return (self.low_t @ u.to(torch.bfloat16)).to(u.dtype)
+        return (u.to(torch.bfloat16).mT @ self.low).mT.to(u.dtype)
 
     def select(self, keep: torch.Tensor) -> None:
         self.a = self.a[keep]
-        if self.low is not None and self.low_t is not None:
+        if self.low is not None:
             self.low = self.low[keep]
-            self.low_t = self.low_t[keep]
 
 
 def _rayleigh_ritz(
