@@ -409,7 +409,7 @@ def method_floor(args: argparse.Namespace, names: list[str]) -> tuple[list[float
     """Only the products pss does: per matrix, the fp32 conversion copy plus `iterations` pairs
     A @ V, A^T @ U of width 32, on a preallocated buffer (no orthogonalisation, no Ritz SVDs, no
     norm or finiteness checks, no batching copies). With --precision bf16: the products in bf16
-    on the stored values plus the transposed copy they need (as pss_cli.core.spectra does)."""
+    on the stored values, A^T U as (U^T A)^T (as pss_cli.core.spectra does)."""
     iterations: dict[str, int] = json.loads(Path(args.iterations).read_text())
     device = torch.device(args.compute_device)
     if args.precision == "bf16":
@@ -462,12 +462,11 @@ def _floor_bf16(
         for name in names:
             a = sources[name]
             m, n = a.shape
-            a_t = a.mT.contiguous()
             v = torch.randn(n, FLOOR_BLOCK_SIZE, generator=generator).to(device, torch.bfloat16)
             u = torch.randn(m, FLOOR_BLOCK_SIZE, generator=generator).to(device, torch.bfloat16)
             for _ in range(iterations.get(name, 0)):
                 a @ v
-                a_t @ u
+                u.mT @ a  # A^T U as pss computes it, (U^T A)^T (pss_cli.core.spectra)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times, {}
@@ -768,7 +767,7 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
                 label = (
                     "product floor fp32 (fp32 copy + A@V, A^T@U)"
                     if precision == "fp32"
-                    else "product floor bf16 (A^T copy + bf16 A@V, A^T@U)"
+                    else "product floor bf16 (bf16 A@V, (U^T A)^T)"
                 )
                 add(label, options.compute_device, floor)
         progress("read floor")
