@@ -361,7 +361,7 @@ def test_usage_errors_are_reported_once(tmp_path: Path) -> None:
 
 def test_check_under_torchrun_gates_once_like_one_process(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path)
-    args = ["check", str(ckpt), "--format", "json", "--max-sigma-ratio", "1.5"]
+    args = ["check", str(ckpt), "--format", "json", "--max-sigma-ratio", "1.5", *PINNED]
     single = subprocess.run(
         [sys.executable, "-m", "pss_cli", *args],
         env=_env(),
