@@ -10,7 +10,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -125,6 +125,20 @@ def _exit_if_terminated() -> None:
         raise typer.Exit(130) from None
 
 
+# MKL's conditional numerical reproducibility: with it, MKL's GEMMs give the same bits whatever
+# the thread count (an Intel Xeon gave other last bits under 1 and 2 threads without it). MKL
+# reads it once, when torch loads MKL, so it must be in the environment before torch is imported:
+# `pss` sets it here, before any command imports torch; a library user sets it themselves
+# (README "Reproducibility"). An existing value (the user's own choice) is kept.
+MKL_CBWR_DEFAULT = "AUTO,STRICT"
+
+
+def reproducible_blas(environ: MutableMapping[str, str]) -> None:
+    """Ask MKL for thread-count-invariant results, unless the user chose otherwise."""
+    environ.setdefault("MKL_CBWR", MKL_CBWR_DEFAULT)
+
+
 def main() -> None:
+    reproducible_blas(os.environ)
     signal.signal(signal.SIGTERM, _terminated)
     app()

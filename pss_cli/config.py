@@ -33,6 +33,15 @@ class ComputeDtype(StrEnum):
     FLOAT64 = "float64"
 
 
+class ProductPrecision(StrEnum):
+    """`--precision`: the dtype of the Krylov expansion's matrix products (see
+    pss_cli.core.precision). `auto` measures bf16 against fp32 on the scan's device."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 DEFAULT_TOP_K = 16
 # The paper (arXiv 2602.01308) sees GPT-2 FFN stable ranks of ~50-130 in stable runs and < 5 right
 # before a loss explosion; healthy all-MiniLM-L6-v2 FFN matrices sit at 10-24 (DESIGN.md). 5 flags
@@ -45,6 +54,12 @@ DEFAULT_SEED = 0
 # softmax smoothing: the PSS authors' code uses softmax(0.25 * s), i.e. a temperature of 4.
 DEFAULT_SOFTMAX_TEMPERATURE = 4.0
 DEFAULT_DEVICE = "auto"
+DEFAULT_PRECISION = ProductPrecision.AUTO
+# `auto` picks bf16 products only when a measured bf16 GEMM is at least this much faster than the
+# fp32 one on the scan's device. The margin keeps the choice stable from run to run: the CPUs met
+# so far sit far on either side (AVX2-only EPYC: bf16 50-300x slower; Zen 4 with AVX512_BF16:
+# ~2.5x faster; Xeon with AMX: 4-5x faster; docs/BENCHMARKS.md).
+BF16_MIN_SPEEDUP = 1.5
 # Host memory for one CPU batch of float32 matrices; on CUDA the batch is sized from free memory.
 # At or below this short side a full SVD is used. Measured here (2 cores, single matrices): exact
 # vs block Krylov 12-15 vs 18-31 ms at 384 x 384, 26-27 vs 25-53 ms at 1536 x 384, 31 vs 19 ms at
@@ -71,6 +86,7 @@ class ScanConfig:
     device: str = DEFAULT_DEVICE
     seed: int = DEFAULT_SEED
     compute_dtype: ComputeDtype = ComputeDtype.FLOAT32
+    precision: ProductPrecision = DEFAULT_PRECISION
     cpu_batch_bytes: int = DEFAULT_CPU_BATCH_BYTES
     exact_max_dim: int = DEFAULT_EXACT_MAX_DIM
 

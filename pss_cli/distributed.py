@@ -307,12 +307,23 @@ class TorchrunSession(Session):
     ) -> ScanReport | None:
         import torch.distributed as dist
 
-        from pss_cli.pipeline import assemble_report, compute_items, plan_scan
+        from pss_cli.pipeline import (
+            assemble_report,
+            compute_items,
+            plan_scan,
+            precision_timings,
+            with_precision,
+        )
 
         started = time.perf_counter()
         plan = self.run(
             lambda: plan_scan(path, config, rank_device(config.device, self.local_rank))
         )
+        # Every rank measured its own bf16/fp32 ratio (--precision auto); all adopt rank 0's
+        # choice, so that no matrix's value depends on which rank computed it.
+        choice: list[Any] = [plan.precision]
+        dist.broadcast_object_list(choice, src=0)
+        plan = with_precision(plan, choice[0])
         if plan.device.type == "cuda":
             import torch
 
@@ -345,6 +356,7 @@ class TorchrunSession(Session):
                 # The slowest rank's, which sets the wall time.
                 "compute_seconds": round(max(o.compute_seconds for o in outcomes), 6),
                 "read_seconds": round(max(o.read_seconds for o in outcomes), 6),
+                **precision_timings(plan.precision),
             }
             return assemble_report(plan, results, timings, world_size=self.world_size)
 

@@ -1,10 +1,18 @@
-"""Same input + same seed = byte-identical JSON (apart from ``timings``), across runs, batch
-sizes and thread counts; `smooth` writes byte-identical files across thread counts.
+"""Same input + same seed + same products = byte-identical JSON (apart from ``timings``), across
+runs, batch sizes and thread counts; `smooth` writes byte-identical files across thread counts.
 
-Thread counts matter because MKL's threaded LAPACK (QR, SVD) rounds differently with each one:
-before `pss_cli.core.spectra.deterministic_lapack` pinned those factorisations to one thread,
-OMP_NUM_THREADS=1 and 2 gave sigma_max values that differed by up to 8e-7 (relative) on the
-600 x 700 matrices below. GEMMs were measured to be thread-count invariant.
+Why it holds by construction, not by luck (README "Reproducibility"):
+- LAPACK (QR, SVD) runs on one thread (`pss_cli.core.spectra.deterministic_lapack`): MKL's
+  threaded geqrf/gesdd gave sigma_max values differing by up to 8e-7 (relative) under
+  OMP_NUM_THREADS=1 and 2 on the 600 x 700 matrices below.
+- fp32 GEMMs: the `pss` entry point sets MKL_CBWR=AUTO,STRICT before torch loads MKL (MKL's
+  conditional numerical reproducibility). Without it an Intel Xeon (AVX-512, AMX) gave other
+  last bits under 1 and 2 threads; an AMD EPYC Zen 4 gave the same bits with or without it.
+- Norms: fixed-order float64 row sums (`pipeline._sum_of_squares`).
+- bf16 products run in oneDNN, which has no reproducibility switch: across thread counts the
+  bf16 path is promised only within `BF16_ACROSS_THREADS_RTOL` (each run meets the accuracy
+  goal against the exact values, so two runs agree within twice the goal). `--precision auto`
+  records its choice in ``settings.products``; byte-identity is promised for equal products.
 """
 
 from __future__ import annotations
@@ -14,19 +22,23 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from pss_cli.config import ScanConfig
+from pss_cli.config import ProductPrecision, ScanConfig
 from pss_cli.pipeline import scan_checkpoint
 from pss_cli.report.json_report import render_json
 from tests.safetensors_factory import write_tensors
 from tests.spectra_factory import power_law, with_spectrum
 
 RUN_DEPENDENT = "timings"  # the one documented field that may differ between runs
+# README "Reproducibility": bf16 products across thread counts agree within twice the accuracy
+# goal (1e-3 relative on sigma_max, 1e-2 on each top-k value).
+BF16_ACROSS_THREADS_RTOL = {"sigma_max": 2e-3, "top_singular_values": 2e-2, "stable_rank": 4e-3}
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +96,14 @@ def test_both_paths_are_exercised(sample: Path) -> None:
     assert solvers["h.0.attn.c_proj.weight"] == "exact"
 
 
-def test_same_input_and_seed_give_identical_json_in_process(sample: Path) -> None:
-    runs = [
-        render_json(scan_checkpoint(sample, ScanConfig(device="cpu", seed=3))) for _ in range(2)
-    ]
+@pytest.mark.parametrize("precision", list(ProductPrecision))
+def test_same_input_and_seed_give_identical_json_in_process(
+    sample: Path, precision: ProductPrecision
+) -> None:
+    config = ScanConfig(device="cpu", seed=3, precision=precision)
+    runs = [render_json(scan_checkpoint(sample, config)) for _ in range(2)]
     # one matrix per batch: the start blocks are seeded per matrix, so batching changes nothing
-    runs.append(
-        render_json(scan_checkpoint(sample, ScanConfig(device="cpu", seed=3, cpu_batch_bytes=1)))
-    )
+    runs.append(render_json(scan_checkpoint(sample, replace(config, cpu_batch_bytes=1))))
     first, *others = (_without_timings(r) for r in runs)
     assert all(other == first for other in others)
     assert runs[0] != runs[1] or json.loads(runs[0])[RUN_DEPENDENT]  # timings are real numbers
@@ -101,12 +113,45 @@ def test_same_input_and_seed_give_identical_json_in_process(sample: Path) -> Non
 def test_scan_json_is_identical_across_thread_counts(
     sample: Path, threads: tuple[int, int]
 ) -> None:
-    one, two = (
-        _without_timings(_run(["scan", str(sample), "-f", "json", "-q"], n)) for n in threads
-    )
+    # fp32 products: MKL (with the MKL_CBWR the CLI sets) and one-thread LAPACK.
+    argv = ["scan", str(sample), "-f", "json", "-q", "--precision", "fp32"]
+    one, two = (_without_timings(_run(argv, n)) for n in threads)
     assert one == two
-    in_process = _without_timings(render_json(scan_checkpoint(sample, ScanConfig())))
-    assert in_process == one  # and equal to this process's own thread count
+    assert json.loads(one)["settings"]["products"] == "fp32"
+
+
+def test_the_cli_asks_mkl_for_reproducible_results() -> None:
+    from pss_cli.app import MKL_CBWR_DEFAULT, reproducible_blas
+
+    environ: dict[str, str] = {}
+    reproducible_blas(environ)
+    assert environ == {"MKL_CBWR": MKL_CBWR_DEFAULT}
+    chosen = {"MKL_CBWR": "COMPATIBLE"}
+    reproducible_blas(chosen)
+    assert chosen == {"MKL_CBWR": "COMPATIBLE"}  # the user's own choice wins
+    # ...and it reaches MKL: importing the entry point does not load torch, so main() sets the
+    # variable before any command imports torch (and with it MKL).
+    code = "import sys, pss_cli.__main__; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_bf16_products_agree_across_thread_counts_within_the_stated_tolerance(
+    sample: Path,
+) -> None:
+    argv = ["scan", str(sample), "-f", "json", "-q", "--precision", "bf16"]
+    one, two = (json.loads(_run(argv, n)) for n in (1, 2))
+    assert one["settings"]["products"] == two["settings"]["products"] == "bf16"
+    for first, second in zip(one["layers"], two["layers"], strict=True):
+        assert (first["name"], first["index"], first["flags"], first["solver"]) == (
+            second["name"],
+            second["index"],
+            second["flags"],
+            second["solver"],
+        )
+        assert first["frobenius_norm"] == second["frobenius_norm"]  # float64, fixed order
+        for key, rtol in BF16_ACROSS_THREADS_RTOL.items():
+            assert second[key] == pytest.approx(first[key], rel=rtol), (first["name"], key)
 
 
 def test_smooth_is_identical_across_thread_counts(sample: Path, tmp_path: Path) -> None:
@@ -114,7 +159,8 @@ def test_smooth_is_identical_across_thread_counts(sample: Path, tmp_path: Path) 
     for threads in (1, 2):
         out = tmp_path / f"threads-{threads}" / "out.safetensors"
         out.parent.mkdir()
-        text = _run(["smooth", str(sample), "--out", str(out), "-f", "json", "-q"], threads)
+        argv = ["smooth", str(sample), "--out", str(out), "-f", "json", "-q"]
+        text = _run([*argv, "--precision", "fp32"], threads)
         report: dict[str, Any] = json.loads(text)
         assert report["layers"], "the sample must have something to smooth"
         report.pop(RUN_DEPENDENT)

@@ -185,6 +185,11 @@ def _checkpoint(folder: Path) -> Path:
     return write_tensors(folder / "model.safetensors", tensors)
 
 
+# Pinned, not measured: `auto` measures in each process, and two processes on a loaded machine
+# must not be able to choose differently (README "Reproducibility").
+PINNED = ("--precision", "fp32")
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -211,7 +216,7 @@ def _free_port() -> int:
 
 def _single(ckpt: Path, out: Path) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "pss_cli", "scan", str(ckpt), "--format", "json"]
-    command += ["-o", str(out)]
+    command += ["-o", str(out), *PINNED]
     return subprocess.run(
         command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=True
     )
@@ -222,7 +227,7 @@ def test_two_process_torchrun_scan_equals_single_process(tmp_path: Path) -> None
     single = _single(ckpt, tmp_path / "single.json")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     command += ["--standalone", "-m", "pss_cli", "scan", str(ckpt), "--format", "json"]
-    command += ["-o", str(tmp_path / "dist.json")]
+    command += ["-o", str(tmp_path / "dist.json"), *PINNED]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     reference = _without_run_fields(tmp_path / "single.json")
@@ -356,7 +361,7 @@ def test_usage_errors_are_reported_once(tmp_path: Path) -> None:
 
 def test_check_under_torchrun_gates_once_like_one_process(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path)
-    args = ["check", str(ckpt), "--format", "json", "--max-sigma-ratio", "1.5"]
+    args = ["check", str(ckpt), "--format", "json", "--max-sigma-ratio", "1.5", *PINNED]
     single = subprocess.run(
         [sys.executable, "-m", "pss_cli", *args],
         env=_env(),

@@ -13,8 +13,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pss_cli.commands.options import AllowPickleTypesOpt, DeviceOpt, OutputOpt, QuietOpt
-from pss_cli.config import DEFAULT_DEVICE, ScanConfig
+from pss_cli.commands.options import (
+    AllowPickleTypesOpt,
+    DeviceOpt,
+    OutputOpt,
+    PrecisionOpt,
+    QuietOpt,
+)
+from pss_cli.config import DEFAULT_DEVICE, DEFAULT_PRECISION, ProductPrecision, ScanConfig
 from pss_cli.errors import CheckpointError, ExitCode
 from pss_cli.gate import CheckResult, Policy, Severity, evaluate, merge, unreadable
 from pss_cli.report.check_formats import CheckFormat, render_check, render_markdown, verdict_line
@@ -77,6 +83,7 @@ def check_command(
         float | None, _limit("--max-sigma-max-growth", "PSS008 relative growth (1 = doubled).")
     ] = None,
     device: DeviceOpt = DEFAULT_DEVICE,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     quiet: QuietOpt = False,
     allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
@@ -102,7 +109,10 @@ def check_command(
     with open_session() as session:
         policy = session.run(lambda: load_policy(Path.cwd(), config, os.environ, flags).policy)
         session.rank0(lambda: _check_output(output, models), share=False)
-        checks = [run_check(model, baseline, policy, device, quiet, session) for model in models]
+        checks = [
+            run_check(model, baseline, policy, device, quiet, session, precision)
+            for model in models
+        ]
         passed = session.rank0(lambda: _emit(checks, output_format, output, quiet))
     if not passed and not exit_zero:
         # SystemExit, not typer.Exit: app.guarded treats any Exception (typer.Exit is a
@@ -143,6 +153,7 @@ def run_check(
     device: str,
     quiet: bool,
     session: Session | None = None,
+    precision: ProductPrecision = DEFAULT_PRECISION,
 ) -> CheckResult | None:
     """Load or scan the input, then gate it. A checkpoint that cannot be read is a PSS002
     finding (the model is broken); a bad report or baseline is a usage error (exit 2).
@@ -167,7 +178,7 @@ def run_check(
 
     try:
         with stderr_progress(enabled=not quiet and session.rank == 0) as progress:
-            report = session.scan(model, ScanConfig(device=device), progress)
+            report = session.scan(model, ScanConfig(device=device, precision=precision), progress)
     except CheckpointError as exc:
         # Raised on every rank at once (the session synchronises errors): all carry on.
         return unreadable(str(model), exc.message, policy, "checkpoint")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pss_cli.config import OutputFormat
+from pss_cli.config import OutputFormat, ProductPrecision
 
 CheckpointArg = Annotated[
     Path,
@@ -65,5 +65,13 @@ AllowPickleTypesOpt = Annotated[
         "--allow-pickle-types",
         help="Also load pathlib paths and argparse.Namespace from .pt/.ckpt pickles (plain "
         "data that runs no code; off by default). Env: PSS_ALLOW_PICKLE_TYPES=1.",
+    ),
+]
+PrecisionOpt = Annotated[
+    ProductPrecision,
+    typer.Option(
+        "--precision",
+        help="Dtype of the Krylov products: auto measures bf16 against fp32 on the device and "
+        "uses bf16 where it is clearly faster; values are always refined in fp32.",
     ),
 ]

@@ -17,16 +17,19 @@ from pss_cli.commands.options import (
     IncludeOpt,
     MinStableRankOpt,
     OutputOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
 )
 from pss_cli.config import (
     DEFAULT_DEVICE,
     DEFAULT_MIN_STABLE_RANK,
+    DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_TOP_K,
     ComputeDtype,
     OutputFormat,
+    ProductPrecision,
     ScanConfig,
 )
 from pss_cli.errors import UsageError
@@ -56,6 +59,7 @@ def scan_command(
     dtype: Annotated[
         ComputeDtype, typer.Option("--dtype", help="Compute dtype, whatever the stored dtype.")
     ] = ComputeDtype.FLOAT32,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     device: DeviceOpt = DEFAULT_DEVICE,
     seed: SeedOpt = DEFAULT_SEED,
     output_format: FormatOpt = OutputFormat.TABLE,
@@ -78,7 +82,16 @@ def scan_command(
     with open_session() as session:
         config = session.run(
             lambda: _scan_config(
-                include, exclude, top_k, min_stable_rank, exact, device, seed, dtype, limit
+                include,
+                exclude,
+                top_k,
+                min_stable_rank,
+                exact,
+                device,
+                seed,
+                dtype,
+                limit,
+                precision,
             )
         )
         session.rank0(lambda: _check_output(output, checkpoint), share=False)
@@ -101,6 +114,7 @@ def _scan_config(
     seed: int,
     dtype: ComputeDtype,
     limit: int | None,
+    precision: ProductPrecision = DEFAULT_PRECISION,
 ) -> ScanConfig:
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
@@ -115,6 +129,7 @@ def _scan_config(
         device=device,
         seed=seed,
         compute_dtype=dtype,
+        precision=precision,
     )
 
 

@@ -17,12 +17,14 @@ from pss_cli.commands.options import (
     FormatOpt,
     IncludeOpt,
     MinStableRankOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
 )
 from pss_cli.config import (
     DEFAULT_DEVICE,
     DEFAULT_MIN_STABLE_RANK,
+    DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_SOFTMAX_TEMPERATURE,
     ComputeDtype,
@@ -108,6 +110,7 @@ def smooth_command(
         ComputeDtype, typer.Option("--dtype", help="Compute dtype of the SVD and update.")
     ] = ComputeDtype.FLOAT32,
     device: DeviceOpt = DEFAULT_DEVICE,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     seed: SeedOpt = DEFAULT_SEED,
     output_format: FormatOpt = OutputFormat.TABLE,
     quiet: QuietOpt = False,
@@ -164,6 +167,7 @@ def smooth_command(
             device=device,
             seed=seed,
             compute_dtype=dtype,
+            precision=precision,
         ),
         layers=tuple(layers or ()),
         all_layers=all_layers,

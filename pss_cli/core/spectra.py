@@ -11,8 +11,17 @@ needed ~21 iterations (42 products of width 48) for a 1e-3 error on sigma_1, blo
 b=16 ~10 iterations of width 16 (Musco & Musco 2015, "Randomized Block Krylov Methods for
 Stronger and Faster Approximate SVD": Krylov depends on sqrt(gap), power iteration on gap).
 
-Why float32 products on the CPU: on the AVX2-only CPUs we run on, torch's bf16 GEMM was 50-300x
-*slower* than fp32 (no native bf16 kernel), so the range finder stays in the compute dtype.
+Mixed precision (`KrylovSettings.bf16_products`, chosen per device by pss_cli.core.precision): the
+Krylov expansion's products A V and A^T U run in bf16 (fp32 accumulation), while the
+re-orthogonalisation, the QR factorisations and the projected bidiagonal problem stay in the
+compute dtype (fp32/fp64). The reported values then come from a final Rayleigh-Ritz step with the
+compute-dtype matrix: the singular values of A V_k, V_k the top Ritz vectors, are Ritz values of
+the true A (lower bounds of the true values), so bf16 rounding can bias the subspace but never
+inflate a reported value. The convergence test is made precision-aware: bf16 rounding makes the
+Ritz values jitter, and a jitter that reads as a negative increment must not pass for
+convergence (see `_remaining_error`); if the bf16 Ritz values and the fp32 Rayleigh-Ritz values
+disagree by more than the tolerance, the matrix is solved again with compute-dtype products.
+Where a CPU has no bf16 kernel (AVX2-only: 50-300x slower than fp32) `auto` keeps fp32.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ class KrylovSettings:
     tol_top_k: float = DEFAULT_TOL_TOP_K
     max_iterations: int = 40
     exact_max_dim: int = DEFAULT_EXACT_MAX_DIM
+    # Krylov products in bf16 with a final compute-dtype Rayleigh-Ritz (module docstring).
+    bf16_products: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,9 +211,13 @@ def _block_lanczos(
     batch, _, n = tall.shape
     block = start.shape[-1]
     max_iterations = _iteration_budget(n, replace(settings, block_size=block))
+    # Triplets for smoothing keep compute-dtype products: `pss smooth` edits along the vectors.
+    low = settings.bf16_products and vectors is None
+    retry: list[int] = []  # bf16 could not vouch for these: solved again with fp32 products
 
     active = torch.arange(batch, device=tall.device)
     a = tall
+    ops = _Products(a, low)
     with deterministic_lapack(start):
         v_first = torch.linalg.qr(start).Q
     v_last = v_first  # (B, n, b) the newest right block V_{j+1}
@@ -219,7 +234,7 @@ def _block_lanczos(
     exact = [False] * batch
 
     for iteration in range(1, max_iterations + 1):
-        w = a @ v_last
+        w = ops.forward(v_last)
         if u_last is not None:
             w = w - u_last @ s_blocks[-1].mT  # the recurrence term U_{j-1} S_{j-1}^T
         w = _reorthogonalise(w, u_basis.view())
@@ -227,7 +242,7 @@ def _block_lanczos(
             u, r = torch.linalg.qr(w)
         u_basis.append(u)
         r_blocks.append(r)
-        z = a.mT @ u - v_last @ r.mT  # minus the recurrence term V_j R_j^T
+        z = ops.adjoint(u) - v_last @ r.mT  # minus the recurrence term V_j R_j^T
         z = _reorthogonalise(z, v_basis.view())
         with deterministic_lapack(z):
             v_last, s = torch.linalg.qr(z)
@@ -243,15 +258,51 @@ def _block_lanczos(
         history.append(ritz[:, :k])
         if iteration < MIN_ITERATIONS or len(history) < 3:
             continue
-        remaining = _remaining_error(history[-3], history[-2], history[-1])
-        done = (remaining[:, 0] <= settings.tol_sigma_max) & (
+        remaining = _remaining_error(history[-3], history[-2], history[-1], noisy=low)
+        converged = (remaining[:, 0] <= settings.tol_sigma_max) & (
             remaining.amax(dim=1) <= settings.tol_top_k
         )
-        if iteration == max_iterations:
-            done = torch.ones_like(done)
+        done = torch.ones_like(converged) if iteration == max_iterations else converged
         if not bool(done.any()):
             continue
         done_cpu = done.cpu()
+        if low:
+            # Reported values: the fp32 Rayleigh-Ritz of the true matrix (module docstring).
+            chosen = torch.nonzero(done).flatten()
+            refined, agrees = _rayleigh_ritz(
+                a[chosen],
+                v_basis.buffer[chosen, :, : u_basis.used],
+                bidiagonal[chosen],
+                history[-1][chosen],
+                k,
+                block,
+                settings,
+            )
+            accepted = converged.clone()
+            accepted[chosen] &= agrees
+            for row, local in enumerate(chosen.tolist()):
+                global_index = int(active[local])
+                iterations[global_index] = iteration
+                if bool(accepted[local]):
+                    values[global_index] = refined[row].to("cpu", torch.float64)
+                else:
+                    retry.append(global_index)
+            if iteration == max_iterations:
+                break
+            keep = torch.nonzero(~done).flatten()
+            if keep.numel() == 0:
+                break
+            active = active[keep]
+            a = a[keep]
+            ops.select(keep)
+            u_basis.select(keep)
+            v_basis.select(keep)
+            v_last = v_last[keep]
+            u_last = u_last[keep]
+            r_blocks = [x[keep] for x in r_blocks]
+            s_blocks = [x[keep] for x in s_blocks]
+            history = [x[keep] for x in history]
+            continue
         if vectors is not None:
             with deterministic_lapack(bidiagonal):
                 y, _, xh = torch.linalg.svd(bidiagonal)
@@ -285,6 +336,7 @@ def _block_lanczos(
         # converged in 3 iterations does not pay for a flat one that needs 15.
         active = active[keep]
         a = a[keep]
+        ops.select(keep)
         u_basis.select(keep)
         v_basis.select(keep)
         v_last = v_last[keep]
@@ -299,7 +351,85 @@ def _block_lanczos(
             values[global_index] = _exact_top(a[local], k, vectors, global_index)
             exact[global_index] = True
             iterations[global_index] = max_iterations
+    if retry:
+        # bf16 did not converge, or its Ritz values and the fp32 Rayleigh-Ritz ones disagreed
+        # beyond the tolerance: the same start, compute-dtype products (which themselves fall
+        # back to a full SVD when needed). Never a value the test could not vouch for.
+        chosen = torch.tensor(sorted(retry), device=tall.device)
+        again = _block_lanczos(
+            tall[chosen], k, start[chosen], replace(settings, bf16_products=False)
+        )
+        for row, global_index in enumerate(chosen.tolist()):
+            values[global_index] = again.values[row]
+            iterations[global_index] += again.iterations[row]
+            exact[global_index] = again.exact[row]
     return BatchSpectrum(values=values, iterations=tuple(iterations), exact=tuple(exact))
+
+
+class _Products:
+    """A V and A^T U, in the matrix's dtype or in bf16 (fp32 accumulation, bf16 result).
+
+    The bf16 path keeps one bf16 copy of A and computes A^T U as (U^T A)^T: torch's bf16 product
+    with a transposed A was 4-17x slower here (AMD EPYC Zen 4, (11008x4096)^T @ (11008x32):
+    676 ms vs 40 ms for (U^T A)^T). A contiguous transposed bf16 copy would make the adjoint as
+    fast as A V, but it cost about what it saves over a scan's ~13 adjoint products (machine
+    shared, best of 7: 334 ms copy vs 13 x 16 ms saved at 4096x4096; 1726 ms vs 13 x 82 ms at
+    11008x4096) and doubles the bf16 memory.
+    A BF16 checkpoint's values arrive exactly (the buffer is scaled by a power of two, see the
+    pipeline), so the bf16 copy adds no rounding of A for them.
+    """
+
+    def __init__(self, a: torch.Tensor, low: bool) -> None:
+        self.a = a
+        self.low: torch.Tensor | None = a.to(torch.bfloat16) if low else None
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self.low is None:
+            return self.a @ v
+        return (self.low @ v.to(torch.bfloat16)).to(v.dtype)
+
+    def adjoint(self, u: torch.Tensor) -> torch.Tensor:
+        if self.low is None:
+            return self.a.mT @ u
+        return (u.to(torch.bfloat16).mT @ self.low).mT.to(u.dtype)
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.a = self.a[keep]
+        if self.low is not None:
+            self.low = self.low[keep]
+
+
+def _rayleigh_ritz(
+    a: torch.Tensor,
+    v_all: torch.Tensor,
+    bidiagonal: torch.Tensor,
+    ritz: torch.Tensor,
+    k: int,
+    block: int,
+    settings: KrylovSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of A on the top right Ritz vectors, with compute-dtype products; and per matrix
+    whether they agree with the bf16 Ritz values `ritz` within the tolerances.
+
+    a: (D, m, n); v_all: (D, n, J*b) the right Krylov basis; bidiagonal: (D, J*b, J*b).
+    The top `width` right Ritz vectors V_k = V X_k (width: k rounded up to whole blocks, so the
+    one fp32 product runs at a Krylov step's width) give sigma_i(A V_k) <= sigma_i(A): Ritz
+    values of the true matrix. Costs one compute-dtype product per matrix (a Krylov step of
+    ~2 bf16 products costs about as much on a CPU where bf16 is 2.5x faster).
+    """
+    width = min(bidiagonal.shape[-1], block * math.ceil(k / block))
+    with deterministic_lapack(bidiagonal):
+        _, _, xh = torch.linalg.svd(bidiagonal, full_matrices=False)
+    right = v_all @ xh[:, :width].mT
+    with deterministic_lapack(right):
+        refined = torch.linalg.svdvals(a @ right)[:, :k]
+    # The bf16 values carry rounding the fp32 ones do not: a gap beyond the tolerance means the
+    # bf16 recurrence's convergence test was judging noise.
+    floor = refined[:, :1] * RELATIVE_FLOOR
+    scale = torch.maximum(refined, floor).clamp_min(torch.finfo(refined.dtype).tiny)
+    gap = (ritz - refined).abs() / scale
+    agrees = (gap[:, 0] <= settings.tol_sigma_max) & (gap.amax(dim=1) <= settings.tol_top_k)
+    return refined, agrees
 
 
 def _exact_top(
@@ -378,7 +508,7 @@ def _block_bidiagonal(r_blocks: list[torch.Tensor], s_blocks: list[torch.Tensor]
 
 
 def _remaining_error(
-    older: torch.Tensor, previous: torch.Tensor, latest: torch.Tensor
+    older: torch.Tensor, previous: torch.Tensor, latest: torch.Tensor, noisy: bool = False
 ) -> torch.Tensor:
     """Estimated remaining relative error of each Ritz value: (B, k).
 
@@ -387,9 +517,17 @@ def _remaining_error(
     geometric series is d1 * rho / (1 - rho). Rho is capped at 0.95 (a 20x tail) so that a
     stalled-looking sequence is not taken as converged. Measured here on flat and spiky spectra
     (2048^2 to 11008x4096), stopping at 3e-4 / 3e-3 left true errors <= 1.5e-4 / 4.6e-3.
+
+    noisy (bf16 products): Ritz values of a recurrence with rounded products are not monotone;
+    a decrease is rounding, not convergence, so increments count by their size: the test then
+    passes only once the rounding jitter itself is below the tolerance.
     """
-    d1 = (latest - previous).clamp_min(0)
-    d0 = (previous - older).clamp_min(0)
+    d1 = latest - previous
+    d0 = previous - older
+    if noisy:
+        d1, d0 = d1.abs(), d0.abs()
+    else:
+        d1, d0 = d1.clamp_min(0), d0.clamp_min(0)
     rho = (d1 / d0.clamp_min(torch.finfo(latest.dtype).tiny)).clamp(0.0, 0.95)
     # Each value's error relative to itself (a bulk under large spikes must be right too), but
     # never relative to less than RELATIVE_FLOOR * sigma_1: values at rounding level (rank-deficient

@@ -40,6 +40,9 @@ def cache_key(checkpoint: Path, config: ScanConfig) -> dict[str, Any]:
             "seed": config.seed,
             "compute_dtype": str(config.compute_dtype),
             "exact_max_dim": config.exact_max_dim,
+            # bf16 and fp32 products agree only within the stated tolerance: a scan made with
+            # other products is another scan.
+            "precision": str(config.precision),
         },
         "checkpoint": str(checkpoint.resolve()),
         "files": [_fingerprint(path) for path in _checkpoint_files(checkpoint)],

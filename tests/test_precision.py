@@ -1,0 +1,205 @@
+"""bf16 Krylov products: the accuracy goal on every machine, the precision-aware fallback, and the
+measured dispatch (`--precision auto|fp32|bf16`).
+
+These run wherever the suite runs: on a CPU without a bf16 kernel (AVX2-only: bf16 GEMM 50-300x
+slower than fp32) the bf16 path is slow but must be just as right, so the matrices stay small
+(short side 700: a few seconds there). Goals: relative error <= 1e-3 on sigma_max and <= 1e-2 on
+each top-16 value, flat bulks included (pss_cli/core/spectra.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pss_cli.app import app
+from pss_cli.config import BF16_MIN_SPEEDUP, ProductPrecision, ScanConfig
+from pss_cli.core import precision as precision_module
+from pss_cli.core.precision import bf16_time_ratio, choose_precision
+from pss_cli.core.spectra import (
+    KrylovSettings,
+    exact_singular_values,
+    gaussian_start,
+    top_singular_values,
+)
+from pss_cli.pipeline import scan_checkpoint
+from tests.safetensors_factory import write_tensors
+from tests.spectra_factory import flat_bulk, power_law, spiky, with_spectrum
+
+BF16 = KrylovSettings(exact_max_dim=0, bf16_products=True)
+FP32 = KrylovSettings(exact_max_dim=0)
+SIGMA_MAX_TOL = 1e-3
+TOP_K_TOL = 1e-2
+SPECTRA = {"spiky": spiky, "power_law": power_law, "flat_bulk": flat_bulk}
+
+
+def _errors(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return ((estimate - reference) / reference).abs()
+
+
+def _unit(a: torch.Tensor) -> torch.Tensor:
+    return a / 2.0 ** torch.frexp(torch.linalg.vector_norm(a.double())).exponent.item()
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32], ids=["BF16", "F32"])
+@pytest.mark.parametrize("kind", sorted(SPECTRA))
+def test_bf16_products_meet_the_accuracy_goal(kind: str, stored: torch.dtype) -> None:
+    # A BF16 checkpoint's matrix is exact in bf16; an F32 one is rounded for the products only
+    # (the Rayleigh-Ritz step sees the float32 matrix).
+    truth = SPECTRA[kind](700)
+    a = _unit(with_spectrum(900, 700, truth, seed=5).to(stored).to(torch.float32))[None]
+    reference = exact_singular_values(a.double())[0, :16]
+    result = top_singular_values(a, 16, gaussian_start([1], 700, 32), BF16)
+    errors = _errors(result.values[0], reference)
+    assert errors[0] <= SIGMA_MAX_TOL, (kind, errors[0].item())
+    assert errors.max() <= TOP_K_TOL, (kind, errors.max().item())
+    assert result.iterations[0] >= 3  # (a full SVD may answer where the budget ran out)
+
+
+def test_bf16_values_never_exceed_the_true_values() -> None:
+    # The reported values come from A V_k with the float32 A: Ritz values of the true matrix,
+    # lower bounds whatever bf16 did to the subspace (beyond float32 rounding).
+    truth = flat_bulk(700)
+    a = _unit(with_spectrum(800, 700, truth, seed=6).to(torch.bfloat16).float())[None]
+    reference = exact_singular_values(a.double())[0, :16]
+    result = top_singular_values(a, 16, gaussian_start([2], 700, 32), BF16)
+    assert result.exact == (False,)  # the Rayleigh-Ritz values, not a fallback's
+    assert (result.values[0] <= reference * (1 + 1e-6)).all()
+
+
+def test_bf16_and_fp32_products_agree_on_a_batch() -> None:
+    matrices = torch.stack(
+        [
+            _unit(with_spectrum(800, 700, f(700), seed=i).to(torch.bfloat16).float())
+            for i, f in enumerate(SPECTRA.values())
+        ]
+    )
+    start = gaussian_start([0, 1, 2], 700, 32)
+    low = top_singular_values(matrices, 16, start, BF16).values
+    high = top_singular_values(matrices, 16, start, FP32).values
+    assert _errors(low[:, 0], high[:, 0]).max() <= 2 * SIGMA_MAX_TOL
+    assert _errors(low, high).max() <= 2 * TOP_K_TOL
+
+
+def test_noise_beyond_the_tolerance_is_never_reported() -> None:
+    # Tolerances far below bf16's rounding: the bf16 test cannot pass, so the matrix is solved
+    # again with fp32 products, which cannot either within 6 iterations: a full SVD answers.
+    settings = KrylovSettings(
+        exact_max_dim=0, bf16_products=True, tol_sigma_max=1e-12, tol_top_k=1e-12, max_iterations=6
+    )
+    truth = flat_bulk(700)
+    a = _unit(with_spectrum(800, 700, truth, seed=7).float())[None]
+    result = top_singular_values(a, 16, gaussian_start([3], 700, 32), settings)
+    assert result.exact == (True,)
+    assert result.iterations[0] == 12  # 6 in bf16, then 6 in fp32
+    torch.testing.assert_close(
+        result.values[0], exact_singular_values(a.double())[0, :16], rtol=1e-5, atol=0
+    )
+
+
+def test_choice_follows_the_request_and_the_measurement(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    assert choose_precision("fp32", cpu, torch.float32, 1.5).products == "fp32"
+    assert choose_precision("bf16", cpu, torch.float32, 1.5).basis == "requested"
+    assert choose_precision("auto", cpu, torch.float64, 1.5).products == "fp64"
+    monkeypatch.setitem(precision_module._CACHE, "cpu", 0.4)  # bf16 2.5x faster
+    fast = choose_precision("auto", cpu, torch.float32, 1.5)
+    assert (fast.products, fast.basis, fast.bf16_time_ratio) == ("bf16", "measured", 0.4)
+    monkeypatch.setitem(precision_module._CACHE, "cpu", 0.8)  # only 1.25x: not worth it
+    assert choose_precision("auto", cpu, torch.float32, 1.5).products == "fp32"
+    monkeypatch.setitem(precision_module._CACHE, "cpu", 120.0)  # no bf16 kernel
+    assert choose_precision("auto", cpu, torch.float32, 1.5).products == "fp32"
+
+
+def test_the_measurement_is_real_and_cached(monkeypatch) -> None:
+    monkeypatch.delitem(precision_module._CACHE, "cpu", raising=False)
+    ratio = bf16_time_ratio(torch.device("cpu"))
+    assert 0.0 < ratio < float("inf")
+    monkeypatch.setattr(precision_module, "_measure", lambda device: pytest.fail("measured twice"))
+    assert bf16_time_ratio(torch.device("cpu")) == ratio
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tensors = {
+        f"layers.{i}.mlp.up_proj.weight": with_spectrum(700, 600, f(600), seed=i).to(torch.bfloat16)
+        for i, f in enumerate(SPECTRA.values())
+    }
+    return write_tensors(tmp_path_factory.mktemp("bf16") / "m.safetensors", tensors)
+
+
+@pytest.mark.parametrize("precision", [ProductPrecision.BF16, ProductPrecision.FP32])
+def test_scan_records_its_products_and_meets_the_goal(
+    bf16_checkpoint: Path, precision: ProductPrecision
+) -> None:
+    report = scan_checkpoint(bf16_checkpoint, ScanConfig(exact_max_dim=0, precision=precision))
+    assert report.settings["precision"] == str(precision)
+    assert report.settings["products"] == str(precision)
+    assert report.settings["precision_basis"] == "requested"
+    assert report.settings["bf16_min_speedup"] == BF16_MIN_SPEEDUP
+    exact = scan_checkpoint(bf16_checkpoint, ScanConfig(exact=True))
+    for layer, reference in zip(report.layers, exact.layers, strict=True):
+        assert layer.solver == "krylov"
+        assert layer.frobenius_norm == reference.frobenius_norm
+        top = torch.tensor(layer.top_singular_values, dtype=torch.float64)
+        truth = torch.tensor(reference.top_singular_values, dtype=torch.float64)
+        errors = _errors(top, truth)
+        assert errors[0] <= SIGMA_MAX_TOL and errors.max() <= TOP_K_TOL, layer.name
+
+
+def test_auto_states_its_measurement(bf16_checkpoint: Path) -> None:
+    report = scan_checkpoint(bf16_checkpoint, ScanConfig(exact_max_dim=0))
+    assert report.settings["precision"] == "auto"
+    assert report.settings["precision_basis"] == "measured"
+    ratio = report.timings["bf16_time_ratio"]  # run-dependent: a timing, not a setting
+    expected = "bf16" if ratio * BF16_MIN_SPEEDUP <= 1.0 else "fp32"
+    assert report.settings["products"] == expected
+
+
+def test_nothing_to_measure_without_krylov_work(tmp_path: Path) -> None:
+    path = write_tensors(tmp_path / "s.safetensors", {"w": torch.randn(64, 96)})
+    report = scan_checkpoint(path, ScanConfig())
+    assert report.settings["precision_basis"] == "no-krylov"
+    assert "bf16_time_ratio" not in report.timings
+
+
+def test_cli_precision_option(bf16_checkpoint: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["scan", str(bf16_checkpoint), "-f", "json", "-q", "--precision", "bf16"]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["settings"]["products"] == "bf16"
+    bad = runner.invoke(app, ["scan", str(bf16_checkpoint), "--precision", "fp8"])
+    assert bad.exit_code == 2
+    for command in ("check", "smooth"):
+        assert "--precision" in runner.invoke(app, [command, "--help"]).stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee-fp32", "tf32-allowed"])
+@pytest.mark.parametrize("kind", sorted(SPECTRA))
+def test_cuda_bf16_products_meet_the_goal(kind: str, tf32: bool, monkeypatch) -> None:
+    # pss leaves TF32 as the user set it; with it on, the Rayleigh-Ritz product is TF32 too and
+    # the values must still meet the goal.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    truth = SPECTRA[kind](700)
+    a = _unit(with_spectrum(900, 700, truth, seed=5).to(torch.bfloat16).to(torch.float32))[None]
+    reference = exact_singular_values(a.double())[0, :16]
+    result = top_singular_values(a.cuda(), 16, gaussian_start([1], 700, 32), BF16)
+    errors = _errors(result.values[0], reference)
+    assert errors[0] <= SIGMA_MAX_TOL and errors.max() <= TOP_K_TOL, (kind, tf32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_measures_on_the_gpu(bf16_checkpoint: Path) -> None:
+    report = scan_checkpoint(bf16_checkpoint, ScanConfig(device="cuda", exact_max_dim=0))
+    assert report.settings["precision_basis"] == "measured"
+    assert report.timings["bf16_time_ratio"] > 0
+    assert "cuda" in precision_module._CACHE or "cuda:0" in precision_module._CACHE
