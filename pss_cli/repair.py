@@ -49,14 +49,20 @@ from pss_cli.core.smoothing import (
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
 from pss_cli.errors import CheckpointError, PssError, UsageError
 from pss_cli.pipeline import (
-    FLAG_LOW_STABLE_RANK,
     ProgressCallback,
     frobenius_norm,
     matrix_seed,
     resolve_device,
     scan_checkpoint,
 )
-from pss_cli.results import LayerResult, ScanReport, SkippedResult, SmoothedLayer, SmoothReport
+from pss_cli.results import (
+    Flag,
+    LayerResult,
+    ScanReport,
+    SkippedResult,
+    SmoothedLayer,
+    SmoothReport,
+)
 
 # Roles left alone unless named with --layers: embeddings are low-rank by nature (docs/DESIGN.md:
 # MiniLM position embeddings 7.7) and the paper's code skips embeddings and the LM head.
@@ -360,7 +366,7 @@ def _tied_to(pattern: str, scan: ScanReport, layout: CheckpointLayout) -> str | 
 
 def selected_by_default(layer: LayerResult) -> bool:
     """What `pss smooth` without --layers/--all picks (and what `pss scan`'s hint counts)."""
-    return FLAG_LOW_STABLE_RANK in layer.flags and layer.role not in PROTECTED_ROLES
+    return Flag.LOW_STABLE_RANK in layer.flags and layer.role not in PROTECTED_ROLES
 
 
 def would_smooth_by_default(layers: tuple[LayerResult, ...]) -> int:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+
+class Flag(StrEnum):
+    """Why scan flags a matrix; a StrEnum, so the JSON keeps these exact strings."""
+
+    LOW_STABLE_RANK = "low_stable_rank"
+    NONFINITE = "nonfinite"
+    ZERO_MATRIX = "zero_matrix"
 
 
 def display_name(name: str, index: int | None) -> str:
