@@ -41,6 +41,7 @@ from pss_cli.checkpoint.writer import check_output_path, write_repaired_checkpoi
 from pss_cli.config import ComputeDtype, OptimizerPolicy, ScanConfig, SmoothingMethod
 from pss_cli.core.refine import refine_float64
 from pss_cli.core.smoothing import (
+    METHODS,
     NeedMoreValues,
     SmoothingParams,
     apply_spectrum_change,
@@ -317,7 +318,7 @@ def _why_nothing(config: SmoothConfig, skipped: tuple[SkippedResult, ...]) -> li
     """Why --all changed nothing: each target is a peer median, which healthy matrices meet."""
     if not (
         config.all_layers
-        and config.params.method is SmoothingMethod.CAP
+        and METHODS[config.params.method].needs_target
         and config.params.target_stable_rank is None
         and skipped
     ):
@@ -464,7 +465,7 @@ def _select(
             continue
         target = by_name[layer.name]
         plans.append(_Plan(layer, target.entry, target.view, None, None, config.params.method))
-    if config.params.method is SmoothingMethod.CAP:
+    if METHODS[config.params.method].needs_target:
         plans, cap_skips = _with_targets(plans, scan, config, layout.root)
         skipped.extend(cap_skips)
     return plans, tuple(skipped)
@@ -640,7 +641,7 @@ def _smooth_one(
                 raise UsageError(
                     f"cannot smooth '{layer.display_name}' ({m}x{n}) with {params.method}: the "
                     "change would need more singular values than the matrix has",
-                    _NEED_MORE_HINTS[params.method],
+                    METHODS[params.method].need_more_hint,
                 ) from more
             k = min(rank, max(more.needed, 2 * k))
             continue
@@ -669,14 +670,6 @@ def _smooth_one(
     new_energy = float((new_values**2).sum()) + tail_energy
     change.predicted_stable_rank = new_energy / float(new_values.max()) ** 2
     return change
-
-
-_NEED_MORE_HINTS = {
-    SmoothingMethod.CAP: "choose a lower --target-stable-rank (at most min(m, n))",
-    SmoothingMethod.CLIP: "choose a --clip-count below min(m, n)",
-    SmoothingMethod.CONV: "this matrix is too small for conv; use --method cap",
-    SmoothingMethod.SOFTMAX: "this matrix is too small for softmax; use --method cap",
-}
 
 
 class _LazyReplacements(Mapping[str, torch.Tensor]):
@@ -937,9 +930,9 @@ def _verified(change: _Change, measured: LayerResult | None) -> bool:
     layer = change.plan.layer
     tolerance = TARGET_TOLERANCE.get(layer.dtype, 1e-2)
     assert layer.sigma_max is not None
-    # cap, conv and clip never raise a singular value, so sigma_max must not grow (beyond the
-    # rounding of the stored dtype); softmax may sharpen and is judged on its prediction alone.
-    if change.plan.params_method is not SmoothingMethod.SOFTMAX and (
+    # A method that never raises a singular value must not grow sigma_max (beyond the rounding
+    # of the stored dtype); one that may (softmax sharpens) is judged on its prediction alone.
+    if not METHODS[change.plan.params_method].may_raise_sigma_max and (
         measured.sigma_max > layer.sigma_max * (1 + tolerance)
     ):
         return False
@@ -954,12 +947,7 @@ def _verified(change: _Change, measured: LayerResult | None) -> bool:
 def _parameters(config: SmoothConfig) -> dict[str, object]:
     params = config.params
     data: dict[str, object] = {"method": str(params.method)}
-    if params.method is SmoothingMethod.CAP:
-        data["target_stable_rank"] = params.target_stable_rank
-    elif params.method is SmoothingMethod.SOFTMAX:
-        data["temperature"] = params.temperature
-    elif params.method is SmoothingMethod.CLIP:
-        data["clip_count"] = params.clip_count
+    data.update(METHODS[params.method].parameters(params))
     data.update(
         {
             "selection": "layers" if config.layers else "all" if config.all_layers else "flagged",
