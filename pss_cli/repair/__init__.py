@@ -72,7 +72,7 @@ def smooth_checkpoint(
     plans, not_smoothed = select_plans(scan, layout, config)
     changes, more_skips = compute_changes(layout, plans, config)
     not_smoothed = not_smoothed + more_skips
-    planned = build_report(scan, layout, config, out, changes, not_smoothed, None, 0, {}, started)
+    planned = build_report(scan, layout, config, out, changes, not_smoothed, None, 0, None, started)
     if announce is not None:
         announce(planned)
     if config.dry_run:
@@ -92,11 +92,7 @@ def smooth_checkpoint(
     assert out is not None
     writer = OutputWriter(layout, changes, config, lr_plan)
     written_out, verified_untouched, after = writer.write(out)
-    optimizer = optimizer_summary(writer.optimizer_outcomes, writer.optimizer_file, config)
-    if lr_plan is not None:
-        optimizer["lr_scale"] = lr_plan.summary()
-        messages = optimizer.get("messages")
-        optimizer["messages"] = [*(messages if isinstance(messages, list) else []), lr_plan.note()]
+    optimizer = optimizer_summary(writer.optimizer_outcomes, writer.optimizer_file, config, lr_plan)
     final = build_report(
         scan,
         layout,

@@ -6,12 +6,20 @@ import time
 from pathlib import Path
 
 from pss_cli import __version__
+from pss_cli.checkpoint.lr_files import LrScalePlan
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.optimizer import OptimizerOutcome
 from pss_cli.core.smoothing import METHODS
 from pss_cli.repair.model import Change, SmoothConfig
 from pss_cli.repair.verify import _verified
-from pss_cli.results import LayerResult, ScanReport, SkippedResult, SmoothedLayer, SmoothReport
+from pss_cli.results import (
+    LayerResult,
+    OptimizerSummary,
+    ScanReport,
+    SkippedResult,
+    SmoothedLayer,
+    SmoothReport,
+)
 
 
 def why_nothing(config: SmoothConfig, skipped: tuple[SkippedResult, ...]) -> list[str]:
@@ -31,26 +39,31 @@ def why_nothing(config: SmoothConfig, skipped: tuple[SkippedResult, ...]) -> lis
 
 
 def optimizer_summary(
-    outcomes: list[OptimizerOutcome], file: Path | None, config: SmoothConfig
-) -> dict[str, object]:
+    outcomes: list[OptimizerOutcome],
+    file: Path | None,
+    config: SmoothConfig,
+    lr_plan: LrScalePlan | None,
+) -> OptimizerSummary:
+    lr_scale = lr_plan.summary() if lr_plan is not None else None
+    lr_note = (lr_plan.note(),) if lr_plan is not None else ()
     if not outcomes:
-        return {
-            "policy": str(config.optimizer_state),
-            "file": str(file) if file else None,
-            "mapping": "none",
-            "reset_param_ids": [],
-            "reset_params": [],
-            "messages": [],
-        }
+        return OptimizerSummary(
+            str(config.optimizer_state),
+            str(file) if file else None,
+            "none",
+            messages=lr_note,
+            lr_scale=lr_scale,
+        )
     outcome = outcomes[0]
-    return {
-        "policy": str(outcome.policy),
-        "file": str(outcome.file) if outcome.file else None,
-        "mapping": outcome.mapping,
-        "reset_param_ids": list(outcome.reset_param_ids),
-        "reset_params": list(outcome.reset_names),
-        "messages": list(outcome.messages),
-    }
+    return OptimizerSummary(
+        str(outcome.policy),
+        str(outcome.file) if outcome.file else None,
+        outcome.mapping,
+        tuple(outcome.reset_param_ids),
+        tuple(outcome.reset_names),
+        (*outcome.messages, *lr_note),
+        lr_scale,
+    )
 
 
 def build_report(
@@ -62,7 +75,7 @@ def build_report(
     not_smoothed: tuple[SkippedResult, ...],
     after: dict[tuple[str, int | None], LayerResult] | None,
     untouched_verified: int,
-    optimizer: dict[str, object],
+    optimizer: OptimizerSummary | None,
     started: float,
 ) -> SmoothReport:
     layers = []
@@ -96,9 +109,8 @@ def build_report(
                 verified=verified,
             )
         )
-    optimizer_messages = optimizer.get("messages")
-    if isinstance(optimizer_messages, list):
-        messages.extend(str(m) for m in optimizer_messages)
+    if optimizer is not None:
+        messages.extend(optimizer.messages)
     return SmoothReport(
         pss_version=__version__,
         input=str(layout.root),
