@@ -11,6 +11,7 @@ from pss_cli.checkpoint.formats import TORCH_SUFFIXES, provenance_sidecar
 from pss_cli.checkpoint.header import read_header
 from pss_cli.checkpoint.lr_files import LrScalePlan
 from pss_cli.checkpoint.model import TORCH_KINDS, CheckpointLayout, LayoutKind
+from pss_cli.checkpoint.staging import file_output_error
 from pss_cli.checkpoint.writer import check_output_path
 from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import PssError, UsageError
@@ -28,16 +29,9 @@ def check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
         and out.suffix.lower() in TORCH_SUFFIXES
         and layout.kind is not LayoutKind.TORCH_FILE
     ):
-        raise UsageError(
-            f"output '{out}' names one file but the input '{layout.root}' is a "
-            f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
-            hint="pass a folder as the output path",
-        )
+        raise file_output_error(layout, out, "one file")
     if layout.kind is LayoutKind.DCP and out.suffix.lower() in (".safetensors", *TORCH_SUFFIXES):
-        raise UsageError(
-            f"output '{out}' names a file but the input '{layout.root}' is a DCP folder",
-            hint="pass a folder as the output path: smooth writes a DCP folder",
-        )
+        raise file_output_error(layout, out, "a file", ": smooth writes a DCP folder")
     if layout.kind not in ONE_FILE_KINDS:
         nested = [f for f in layout.files if f.parent.resolve() != folder.resolve()]
         if nested:
