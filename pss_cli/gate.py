@@ -37,6 +37,7 @@ from pathlib import PurePosixPath
 from pss_cli import __version__
 from pss_cli.config import DEFAULT_MIN_STABLE_RANK, MIN_STABLE_RANK_FRACTION_OF_RANK
 from pss_cli.results import LayerResult, ScanReport
+from pss_cli.thresholds import stable_rank_floor
 
 
 class Severity(StrEnum):
@@ -172,7 +173,7 @@ class Policy:
     roles: tuple[tuple[str, Override], ...] = BUILTIN_ROLE_OVERRIDES
     per_tensor: tuple[tuple[str, Override], ...] = ()  # (glob, override), later wins
     fail_on: Severity = Severity.ERROR
-    # scan's rank-aware floor (pss_cli.core.metrics.stable_rank_floor, copied to stay torch-free)
+    # scan's rank-aware floor (pss_cli.thresholds.stable_rank_floor)
     rank_fraction: float = MIN_STABLE_RANK_FRACTION_OF_RANK
 
     def for_layer(self, name: str, role: str) -> tuple[Thresholds, frozenset[str]]:
@@ -189,13 +190,6 @@ class Policy:
         )
         yield from (o for key, o in self.roles if key == role)
         yield from (o for glob, o in self.per_tensor if fnmatchcase(name, glob))
-
-
-def stable_rank_floor(min_stable_rank: float, short_side: int, fraction: float) -> float:
-    """Copy of pss_cli.core.metrics.stable_rank_floor (that module imports torch): a matrix can
-    never exceed its short side, so tiny matrices get `fraction` of it (docs/DESIGN.md:
-    MiniLM's 2 x 384 token-type embedding sits at 1.03 and is healthy)."""
-    return min(min_stable_rank, fraction * short_side)
 
 
 @dataclass(frozen=True)

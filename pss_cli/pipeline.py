@@ -52,7 +52,7 @@ from pss_cli.core.spectra import (
     uses_exact_path,
 )
 from pss_cli.errors import UsageError
-from pss_cli.results import LayerResult, ScanReport, ScanSummary, SkippedResult
+from pss_cli.results import Flag, LayerResult, ScanReport, ScanSummary, SkippedResult
 
 
 class ProgressCallback(Protocol):
@@ -64,9 +64,9 @@ class ProgressCallback(Protocol):
     ) -> None: ...
 
 
-FLAG_LOW_STABLE_RANK = "low_stable_rank"
-FLAG_NONFINITE = "nonfinite"
-FLAG_ZERO = "zero_matrix"
+FLAG_LOW_STABLE_RANK = Flag.LOW_STABLE_RANK
+FLAG_NONFINITE = Flag.NONFINITE
+FLAG_ZERO = Flag.ZERO_MATRIX
 NORM_CHUNK_ENTRIES = 4 * 2**20  # bounds the float64 scratch of the norm to 32 MiB
 # Row width of the two-level sum of squares (see `_sum_of_squares`).
 _NORM_ROW = 1024

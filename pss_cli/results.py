@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+
+class Flag(StrEnum):
+    """Why scan flags a matrix; a StrEnum, so the JSON keeps these exact strings."""
+
+    LOW_STABLE_RANK = "low_stable_rank"
+    NONFINITE = "nonfinite"
+    ZERO_MATRIX = "zero_matrix"
 
 
 def display_name(name: str, index: int | None) -> str:
@@ -164,6 +173,41 @@ class SmoothedLayer:
 
 
 @dataclass(frozen=True)
+class OptimizerSummary:
+    """What `pss smooth` did to the optimizer state (JSON `optimizer`)."""
+
+    policy: str  # an OptimizerPolicy value: reset, keep or drop
+    file: str | None  # the optimizer file, when it is a file of its own
+    mapping: str  # how parameters were matched to tensors: "exact", "all" or "none"
+    reset_param_ids: tuple[int, ...] = ()
+    reset_params: tuple[str, ...] = ()
+    messages: tuple[str, ...] = ()
+    lr_scale: dict[str, Any] | None = None  # what --lr-scale scaled (LrScalePlan.summary)
+
+    @property
+    def resets_moments(self) -> bool:
+        """Adam moments of some parameters were reset (first updates ~lr * sign(g))."""
+        return self.policy == "reset" and self.mapping in ("exact", "all")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "policy": self.policy,
+            "file": self.file,
+            "mapping": self.mapping,
+            "reset_param_ids": list(self.reset_param_ids),
+            "reset_params": list(self.reset_params),
+            "messages": list(self.messages),
+        }
+        if self.lr_scale is not None:
+            data["lr_scale"] = self.lr_scale
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        """The JSON field `key`, for callers that read the summary as the JSON object."""
+        return self.to_json_dict()[key]
+
+
+@dataclass(frozen=True)
 class SmoothReport:
     pss_version: str
     input: str
@@ -174,7 +218,7 @@ class SmoothReport:
     layers: tuple[SmoothedLayer, ...]
     not_smoothed: tuple[SkippedResult, ...]  # selected but left alone, with the reason
     untouched_tensors_verified: int  # tensors whose bytes were compared with the input
-    optimizer: dict[str, Any]
+    optimizer: OptimizerSummary | None  # None for a plan (JSON {}): nothing was written
     messages: tuple[str, ...]
     timings: dict[str, float]
     schema_version: int = SCHEMA_VERSION
@@ -199,7 +243,7 @@ def smooth_report_to_json_dict(report: SmoothReport) -> dict[str, Any]:
             "layers": layers,
             "not_smoothed": [{**asdict(s), "shape": list(s.shape)} for s in report.not_smoothed],
             "untouched_tensors_verified": report.untouched_tensors_verified,
-            "optimizer": report.optimizer,
+            "optimizer": report.optimizer.to_json_dict() if report.optimizer else {},
             "messages": list(report.messages),
             "timings": report.timings,
         }

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+import pss_cli.checkpoint.staging as staging_mod
 import pss_cli.checkpoint.writer as writer_mod
 from pss_cli.app import app
 from pss_cli.checkpoint.discover import open_checkpoint
@@ -425,13 +426,13 @@ def test_two_writers_racing_to_commit(
     entry = next(e for e in layout.entries if e.name == name)
     barrier = threading.Barrier(2, timeout=60)
     commit_name = "_commit_file" if as_file else "_commit_dir"
-    real_commit = getattr(writer_mod, commit_name)
+    real_commit = getattr(staging_mod, commit_name)
 
     def commit_together(*args: Any, **kwargs: Any) -> None:
         barrier.wait()
         real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(writer_mod, commit_name, commit_together)
+    monkeypatch.setattr(staging_mod, commit_name, commit_together)
     results: dict[str, object] = {}
 
     def write(tag: str) -> None:

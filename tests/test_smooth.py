@@ -380,7 +380,7 @@ def test_quantized_matrices_are_left_alone(tmp_path: Path) -> None:
 def test_verification_runs_before_publishing_and_a_failure_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
 ) -> None:
-    import pss_cli.repair as repair
+    import pss_cli.repair.verify as repair
 
     tensors = load_file(str(DIVERGED))
     if layout == "file":

@@ -127,3 +127,15 @@ def test_apply_changes_only_the_dominant_values_and_keeps_vectors(method: Smooth
     torch.testing.assert_close(w2 @ vh[k:].T, u[:, k:] * s[k:], rtol=1e-10, atol=1e-10)
     if method is SmoothingMethod.CAP:
         assert _stable_rank(s2) == pytest.approx(4.0, rel=1e-9)
+
+
+def test_every_method_has_one_registry_entry() -> None:
+    from pss_cli.config import SmoothingMethod
+    from pss_cli.core.smoothing import METHODS
+
+    assert set(METHODS) == set(SmoothingMethod)
+    # only cap needs a per-matrix target; only softmax may raise sigma_max (it can sharpen)
+    assert [m for m, spec in METHODS.items() if spec.needs_target] == [SmoothingMethod.CAP]
+    assert [m for m, spec in METHODS.items() if spec.may_raise_sigma_max] == [
+        SmoothingMethod.SOFTMAX
+    ]

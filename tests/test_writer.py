@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pss_cli.checkpoint import writer
+from pss_cli.checkpoint import staging, writer
 from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.header import read_header
 from pss_cli.checkpoint.model import CheckpointLayout
@@ -509,14 +509,14 @@ def test_concurrent_writer_finished_first(tmp_path: Path, monkeypatch: pytest.Mo
     make_trainer_folder(tmp_path / "ck", torch.float32)
     layout = open_checkpoint(tmp_path / "ck")
     out = tmp_path / "o"
-    real_commit = writer._commit_dir
+    real_commit = staging._commit_dir
 
     def other_writer_first(staging: Path, target: Path, force: bool) -> None:
         target.mkdir()
         (target / "theirs.txt").write_text("complete")
         real_commit(staging, target, force)
 
-    monkeypatch.setattr(writer, "_commit_dir", other_writer_first)
+    monkeypatch.setattr(staging, "_commit_dir", other_writer_first)
     fails(UsageError, lambda: write_repaired_checkpoint(layout, out, {}, {}), "already exists")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "o"]

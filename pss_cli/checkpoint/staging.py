@@ -1,28 +1,39 @@
-"""Stage-then-rename for the non-safetensors writers, reusing writer.py's helpers.
+"""Stage, then rename atomically: how every writer publishes its output (one implementation).
 
-Thin public wrappers: writer.py (owned by the safetensors writer) keeps these private, and the
-DCP and torch writers must publish their output exactly the same way (same temp names, same
---force swap, same fsync discipline), so they call the same code rather than a copy of it.
+Everything is staged beside ``out`` (same parent, so the final rename never crosses a
+filesystem), fsynced, then moved into place with one rename; on any failure, Ctrl-C included,
+the staging entry is removed, so ``out`` is either complete or absent. The safetensors, DCP and
+torch writers all publish this way (same temp names, same --force swap, same fsync discipline).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from pss_cli.checkpoint import writer as _writer
-from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind
+from pss_cli.errors import CheckpointError, UsageError
 
-TMP_TAG = _writer._TMP_TAG
+# Staging entries are named `.OUT.pss-tmp-PID-*` (out_checks.py finds stale and live ones by it).
+TMP_TAG = ".pss-tmp-"
+_OLD_TAG = ".pss-old-"
 
 
 def input_folder(layout: CheckpointLayout) -> Path:
-    return _writer._input_folder(layout)
+    """The folder whose other files travel with the checkpoint (the file's parent for a single
+    file, which is NOT copied: the user named one file)."""
+    if layout.kind is LayoutKind.SINGLE_FILE:
+        return layout.root.parent
+    if layout.index_file is not None:
+        return layout.index_file.parent
+    return layout.root
 
 
 @contextlib.contextmanager
@@ -48,35 +59,194 @@ def staged_file(out: Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:
+        # BaseException: Ctrl-C must not leave a half-written hidden file behind either.
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
 
 
 def commit_folder(staging: Path, out: Path, force: bool) -> None:
-    _writer._fsync_tree(staging)
-    _writer._commit_dir(staging, out, force)
-    _writer._fsync_dir(out.parent)
+    _fsync_tree(staging)
+    _commit_dir(staging, out, force)
+    _fsync_dir(out.parent)
 
 
 def commit_file(tmp: Path, out: Path, force: bool) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    _writer._commit_file(tmp, out, force)
-    _writer._fsync_dir(out.parent)
+    _commit_file(tmp, out, force)
+    _fsync_dir(out.parent)
 
 
 def copy_others(
-    folder: Path, staging: Path, written: set[str], skip: Callable[[Path], bool] | None
+    input_folder: Path,
+    staging: Path,
+    written: set[str],
+    skip_copy: Callable[[Path], bool] | None,
 ) -> list[str]:
-    """Every other entry of ``folder`` copied unchanged (links kept as links)."""
-    return _writer._copy_others(folder, staging, written, skip)
+    """Copy every other entry of ``input_folder`` unchanged; symlinks stay links (copying their
+    targets could pull in whole caches), metadata (mtime, mode) kept by copy2."""
+
+    def skipped(path: Path) -> bool:
+        return skip_copy is not None and skip_copy(path)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {name for name in names if skipped(Path(folder) / name)}
+
+    copied = []
+    with os.scandir(input_folder) as it:
+        children = sorted(it, key=lambda e: e.name)
+    for child in children:
+        src = Path(child.path)
+        if child.name in written or skipped(src):
+            continue
+        dst = staging / child.name
+        if child.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif child.is_dir(follow_symlinks=False):
+            shutil.copytree(src, dst, symlinks=True, ignore=ignore, copy_function=shutil.copy2)
+        elif child.is_file(follow_symlinks=False):
+            shutil.copy2(src, dst, follow_symlinks=False)
+        else:
+            continue  # FIFOs, sockets, devices: copying them could block or never end
+        copied.append(child.name)
+    return copied
 
 
-def disk_error(out: Path, layout: CheckpointLayout, exc: OSError) -> Exception:
-    return _writer._disk_error(out, layout, exc)
+def file_output_error(layout: CheckpointLayout, out: Path, names: str, why: str = "") -> UsageError:
+    """OUT names one file but the input is not one file: the one refusal for every format
+    (exit 2, a usage error). ``names`` says what OUT names ("a .safetensors file")."""
+    return UsageError(
+        f"output '{out}' names {names} but the input '{layout.root}' is a {layout.kind} "
+        f"checkpoint with {len(layout.files)} file(s)",
+        hint=f"pass a folder as the output path{why}",
+    )
+
+
+def exists_error(out: Path) -> UsageError:
+    return UsageError(
+        f"output '{out}' already exists",
+        hint="choose a new path, or pass --force to replace it",
+    )
+
+
+def disk_error(out: Path, layout: CheckpointLayout, exc: OSError) -> CheckpointError:
+    where = f"'{exc.filename}'" if exc.filename else f"'{out}'"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = sum(_size(p) for p in layout.files) / 1e9
+        return CheckpointError(
+            f"cannot write the repaired checkpoint to '{out}': no space left on the device "
+            f"holding {where}",
+            hint=f"free at least {need:.2f} GB there (the weights alone need that much) or "
+            "choose an output on another disk",
+        )
+    reason = exc.strerror or str(exc)
+    return CheckpointError(
+        f"cannot write the repaired checkpoint to '{out}': {reason} ({where})",
+        hint="check that the output folder is writable and the disk is mounted",
+    )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def write_provenance(path: Path, provenance: Mapping[str, str]) -> None:
     with open(path, "x", encoding="utf-8") as f:
         f.write(json.dumps(dict(provenance), indent=2, sort_keys=True) + "\n")
+
+
+# Publishing: rename the staged result into place
+
+
+def _commit_file(tmp: Path, out: Path, force: bool) -> None:
+    if force and not out.is_dir():
+        os.replace(tmp, out)  # atomic even when out exists: no moment without a valid out
+        return
+    if force:
+        _swap_in(tmp, out)
+        return
+    try:
+        # link() fails with EEXIST when out appeared meanwhile (another writer): no silent
+        # overwrite, unlike rename(), which replaces files.
+        os.link(tmp, out)
+    except FileExistsError:
+        raise exists_error(out) from None
+    except OSError:
+        # Filesystems without hard links (some FUSE/SMB mounts): best effort check then rename.
+        if os.path.lexists(out):
+            raise exists_error(out) from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
+def _commit_dir(staging: Path, out: Path, force: bool) -> None:
+    if force and os.path.lexists(out):
+        _swap_in(staging, out)
+        return
+    try:
+        # rename() of a folder onto an existing non-empty folder (or a file) fails, so a
+        # concurrent writer that finished first wins and we report "exists".
+        os.rename(staging, out)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise exists_error(out) from None
+        raise
+
+
+def _swap_in(staged: Path, out: Path) -> None:
+    """--force: move the old out aside, rename the new one in, then delete the old one; put the
+    old one back if the second rename fails, so a failure never loses the previous output."""
+    aside = out.parent / f".{out.name}{_OLD_TAG}{secrets.token_hex(6)}"
+    os.rename(out, aside)
+    try:
+        os.rename(staged, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            aside.unlink()
+
+
+# Durability
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and folder under ``root`` (copies included): rename is atomic,
+    but without fsync a crash could publish a folder whose files are still empty."""
+    for path in _walk(root):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    yield root
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            yield Path(folder) / name
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Directory fsync makes the rename itself durable; not all platforms allow it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

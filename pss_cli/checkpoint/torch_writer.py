@@ -49,11 +49,7 @@ def write_torch_checkpoint(
     _check(by_name, replacements)
     to_file = out.suffix.lower() in TORCH_SUFFIXES
     if to_file and layout.kind is not LayoutKind.TORCH_FILE:
-        raise CheckpointError(
-            f"output '{out}' names one file but the input '{layout.root}' has "
-            f"{len(layout.files)} file(s)",
-            hint="pass a folder as the output path",
-        )
+        raise st.file_output_error(layout, out, "one file")
     if to_file and extra_files is not None:
         raise ValueError("extra_files needs a folder output")
     try:

@@ -14,17 +14,13 @@ staging area is removed, so ``out`` is either complete or absent.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import json
 import os
-import secrets
 import shutil
 import struct
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,17 @@ from safetensors import safe_open
 
 from pss_cli.checkpoint.header import MAX_HEADER_BYTES, METADATA_KEY, read_header
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.staging import (
+    commit_file,
+    commit_folder,
+    copy_others,
+    disk_error,
+    exists_error,
+    file_output_error,
+    staged_file,
+    staged_folder,
+)
+from pss_cli.checkpoint.staging import input_folder as input_folder_of
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, UsageError
 
@@ -41,8 +48,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # 16 MiB: large enough that per-call overhead vanishes against disk bandwidth, small enough that
 # a repair of a 100 GB checkpoint stays within a few tens of MB of memory.
 CHUNK_BYTES = 16 * 1024 * 1024
-_TMP_TAG = ".pss-tmp-"
-_OLD_TAG = ".pss-old-"
 
 
 @dataclass(frozen=True)
@@ -81,17 +86,11 @@ def write_repaired_checkpoint(
     by_name = {entry.name: entry for entry in layout.entries}
     _check_replacements(by_name, replacements)
     _check_provenance(provenance)
+    check_output_path(layout, out, force=force)
     to_file = out.name.endswith(SAFETENSORS_SUFFIX)
-    if to_file and layout.kind is not LayoutKind.SINGLE_FILE:
-        raise UsageError(
-            f"output '{out}' names a .safetensors file but the input '{layout.root}' is a "
-            f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
-            hint="pass a folder as the output path",
-        )
     if to_file and extra_files is not None:
         raise ValueError("extra_files needs a folder output, not a single .safetensors file")
-    input_folder = _input_folder(layout)
-    _check_out_path(layout, input_folder, out, force=force)
+    input_folder = input_folder_of(layout)
 
     replaced = tuple(sorted(replacements))
     try:
@@ -112,7 +111,7 @@ def write_repaired_checkpoint(
             before_commit,
         )
     except OSError as exc:
-        raise _disk_error(out, layout, exc) from exc
+        raise disk_error(out, layout, exc) from exc
     return WrittenCheckpoint(
         out=out,
         files=tuple(out / name for name in names),
@@ -125,12 +124,8 @@ def check_output_path(layout: CheckpointLayout, out: Path, *, force: bool = Fals
     """The refusals of `write_repaired_checkpoint` about `out`, for callers that want them
     before doing the (long) work that precedes writing."""
     if out.name.endswith(SAFETENSORS_SUFFIX) and layout.kind is not LayoutKind.SINGLE_FILE:
-        raise UsageError(
-            f"output '{out}' names a .safetensors file but the input '{layout.root}' is a "
-            f"{layout.kind} checkpoint with {len(layout.files)} file(s)",
-            hint="pass a folder as the output path",
-        )
-    _check_out_path(layout, _input_folder(layout), out, force=force)
+        raise file_output_error(layout, out, "a .safetensors file")
+    _check_out_path(layout, input_folder_of(layout), out, force=force)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,16 +157,6 @@ def _check_provenance(provenance: Mapping[str, str]) -> None:
         if not isinstance(key, str) or not isinstance(value, str):
             # safetensors metadata is str -> str only; the library would refuse the file.
             raise ValueError(f"provenance must map strings to strings (got {key!r}: {value!r})")
-
-
-def _input_folder(layout: CheckpointLayout) -> Path:
-    """The folder whose other files travel with the checkpoint (the file's parent for a single
-    file, which is NOT copied: the user named one file)."""
-    if layout.kind is LayoutKind.SINGLE_FILE:
-        return layout.root.parent
-    if layout.index_file is not None:
-        return layout.index_file.parent
-    return layout.root
 
 
 def _check_out_path(
@@ -210,38 +195,7 @@ def _check_out_path(
             hint=f"create it first (mkdir -p '{out.parent}') or choose another output path",
         )
     if os.path.lexists(out) and not force:
-        raise _exists_error(out)
-
-
-def _exists_error(out: Path) -> UsageError:
-    return UsageError(
-        f"output '{out}' already exists",
-        hint="choose a new path, or pass --force to replace it",
-    )
-
-
-def _disk_error(out: Path, layout: CheckpointLayout, exc: OSError) -> CheckpointError:
-    where = f"'{exc.filename}'" if exc.filename else f"'{out}'"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = sum(_size(p) for p in layout.files) / 1e9
-        return CheckpointError(
-            f"cannot write the repaired checkpoint to '{out}': no space left on the device "
-            f"holding {where}",
-            hint=f"free at least {need:.2f} GB there (the weights alone need that much) or "
-            "choose an output on another disk",
-        )
-    reason = exc.strerror or str(exc)
-    return CheckpointError(
-        f"cannot write the repaired checkpoint to '{out}': {reason} ({where})",
-        hint="check that the output folder is writable and the disk is mounted",
-    )
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+        raise exists_error(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,25 +211,13 @@ def _write_single_file(
     force: bool,
     before_commit: Callable[[Path], None] | None = None,
 ) -> None:
-    # The suffix kept, so that the staged file can be opened (and verified) as a checkpoint.
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-", suffix=out.suffix, dir=out.parent
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with staged_file(out) as tmp:
         shutil.copymode(src, tmp)  # mkstemp makes it 0600; keep the input's permissions
         _write_safetensors(src, tmp, layout, replacements, provenance)
         _validate(src, tmp, layout, replacements, provenance)
         if before_commit is not None:
             before_commit(tmp)
-        _commit_file(tmp, out, force)
-    except BaseException:
-        # BaseException: Ctrl-C must not leave a half-written hidden file behind either.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(out.parent)
+        commit_file(tmp, out, force)
 
 
 def _write_folder(
@@ -289,9 +231,7 @@ def _write_folder(
     skip_copy: Callable[[Path], bool] | None,
     before_commit: Callable[[Path], None] | None = None,
 ) -> tuple[list[str], list[str]]:
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-", dir=out.parent))
-    try:
-        shutil.copymode(input_folder, staging)  # mkdtemp makes it 0700
+    with staged_folder(out, input_folder) as staging:
         names = []
         for src in layout.files:
             _write_safetensors(src, staging / src.name, layout, replacements, provenance)
@@ -305,19 +245,14 @@ def _write_folder(
             written = {src.name for src in layout.files}
             if layout.index_file is not None:
                 written.add(layout.index_file.name)
-            copied = _copy_others(input_folder, staging, written, skip_copy)
+            copied = copy_others(input_folder, staging, written, skip_copy)
         if extra_files is not None:
             extra_files(input_folder, staging)
         for src in layout.files:
             _validate(src, staging / src.name, layout, replacements, provenance)
         if before_commit is not None:
             before_commit(staging)
-        _fsync_tree(staging)
-        _commit_dir(staging, out, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync_dir(out.parent)
+        commit_folder(staging, out, force)
     return names, copied
 
 
@@ -334,41 +269,6 @@ def _write_index(layout: CheckpointLayout, dst: Path, provenance: Mapping[str, s
     raw["metadata"] = metadata
     with open(dst, "x", encoding="utf-8") as f:
         f.write(json.dumps(raw, indent=2) + "\n")
-
-
-def _copy_others(
-    input_folder: Path,
-    staging: Path,
-    written: set[str],
-    skip_copy: Callable[[Path], bool] | None,
-) -> list[str]:
-    """Copy every other entry of ``input_folder`` unchanged; symlinks stay links (copying their
-    targets could pull in whole caches), metadata (mtime, mode) kept by copy2."""
-
-    def skipped(path: Path) -> bool:
-        return skip_copy is not None and skip_copy(path)
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        return {name for name in names if skipped(Path(folder) / name)}
-
-    copied = []
-    with os.scandir(input_folder) as it:
-        children = sorted(it, key=lambda e: e.name)
-    for child in children:
-        src = Path(child.path)
-        if child.name in written or skipped(src):
-            continue
-        dst = staging / child.name
-        if child.is_symlink():
-            os.symlink(os.readlink(src), dst)
-        elif child.is_dir(follow_symlinks=False):
-            shutil.copytree(src, dst, symlinks=True, ignore=ignore, copy_function=shutil.copy2)
-        elif child.is_file(follow_symlinks=False):
-            shutil.copy2(src, dst, follow_symlinks=False)
-        else:
-            continue  # FIFOs, sockets, devices: copying them could block or never end
-        copied.append(child.name)
-    return copied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,98 +422,3 @@ def _validate(
             f"internal error: safetensors lists other tensors in the rewritten '{dst.name}'",
             hint="please report this bug; the input was not modified",
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Publishing: rename the staged result into place
-
-
-def _commit_file(tmp: Path, out: Path, force: bool) -> None:
-    if force and not out.is_dir():
-        os.replace(tmp, out)  # atomic even when out exists: no moment without a valid out
-        return
-    if force:
-        _swap_in(tmp, out)
-        return
-    try:
-        # link() fails with EEXIST when out appeared meanwhile (another writer): no silent
-        # overwrite, unlike rename(), which replaces files.
-        os.link(tmp, out)
-    except FileExistsError:
-        raise _exists_error(out) from None
-    except OSError:
-        # Filesystems without hard links (some FUSE/SMB mounts): best effort check then rename.
-        if os.path.lexists(out):
-            raise _exists_error(out) from None
-        os.replace(tmp, out)
-        return
-    tmp.unlink()
-
-
-def _commit_dir(staging: Path, out: Path, force: bool) -> None:
-    if force and os.path.lexists(out):
-        _swap_in(staging, out)
-        return
-    try:
-        # rename() of a folder onto an existing non-empty folder (or a file) fails, so a
-        # concurrent writer that finished first wins and we report "exists".
-        os.rename(staging, out)
-    except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise _exists_error(out) from None
-        raise
-
-
-def _swap_in(staged: Path, out: Path) -> None:
-    """--force: move the old out aside, rename the new one in, then delete the old one; put the
-    old one back if the second rename fails, so a failure never loses the previous output."""
-    aside = out.parent / f".{out.name}{_OLD_TAG}{secrets.token_hex(6)}"
-    os.rename(out, aside)
-    try:
-        os.rename(staged, out)
-    except BaseException:
-        os.rename(aside, out)
-        raise
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            aside.unlink()
-
-
-# ---------------------------------------------------------------------------------------------
-# Durability
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every regular file and folder under ``root`` (copies included): rename is atomic,
-    but without fsync a crash could publish a folder whose files are still empty."""
-    for path in _walk(root):
-        if path.is_symlink():
-            continue
-        if path.is_dir():
-            _fsync_dir(path)
-        elif path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    yield root
-    for folder, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            yield Path(folder) / name
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Directory fsync makes the rename itself durable; not all platforms allow it.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Re-exported: the gate needs the same floor without torch.
+from pss_cli.thresholds import stable_rank_floor as stable_rank_floor
+
 
 @dataclass(frozen=True)
 class SpectralMetrics:
@@ -69,8 +72,3 @@ def entropy_effective_rank(singular_values: torch.Tensor) -> float | None:
     p = s / total
     p = p[p > 0]
     return math.exp(float(-(p * p.log()).sum()))
-
-
-def stable_rank_floor(min_stable_rank: float, short_side: int, fraction: float) -> float:
-    """The floor actually applied: never above `fraction` of the shape's rank (docs/DESIGN.md)."""
-    return min(min_stable_rank, fraction * short_side)

@@ -9,6 +9,7 @@ arXiv 2602.01308, and docs/DESIGN.md for what its code does differently).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +42,81 @@ def smooth_values(
     frobenius_norm: ||W||_F, exact. rank: min(m, n).
     Raises NeedMoreValues when the requested change touches values beyond the known k.
     """
-    if params.method is SmoothingMethod.CAP:
-        if params.target_stable_rank is None:
-            raise ValueError("cap needs a target stable rank")
-        return cap_values(top, frobenius_norm, rank, params.target_stable_rank)
+    return METHODS[params.method].values(top, frobenius_norm, rank, params)
+
+
+def _window(top: torch.Tensor, frobenius_norm: float, rank: int) -> int:
+    """ceil(stable rank): the paper's conv and softmax act on this many top values."""
     stable_rank = (frobenius_norm / float(top[0])) ** 2
-    window = min(rank, math.ceil(stable_rank - 1e-12))
-    if params.method is SmoothingMethod.CONV:
-        return conv_values(top, window, rank)
-    if params.method is SmoothingMethod.SOFTMAX:
-        return softmax_values(top, window, params.temperature)
-    return clip_values(top, params.clip_count)
+    return min(rank, math.ceil(stable_rank - 1e-12))
+
+
+def _cap(top: torch.Tensor, frobenius_norm: float, rank: int, p: SmoothingParams) -> torch.Tensor:
+    if p.target_stable_rank is None:
+        raise ValueError("cap needs a target stable rank")
+    return cap_values(top, frobenius_norm, rank, p.target_stable_rank)
+
+
+def _conv(top: torch.Tensor, frobenius_norm: float, rank: int, p: SmoothingParams) -> torch.Tensor:
+    return conv_values(top, _window(top, frobenius_norm, rank), rank)
+
+
+def _softmax(
+    top: torch.Tensor, frobenius_norm: float, rank: int, p: SmoothingParams
+) -> torch.Tensor:
+    return softmax_values(top, _window(top, frobenius_norm, rank), p.temperature)
+
+
+def _clip(top: torch.Tensor, frobenius_norm: float, rank: int, p: SmoothingParams) -> torch.Tensor:
+    return clip_values(top, p.clip_count)
+
+
+ValuesFunction = Callable[[torch.Tensor, float, int, SmoothingParams], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the rest of pss needs to know about one smoothing method (one entry each)."""
+
+    values: ValuesFunction  # (top, ||W||_F, rank, params) -> new top values; see smooth_values
+    # Whether a correct result may have a larger sigma_max than the input: repair's verification
+    # refuses a grown sigma_max for every method that never raises a singular value.
+    may_raise_sigma_max: bool
+    need_more_hint: str  # the hint when even all min(m, n) values are not enough
+    # The report's (and the output's provenance) parameters of this method, in order.
+    parameters: Callable[[SmoothingParams], dict[str, object]]
+    # cap only: each matrix needs a target stable rank (repair chooses one per matrix).
+    needs_target: bool = False
+
+
+METHODS: dict[SmoothingMethod, MethodSpec] = {
+    SmoothingMethod.CAP: MethodSpec(
+        _cap,
+        may_raise_sigma_max=False,
+        need_more_hint="choose a lower --target-stable-rank (at most min(m, n))",
+        parameters=lambda p: {"target_stable_rank": p.target_stable_rank},
+        needs_target=True,
+    ),
+    SmoothingMethod.CONV: MethodSpec(
+        _conv,
+        may_raise_sigma_max=False,
+        need_more_hint="this matrix is too small for conv; use --method cap",
+        parameters=lambda p: {},
+    ),
+    # softmax is scale-dependent and may sharpen: it is judged on its prediction alone.
+    SmoothingMethod.SOFTMAX: MethodSpec(
+        _softmax,
+        may_raise_sigma_max=True,
+        need_more_hint="this matrix is too small for softmax; use --method cap",
+        parameters=lambda p: {"temperature": p.temperature},
+    ),
+    SmoothingMethod.CLIP: MethodSpec(
+        _clip,
+        may_raise_sigma_max=False,
+        need_more_hint="choose a --clip-count below min(m, n)",
+        parameters=lambda p: {"clip_count": p.clip_count},
+    ),
+}
 
 
 def cap_level(top: torch.Tensor, frobenius_norm: float, rank: int, target: float) -> float:

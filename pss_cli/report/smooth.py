@@ -120,17 +120,15 @@ def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
 
 
 def resume_recipe(report: SmoothReport) -> str:
-    reset = report.optimizer.get("policy") == "reset" and report.optimizer.get("mapping") in (
-        "exact",
-        "all",
-    )
+    optimizer = report.optimizer
+    reset = optimizer is not None and optimizer.resets_moments
     why = (
         "the reset Adam moments make the first updates ~lr*sign(g), larger than usual"
         if reset
         else "the repaired matrices meet gradients (and Adam moments) of the old weights"
     )
-    scaled = report.optimizer.get("lr_scale")
-    factor = scaled.get("factor") if isinstance(scaled, dict) else None
+    scaled = optimizer.lr_scale if optimizer is not None else None
+    factor = scaled.get("factor") if scaled is not None else None
     lower = (
         f"its stored learning rates are already x{factor:g} (--lr-scale): resume from it as "
         "it is, or add gradient clipping"

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pss_cli.errors import count, printable
-from pss_cli.results import LayerResult, ScanReport
+from pss_cli.results import Flag, LayerResult, ScanReport
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -96,10 +96,10 @@ def _summary_line(report: ScanReport) -> Text:
     text = Text()
     text.append(f"{count(s.matrices, 'matrix', 'matrices')}, ")
     text.append(f"{s.flagged} flagged", style="bold red" if s.flagged else "bold green")
-    low = s.flag_counts.get("low_stable_rank", 0)
+    low = s.flag_counts.get(Flag.LOW_STABLE_RANK, 0)
     others = [
         f"{s.flag_counts[flag]} {label}"
-        for flag, label in (("nonfinite", "with NaN/Inf"), ("zero_matrix", "all-zero"))
+        for flag, label in ((Flag.NONFINITE, "with NaN/Inf"), (Flag.ZERO_MATRIX, "all-zero"))
         if s.flag_counts.get(flag)
     ]
     if others:

@@ -1,0 +1,108 @@
+"""Orchestration of `pss smooth`: scan -> select -> plan -> write -> re-measure -> report.
+
+Reuses the scan pipeline (selection, metrics) and the block Krylov solver; the numerics of the
+smoothing itself live in `pss_cli.core.smoothing`, the file work in `pss_cli.checkpoint`.
+Modules: `select` (which matrices, which targets), `plan` (their changes), `output` (refusals
+before any work), `apply` (writing), `verify` (re-measuring the staged output), `report`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from pss_cli.checkpoint.discover import open_checkpoint
+from pss_cli.checkpoint.optimizer import detect_master_weights
+from pss_cli.errors import UsageError
+from pss_cli.pipeline import ProgressCallback, scan_checkpoint
+from pss_cli.repair.apply import OutputWriter
+from pss_cli.repair.model import (
+    FALLBACK_TARGET_FACTOR,
+    ONE_FILE_KINDS,
+    PROTECTED_ROLES,
+    TARGET_TOLERANCE,
+    SmoothConfig,
+)
+from pss_cli.repair.output import check_output, lr_scale_plan, staging_notes
+from pss_cli.repair.plan import compute_changes
+from pss_cli.repair.report import build_report, optimizer_summary, why_nothing
+from pss_cli.repair.select import select_plans, selected_by_default, would_smooth_by_default
+from pss_cli.results import SmoothReport
+
+__all__ = [
+    "FALLBACK_TARGET_FACTOR",
+    "PROTECTED_ROLES",
+    "TARGET_TOLERANCE",
+    "SmoothConfig",
+    "selected_by_default",
+    "smooth_checkpoint",
+    "would_smooth_by_default",
+]
+
+
+def smooth_checkpoint(
+    source: Path,
+    out: Path | None,
+    config: SmoothConfig,
+    progress: ProgressCallback | None = None,
+    announce: Callable[[SmoothReport], None] | None = None,
+) -> SmoothReport:
+    """Repair `source` into `out` (None only for a dry run); `announce` sees the plan first."""
+    started = time.perf_counter()
+    if out is None and not config.dry_run:
+        raise UsageError("--out is required unless --dry-run is given")
+    layout = open_checkpoint(source)
+    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    master = detect_master_weights(folder) if layout.kind not in ONE_FILE_KINDS else []
+    if master and not config.allow_master_weights and not config.dry_run:
+        raise UsageError(
+            f"'{folder}' holds DeepSpeed ZeRO state ({master[0].name}, ...): its fp32 master "
+            "weights overwrite the repaired weights on resume, silently undoing the repair",
+            "repair the fp32 master weights instead, or pass --allow-master-weights if your "
+            "resume loads the model weights (e.g. load_from_fp32_weights=False)",
+        )
+    notes: list[str] = []
+    if out is not None and not config.dry_run:
+        check_output(layout, out, config.force)
+        notes.extend(staging_notes(out, config.clean_stale))
+    lr_plan = lr_scale_plan(layout, folder, config)
+    scan = scan_checkpoint(source, config.scan, progress)
+    plans, not_smoothed = select_plans(scan, layout, config)
+    changes, more_skips = compute_changes(layout, plans, config)
+    not_smoothed = not_smoothed + more_skips
+    planned = build_report(scan, layout, config, out, changes, not_smoothed, None, 0, None, started)
+    if announce is not None:
+        announce(planned)
+    if config.dry_run:
+        return planned
+    if not changes:
+        # Writing an identical copy would only suggest a repair that did not happen.
+        return replace(
+            planned,
+            output=None,
+            messages=(
+                *planned.messages,
+                "nothing to change: no selected matrix needs smoothing; nothing was written",
+                *why_nothing(config, not_smoothed),
+            ),
+        )
+
+    assert out is not None
+    writer = OutputWriter(layout, changes, config, lr_plan)
+    written_out, verified_untouched, after = writer.write(out)
+    optimizer = optimizer_summary(writer.optimizer_outcomes, writer.optimizer_file, config, lr_plan)
+    final = build_report(
+        scan,
+        layout,
+        config,
+        written_out,
+        changes,
+        not_smoothed,
+        after,
+        verified_untouched,
+        optimizer,
+        started,
+    )
+    return replace(final, messages=(*notes, *final.messages))

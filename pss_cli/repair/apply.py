@@ -1,0 +1,190 @@
+"""Write the repaired checkpoint in the input's format, verified while staged, then published."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from pss_cli import __version__
+from pss_cli.checkpoint.dcp_writer import write_dcp_checkpoint
+from pss_cli.checkpoint.formats import TORCH_SUFFIXES
+from pss_cli.checkpoint.lr_files import LrScalePlan
+from pss_cli.checkpoint.model import TORCH_KINDS, CheckpointLayout, LayoutKind
+from pss_cli.checkpoint.optimizer import (
+    OptimizerOutcome,
+    apply_in_file,
+    find_optimizer_file,
+    rewrite_optimizer_state,
+)
+from pss_cli.checkpoint.reader import TensorReader
+from pss_cli.checkpoint.torch_writer import write_torch_checkpoint
+from pss_cli.checkpoint.writer import write_repaired_checkpoint
+from pss_cli.config import OptimizerPolicy
+from pss_cli.repair.model import ONE_FILE_KINDS, Change, SmoothConfig
+from pss_cli.repair.report import parameters_text
+from pss_cli.repair.verify import verify_or_raise
+from pss_cli.results import LayerResult
+
+
+class LazyReplacements(Mapping[str, torch.Tensor]):
+    """Replacement tensors formed on access from the stored tensor and its rank-k updates.
+
+    Nothing is cached: the writer reads each once to check it and once to write it, and memory
+    never holds more than one repaired tensor (a whole-model `--all` stays bounded).
+    """
+
+    def __init__(self, layout: CheckpointLayout, changes: list[Change]) -> None:
+        self._layout = layout
+        self._by_tensor: dict[str, list[Change]] = {}
+        for change in changes:
+            self._by_tensor.setdefault(change.plan.entry.name, []).append(change)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        group = self._by_tensor[name]
+        entry = group[0].plan.entry
+        m, n = group[0].plan.layer.matrix_shape
+        with TensorReader(self._layout) as reader:
+            tensor = reader.read(entry).clone().reshape(-1, m, n)
+        for change in group:
+            index = change.plan.layer.index
+            slot = index if index is not None else 0
+            tensor[slot] = change.apply(tensor[slot])
+        return tensor.reshape(entry.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_tensor)
+
+    def __len__(self) -> int:
+        return len(self._by_tensor)
+
+
+Measured = dict[tuple[str, int | None], LayerResult]
+
+
+class OutputWriter:
+    """Writes the repaired checkpoint in the input's format. The staged output is verified
+    (`verify_or_raise`) before it is renamed into place: a checkpoint that fails its own
+    verification never appears where a trainer could resume from it, and with --force the
+    previous output stays until the new one has passed."""
+
+    def __init__(
+        self,
+        layout: CheckpointLayout,
+        changes: list[Change],
+        config: SmoothConfig,
+        lr_plan: LrScalePlan | None,
+    ) -> None:
+        self.layout = layout
+        self.changes = changes
+        self.config = config
+        self.lr_plan = lr_plan
+        self.replacements = LazyReplacements(layout, changes)
+        self.modified_names = sorted(self.replacements)
+        folder = layout.root if layout.root.is_dir() else layout.root.parent
+        self.optimizer_file = (
+            # DCP keeps its optimizer state inside the folder's own keys (dcp_writer.py)
+            find_optimizer_file(folder)
+            if layout.kind not in ONE_FILE_KINDS and layout.kind is not LayoutKind.DCP
+            else None
+        )
+        self.scheduler_file = lr_plan.scheduler_file if lr_plan is not None else None
+        self.optimizer_outcomes: list[OptimizerOutcome] = []
+        self.verification: list[tuple[int, Measured]] = []
+
+    def write(self, out: Path) -> tuple[Path, int, Measured]:
+        """(the output written, untouched tensors verified, changed matrices re-measured)."""
+        if self.layout.kind is LayoutKind.DCP:
+            written = self._write_dcp(out)
+        elif self.layout.kind in TORCH_KINDS:
+            written = self._write_torch(out)
+        else:
+            written = write_repaired_checkpoint(
+                self.layout,
+                out,
+                self.replacements,
+                self._provenance(),
+                force=self.config.force,
+                extra_files=None if out.name.endswith(".safetensors") else self._extra_files,
+                skip_copy=self._skip_copy,
+                before_commit=self._verify_staged,
+            ).out
+        verified_untouched, after = self.verification[-1]
+        return written, verified_untouched, after
+
+    def _write_dcp(self, out: Path) -> Path:
+        written, outcome = write_dcp_checkpoint(
+            self.layout,
+            out,
+            self.replacements,
+            self._provenance(),
+            self.config.optimizer_state,
+            force=self.config.force,
+            before_commit=self._verify_staged,
+            lr_items=self.lr_plan.dcp_items() if self.lr_plan is not None else None,
+        )
+        self.optimizer_outcomes.append(outcome)
+        return written
+
+    def _write_torch(self, out: Path) -> Path:
+        return write_torch_checkpoint(
+            self.layout,
+            out,
+            self.replacements,
+            self._provenance(),
+            force=self.config.force,
+            extra_files=None if out.suffix.lower() in TORCH_SUFFIXES else self._extra_files,
+            skip_copy=self._skip_copy,
+            edit_object=self._edit_in_file_optimizer,
+            before_commit=self._verify_staged,
+        )
+
+    def _provenance(self) -> dict[str, str]:
+        return {
+            "pss.version": __version__,
+            "pss.command": "smooth",
+            "pss.method": str(self.config.params.method),
+            "pss.parameters": parameters_text(self.config),
+            "pss.modified_tensors": ",".join(self.modified_names),
+        }
+
+    def _extra_files(self, _input_root: Path, staging: Path) -> None:
+        """The optimizer and LR files of a folder output, rewritten into the staging folder."""
+        if self.optimizer_file is not None:
+            self.optimizer_outcomes.append(
+                rewrite_optimizer_state(
+                    self.optimizer_file,
+                    staging / self.optimizer_file.name,
+                    self.config.optimizer_state,
+                    self.layout.entries,
+                    self.modified_names,
+                )
+            )
+        if self.lr_plan is not None:
+            self.lr_plan.write_folder(staging)
+
+    def _skip_copy(self, path: Path) -> bool:
+        return path in (self.optimizer_file, self.scheduler_file)
+
+    def _edit_in_file_optimizer(self, file: Path, obj: object) -> bool:
+        """{"model": ..., "optimizer": ...} in one .pt: the same policy as optimizer.pt."""
+        outcome = apply_in_file(
+            obj, file, self.config.optimizer_state, self.layout.entries, self.modified_names
+        )
+        scaled = self.lr_plan.scale_object(obj) if self.lr_plan is not None else False
+        if outcome is None:
+            return scaled
+        self.optimizer_outcomes.append(outcome)
+        return scaled or (
+            outcome.policy is not OptimizerPolicy.KEEP
+            and (
+                outcome.policy is OptimizerPolicy.DROP
+                or bool(outcome.reset_param_ids or outcome.reset_names)
+            )
+        )
+
+    def _verify_staged(self, staged: Path) -> None:
+        self.verification.append(verify_or_raise(self.layout, staged, self.changes, self.config))
+        if self.lr_plan is not None:
+            self.lr_plan.verify(staged)
