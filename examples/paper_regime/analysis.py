@@ -154,8 +154,8 @@ def verdict_b(tables: dict[str, dict[float, dict[str, Any]]]) -> dict[str, Any]:
         verdict = "supported"
     elif i_pss > i_base and i_pss > i_skip and d_loss <= WEAK_LOSS_SLACK:
         verdict = "weak"
-    elif i_pss > i_base:
-        verdict = "weak (the gain is the skipping)" if i_pss <= i_skip else "weak"
+    elif i_base < i_pss <= i_skip:
+        verdict = "weak (the gain is the skipping)"
     elif (
         i_pss == i_base
         and n_div["pss"] + 3 <= n_div["baseline"]
