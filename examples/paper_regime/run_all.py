@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
                     results["claim_a"] = analysis.verdict_a(rep["resumes"])
     results["wall_seconds"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(analysis_json(results), indent=1))
+    import report
+
+    (args.out / "table.md").write_text(report.tables(analysis_json(results)))
     if args.img_dir is not None:
         import plots
 

@@ -78,7 +78,8 @@ class RunLog:
     loss: list[float] = field(default_factory=list)
     grad_norm: list[float] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # steps the guard skipped
-    triggered: list[int] = field(default_factory=list)  # steps the guard's trigger fired
+    triggered: list[int] = field(default_factory=list)  # steps the guard acted (skip/smooth)
+    any_rule: list[int] = field(default_factory=list)  # steps any guard rule fired, log-only too
     smoothed: list[int] = field(default_factory=list)  # steps at which it smoothed a matrix
     evals: list[tuple[int, float]] = field(default_factory=list)
     spectra: list[dict[str, Any]] = field(default_factory=list)  # {step, max_logit, sr, sigma1}
@@ -226,8 +227,10 @@ def run(cfg: RunConfig, base: ModelConfig | None = None, corpus: Corpus | None =
             gnorm = float(decision.grad_norm)
             if decision.skipped:
                 log.skipped.append(step)
-            if decision.triggered:
+            if decision.actions:  # the acting rule (the paper's trigger) fired
                 log.triggered.append(step)
+            if decision.triggered:  # any rule, including the guard's log-only ones
+                log.any_rule.append(step)
             if decision.smoothed:
                 log.smoothed.append(step)
         else:
