@@ -66,3 +66,23 @@ class ComputeError(PssError):
     """The numerics failed in a way the user cannot fix by changing the input (exit 3)."""
 
     exit_code = ExitCode.INPUT
+
+
+class GuardConfigError(UsageError):
+    """`pss_cli.guard.Guard` cannot watch this model/optimizer (raised at construction, exit 2)."""
+
+
+class GuardTriggered(PssError):
+    """A guard rule whose action is `raise` fired: training should stop (and roll back).
+
+    ``layers`` names the parameters involved; ``step`` is the guard step that fired.
+    """
+
+    exit_code = ExitCode.INPUT
+
+    def __init__(
+        self, message: str, hint: str | None = None, *, step: int = -1, layers: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message, hint)
+        self.step = step
+        self.layers = layers

@@ -89,6 +89,15 @@ def trend_command(
             help="Call it a collapse when N or more layers warn at the same checkpoint.",
         ),
     ] = DEFAULT_TREND_COLLAPSE_LAYERS,
+    guard_log: Annotated[
+        Path | None,
+        typer.Option(
+            "--guard-log",
+            metavar="FILE",
+            help="Overlay the guard's JSONL event log (triggers, skipped steps) "
+            "[default: RUN_DIR/pss-guard-events.jsonl when present].",
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -127,6 +136,10 @@ def trend_command(
     )
     _check_outputs(output, plot)
     from pss_cli.trend.analysis import analyse_run
+    from pss_cli.trend.guard_log import find_guard_log, read_guard_log
+
+    guard_path = guard_log if guard_log is not None else find_guard_log(paths)
+    overlay = read_guard_log(guard_path) if guard_path is not None else None
 
     report = analyse_run(
         paths,
@@ -137,7 +150,7 @@ def trend_command(
         progress=None if quiet else _progress,
         notice=_notice,
     )
-    _emit(report, output_format, output, plot)
+    _emit(replace(report, guard=overlay), output_format, output, plot)
 
 
 def _trend_config(

@@ -3,7 +3,8 @@
 Panels: stable rank of the worst layers over steps (log scale, with the scan's floor), their
 sigma_max, a layer x step heat map of stable rank relative to each layer's first value (a
 collapse is a dark cell whatever the layer's own level), and the training loss / grad norm when
-the run logged them. Vertical lines mark the first warning (red) and the loss spike (black).
+the run logged them. Vertical lines mark the first warning (red) and the loss spike (black), and,
+with a guard event log, the steps the guard skipped (purple) or only flagged (olive).
 matplotlib is an optional extra, imported here only.
 """
 
@@ -223,6 +224,17 @@ def _mark_events(ax: Any, report: TrendReport, labelled: bool) -> None:
     if v.loss_spike_step is not None:
         label = f"loss spike (step {v.loss_spike_step})" if labelled else None
         ax.axvline(v.loss_spike_step, color="black", linestyle=":", linewidth=1.2, label=label)
+    if report.guard is not None:
+        skipped = list(report.guard.steps_of("skip"))
+        # Triggers whose action let the step proceed (log): the guard saw them, changed nothing.
+        flagged = sorted(set(report.guard.steps_of("trigger", "nonfinite")) - set(skipped))
+        for steps, color, what in (
+            (skipped, "tab:purple", "skipped"),
+            (flagged, "tab:olive", "flagged"),
+        ):
+            for i, step in enumerate(steps):
+                label = f"guard {what} ({len(steps)} steps)" if labelled and i == 0 else None
+                ax.axvline(step, color=color, linestyle="-", linewidth=0.8, alpha=0.6, label=label)
 
 
 def _plain_log_ticks(ax: Any) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pss_cli.errors import printable
 from pss_cli.report.table import text_console
+from pss_cli.trend.guard_log import overlay_lines
 from pss_cli.trend.series import COLLAPSE, HEALTHY, LayerTrend, TrendReport
 
 _BARS = "▁▂▃▄▅▆▇█"
@@ -146,6 +147,8 @@ def verdict_lines(report: TrendReport) -> list[str]:
         if v.layers_to_smooth:
             lines.append(f"layers to smooth: {', '.join(v.layers_to_smooth)}")
         lines.extend(f"  {command}" for command in v.commands)
+    if report.guard is not None:
+        lines.extend(overlay_lines(report.guard))
     return lines
 
 

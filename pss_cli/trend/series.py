@@ -3,7 +3,8 @@
 JSON schema `pss-trend`, version 1 (additions keep the version; renames or removals bump it):
 schema, schema_version, pss_version, run, settings, steps[], checkpoints[], layers[] (one value
 per step in `stable_rank` / `sigma_max`, null where undefined or not scanned), log[], verdict,
-timings. `timings` is the only field that changes between two runs on the same input and seed.
+guard (the guard's event-log overlay, null without one), timings. `timings` is the only field
+that changes between two runs on the same input and seed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from pss_cli.results import display_name, finite_json
 from pss_cli.trend.detect import SPECTRAL_COLLAPSE, WarningEvent
 from pss_cli.trend.discovery import LogPoint
+from pss_cli.trend.guard_log import GuardOverlay, overlay_to_json_dict
 
 TREND_SCHEMA = "pss-trend"
 TREND_SCHEMA_VERSION = 1
@@ -94,6 +96,8 @@ class TrendReport:
     verdict: Verdict
     timings: dict[str, float]
     schema_version: int = TREND_SCHEMA_VERSION
+    # The guard's event log (`pss_cli.guard`), when the run has one: triggers and skipped steps.
+    guard: GuardOverlay | None = None
 
     @property
     def warned_layers(self) -> tuple[LayerTrend, ...]:
@@ -165,6 +169,7 @@ def trend_to_json_dict(report: TrendReport) -> dict[str, Any]:
                 "lead_steps_grad": verdict.lead_steps_grad,
                 "commands": list(verdict.commands),
             },
+            "guard": overlay_to_json_dict(report.guard) if report.guard is not None else None,
             "timings": report.timings,
         }
     )

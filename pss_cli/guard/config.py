@@ -1,0 +1,188 @@
+"""`GuardConfig`: every default of the in-training guard in one place, each with its reason.
+
+Torch-free (the config can be built and printed without importing torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import StrEnum
+
+from pss_cli.config import (
+    DEFAULT_GRAD_EMA_DECAY,
+    DEFAULT_GRAD_SPIKE_FACTOR,
+    DEFAULT_MIN_STABLE_RANK,
+    DEFAULT_SEED,
+    DEFAULT_SOFTMAX_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TREND_DROP_FRACTION,
+    DEFAULT_TREND_SIGMA_GROWTH,
+    DEFAULT_TREND_WARN_ON_DROP,
+    DEFAULT_TREND_WINDOW,
+    MIN_STABLE_RANK_FRACTION_OF_RANK,
+    TREND_QUIET_ROLES,
+    ComputeDtype,
+    OptimizerPolicy,
+    SmoothingMethod,
+)
+from pss_cli.errors import GuardConfigError
+
+
+class TriggerAction(StrEnum):
+    """What a rule does when it fires."""
+
+    OFF = "off"  # the rule is not evaluated
+    LOG = "log"  # an event and a log line; the step proceeds
+    SKIP = "skip"  # the optimizer step is not taken (weights and optimizer state untouched)
+    SMOOTH = "smooth"  # smooth the monitored matrices in place, and skip the step (the paper)
+    RAISE = "raise"  # skip, then raise GuardTriggered (stop and roll back)
+
+
+class NormKind(StrEnum):
+    """Which gradient norm the spike rules watch."""
+
+    SUM_OF_NORMS = "sum_of_norms"  # sum_p ||g_p||_2, the paper's training code
+    L2 = "l2"  # ||concat(g_p)||_2 = sqrt(sum_p ||g_p||^2), what clip_grad_norm_ reports
+
+
+class SmoothScope(StrEnum):
+    """Which matrices a `smooth` action changes."""
+
+    ALL = "all"  # every monitored matrix (the paper's code smooths all of them on a trigger)
+    FLAGGED = "flagged"  # only those the spectral rule flagged (falls back to all when none)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    # --- the paper's rule (arXiv 2602.01308 training code) -------------------------------------
+    # grad norm > 2.5 x its EMA (alpha 0.1, i.e. decay 0.9), armed after 50 steps, then 30 steps of
+    # cooldown: the paper's values; they fired on ~0.02-0.23 % of its steps. A value that fires
+    # does not enter the EMA (a spike must not raise the bar for the next one).
+    spike_action: TriggerAction = TriggerAction.SMOOTH
+    spike_factor: float = DEFAULT_GRAD_SPIKE_FACTOR
+    spike_ema_decay: float = DEFAULT_GRAD_EMA_DECAY
+    warmup_steps: int = 50
+    cooldown_steps: int = 30
+    norm_kind: NormKind = NormKind.SUM_OF_NORMS
+    # --- z-score rule (ZClip, arXiv 2504.02507: EMA mean/variance, alpha 0.97, z > 2.5 after 25
+    # steps) ------------------------------------------------------------------------------------
+    # Log-only by default: it is a second opinion, not the paper's method. Its EMA variance is
+    # small on a smooth run, so z > 2.5 fires on ordinary noise far more often than 2.5 x the EMA
+    # does (ZClip answers with clipping, a gentle action; skipping every such step would discard
+    # real data). Its events show how the two rules would differ on a run.
+    zscore_action: TriggerAction = TriggerAction.LOG
+    zscore_threshold: float = 2.5
+    zscore_alpha: float = 0.97
+    zscore_warmup_steps: int = 25
+    # --- spectral rule (the thresholds of `pss scan` and `pss trend`) ---------------------------
+    # Log-only by default: on the examples/ control run the SR-drop rule fired while freshly
+    # initialised matrices were simply learning (docs/EXPERIMENTS.md), and a power-iteration
+    # estimate is checked only every `check_every` steps: evidence, not yet a reason to act.
+    spectral_action: TriggerAction = TriggerAction.LOG
+    # The rank-aware floor of `pss scan`: min(min_stable_rank, fraction x min(m, n)).
+    min_stable_rank: float = DEFAULT_MIN_STABLE_RANK
+    min_stable_rank_fraction: float = MIN_STABLE_RANK_FRACTION_OF_RANK
+    # `pss trend`: SR - 1 < (1 - drop) x (median of the last `window` values - 1) (off by default,
+    # see above), and sigma_1 > growth x median of the last `window` values.
+    spectral_warn_on_drop: bool = DEFAULT_TREND_WARN_ON_DROP
+    spectral_drop_fraction: float = DEFAULT_TREND_DROP_FRACTION
+    spectral_sigma_growth: float = DEFAULT_TREND_SIGMA_GROWTH
+    spectral_window: int = DEFAULT_TREND_WINDOW
+    # --- the monitor ---------------------------------------------------------------------------
+    # A check every 10 steps over 8 matrices: one power-iteration pass over a matrix is ~4mn
+    # flops against ~6mnT for its share of a training step (T tokens), so the cost is in reading
+    # the weights; 8 per check keeps the added reads under ~1 % of a step's on GPT-2-sized models
+    # (benchmarks/bench_guard.py) while revisiting each of GPT-2-small's 60 matrices (Q, K, V
+    # apart) every ~80 steps. 0 disables the monitor.
+    check_every: int = 10
+    matrices_per_check: int = 8
+    # Power iterations per check (two products each), and on a matrix's first visit, where the
+    # start vector is random. Measured from a Gaussian start: 8 iterations gave 84-95 % of
+    # sigma_1 on freshly initialised matrices (a flat spectrum converges slowly), 32 gave 99.4 %
+    # on a random 768 x 3072 and exact values on 24 x 24 / 96 x 24 ones; the first visit is
+    # paid once per matrix. Later checks refine the warm vector by one iteration each.
+    power_iters: int = 1
+    first_power_iters: int = 32
+    # Roles never monitored nor smoothed: low-rank by nature and skipped by the paper's code and
+    # `pss smooth` (embeddings, the LM head). 1-D tensors (norms, biases) are never matrices.
+    exclude_roles: tuple[str, ...] = TREND_QUIET_ROLES
+    # Fused Q/K/V seen as three matrices where the layout is unambiguous (GPT-2 Conv1D c_attn,
+    # nn.MultiheadAttention in_proj_weight): the paper's code smooths them apart.
+    split_fused_qkv: bool = True
+    # --- smoothing (the code of `pss smooth`: pss_cli.core.smoothing) ---------------------------
+    # conv by default: the paper's code applies its 3-tap filter to every monitored matrix and
+    # needs no target. `cap` aims at the matrix's own recent stable rank (the median of its
+    # monitor history); matrices with no history yet are left alone by cap.
+    smooth_method: SmoothingMethod = SmoothingMethod.CONV
+    smooth_scope: SmoothScope = SmoothScope.ALL
+    softmax_temperature: float = DEFAULT_SOFTMAX_TEMPERATURE
+    clip_count: int = 1
+    # At least this many top singular triplets (as `pss scan --top-k`); grown when the method
+    # reaches deeper (ceil(SR) + 2 for conv/softmax).
+    smooth_top_k: int = DEFAULT_TOP_K
+    # float32 is what the weights are trained in; the update W + U diag(s' - s) V^T is added in
+    # float64 and cast once to the parameter's dtype, so untouched directions keep their values.
+    smooth_dtype: ComputeDtype = ComputeDtype.FLOAT32
+    # keep: Adam moments untouched (a small targeted edit; Kimi K2's QK-Clip precedent); reset:
+    # the smoothed entries' moments zeroed, step counts kept (as `pss smooth --optimizer-state`).
+    optimizer_policy: OptimizerPolicy = OptimizerPolicy.KEEP
+    # --- misc ----------------------------------------------------------------------------------
+    # The monitor's own torch.Generator seed (start vectors, smoothing start blocks): the global
+    # RNG is never touched, so a run without triggers is bit-identical to an unguarded one.
+    seed: int = DEFAULT_SEED
+    # Per-step "decision" records in the JSONL log every this many steps (events always).
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            name, text = problems[0]
+            raise GuardConfigError(
+                f"GuardConfig.{name}: {text}", "see docs/GUARD.md for the fields and defaults"
+            )
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-able view (enums as strings), for the event log header."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _problems(config: GuardConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name in ("spike_action", "zscore_action", "spectral_action"):
+        if not isinstance(getattr(config, name), TriggerAction):
+            problems.append((name, "must be a TriggerAction"))
+    positive = ("spike_factor", "zscore_threshold", "spectral_sigma_growth", "min_stable_rank")
+    for name in positive:
+        if not float(getattr(config, name)) > 0:
+            problems.append((name, "must be positive"))
+    for name in ("spike_ema_decay", "zscore_alpha"):
+        if not 0.0 <= float(getattr(config, name)) < 1.0:
+            problems.append((name, "must be in [0, 1)"))
+    non_negative = (
+        "warmup_steps",
+        "cooldown_steps",
+        "zscore_warmup_steps",
+        "check_every",
+        "power_iters",
+        "first_power_iters",
+    )
+    for name in non_negative:
+        if int(getattr(config, name)) < 0:
+            problems.append((name, "must be >= 0"))
+    if config.matrices_per_check < 1:
+        problems.append(("matrices_per_check", "must be >= 1"))
+    if config.spectral_window < 1:
+        problems.append(("spectral_window", "must be >= 1"))
+    if config.log_every < 1:
+        problems.append(("log_every", "must be >= 1"))
+    if config.smooth_top_k < 1:
+        problems.append(("smooth_top_k", "must be >= 1"))
+    if not 0.0 < config.spectral_drop_fraction < 1.0:
+        problems.append(("spectral_drop_fraction", "must be in (0, 1)"))
+    if config.optimizer_policy == OptimizerPolicy.DROP:
+        problems.append(("optimizer_policy", "drop is for checkpoints; use keep or reset"))
+    return problems
