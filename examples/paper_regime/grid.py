@@ -28,11 +28,18 @@ def _one(job: tuple[RunConfig, ModelConfig, str]) -> dict[str, Any]:
 
 
 def run_grid(
-    jobs: Sequence[tuple[RunConfig, ModelConfig]], out: Path, workers: int = 2
+    jobs: Sequence[tuple[RunConfig, ModelConfig]],
+    out: Path,
+    workers: int = 2,
+    cached_only: bool = False,
 ) -> list[dict[str, Any]]:
+    """The results of `jobs`, in order; with `cached_only`, only the ones already on disk (the
+    report of an experiment cut short by its deadline)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{run_key(c, m)}.json" for c, m in jobs]
     todo = [(c, m, str(p)) for (c, m), p in zip(jobs, paths, strict=True) if not p.is_file()]
+    if cached_only:
+        return [json.loads(p.read_text()) for p in paths if p.is_file()]
     if todo:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             for _ in pool.imap_unordered(_one, todo):

@@ -21,7 +21,11 @@ def tables(results: dict[str, Any]) -> str:
     out.append("#### Pilots (1 seed, 500 steps; final val loss, nats/byte; * = diverged)\n")
     settings = list(results["pilots"])
     lrs = sorted({r["lr"] for p in results["pilots"].values() for r in p["rows"]})
-    out.append("| setting | " + " | ".join(f"{lr:g}" for lr in lrs) + " | best LR | D | D/best | in regime |")
+    out.append(
+        "| setting | "
+        + " | ".join(f"{lr:g}" for lr in lrs)
+        + " | best LR | D | D/best | in regime |"
+    )
     out.append("|---" * (len(lrs) + 5) + "|")
     for name in settings:
         p = results["pilots"][name]
@@ -33,11 +37,14 @@ def tables(results: dict[str, Any]) -> str:
         d = p["divergence_lr"]
         out.append(
             f"| {name} | " + " | ".join(cells) + f" | {p['best_lr']:g} | "
-            f"{d if d is None else f'{d:g}'} | {_f(p['ratio'], 0)} | {p['in_regime']} |"
+            f"{'none' if d is None else f'{d:g}'} | {'-' if d is None else _f(p['ratio'], 0)} | "
+            f"{'yes' if p['in_regime'] else 'no'} |"
         )
     if "tables" in results:
         out.append(f"\n#### Arms (setting `{results['setting']}`; 3 seeds; final val loss)\n")
-        out.append("| arm | LR | diverged | mean (capped at H1) | seed 0 / 1 / 2 | spikes | triggers (rate) | skipped | max attn logit |")
+        out.append(
+            "| arm | LR | diverged | mean (capped at H1) | seed 0 / 1 / 2 | spikes | triggers (rate) | skipped | max attn logit |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|")
         rows = results["rows"]
         for arm, table in results["tables"].items():
@@ -57,17 +64,25 @@ def tables(results: dict[str, Any]) -> str:
         out.append("|---|---|---|")
         for arm in results["tables"]:
             msl = results["msl"][arm]
-            out.append(f"| {arm} | {'below the grid' if msl is None else f'{msl:g}'} | {_f(results['best_loss'][arm])} |")
+            out.append(
+                f"| {arm} | {'below the grid' if msl is None else f'{msl:g}'} | {_f(results['best_loss'][arm])} |"
+            )
     rep = results.get("repair")
     if rep and rep["cases"]:
         out.append("\n#### One-shot repairs (final val loss; R = re-exploded)\n")
         cases = rep["cases"]
-        out.append("| resume | " + " | ".join(f"seed {c['seed']} lr {c['lr']:g} from {c['pre']}" for c in cases) + " |")
+        out.append(
+            "| resume | "
+            + " | ".join(f"seed {c['seed']} lr {c['lr']:g} from {c['pre']}" for c in cases)
+            + " |"
+        )
         out.append("|---" * (len(cases) + 1) + "|")
         for arm, resumes in rep["resumes"].items():
             out.append(
                 f"| {arm} | "
-                + " | ".join(_f(r["final_val"]) + (" R" if r["reexploded"] else "") for r in resumes)
+                + " | ".join(
+                    _f(r["final_val"]) + (" R" if r["reexploded"] else "") for r in resumes
+                )
                 + " |"
             )
     for claim in ("claim_b", "claim_a"):

@@ -117,8 +117,13 @@ def arm_jobs(
     run_kw, model_kw = STRESSORS[setting]
     cfg = replace(base, **run_kw)  # type: ignore[arg-type]
     mcfg = replace(mbase, **model_kw)  # type: ignore[arg-type]
+    # The most informative runs first (the top LR, every arm, seed by seed): on a shared machine
+    # an experiment cut short by its deadline still has paired arms where they differ.
     return [
-        (replace(cfg, arm=arm, lr=lr, seed=s), mcfg) for arm in arms for lr in grid for s in seeds
+        (replace(cfg, arm=arm, lr=lr, seed=s), mcfg)
+        for lr in sorted(grid, reverse=True)
+        for s in seeds
+        for arm in arms
     ]
 
 
@@ -148,8 +153,10 @@ def repair(
     explosions: list[tuple[RunConfig, ModelConfig, dict[str, Any]]],
     workers: int,
     save_every: int = SAVE_EVERY,
+    cached_only: bool = False,
 ) -> dict[str, Any]:
-    """One-shot repairs from each explosion's last checkpoint >= 5 steps before its onset."""
+    """One-shot repairs from each explosion's last checkpoint >= 5 steps before its onset (with
+    `cached_only`: the explosions whose six resumes are all on disk)."""
     cases = []
     jobs: list[tuple[RunConfig, ModelConfig]] = []
     for cfg, mcfg, summary in explosions:
@@ -159,9 +166,11 @@ def repair(
             continue
         folder = out / "repair" / f"seed{cfg.seed}-lr{cfg.lr:g}"
         ckpt = folder / f"checkpoint-{pre}"
+        smoothed = folder / f"checkpoint-{pre}-smooth"
+        if cached_only and not smoothed.is_dir():
+            continue
         if not ckpt.is_dir():
             run(replace(cfg, save_at=(pre,), out_dir=str(folder), max_steps=pre), mcfg)
-        smoothed = folder / f"checkpoint-{pre}-smooth"
         if not smoothed.is_dir():
             pss_smooth(ckpt, smoothed)
         base = replace(cfg, save_at=(), out_dir=None, warmup_steps=cfg.warmup_steps)
@@ -182,7 +191,10 @@ def repair(
                 "exploded_at": summary["exploded_at"],
             }
         )
-        jobs.extend((c, mcfg) for c in arms.values())
+        case_jobs = [(c, mcfg) for c in arms.values()]
+        if cached_only and len(run_grid(case_jobs, out / "repair" / "runs", cached_only=True)) < 6:
+            continue
+        jobs.extend(case_jobs)
     results = run_grid(jobs, out / "repair" / "runs", workers)
     resumes: dict[str, list[dict[str, Any]]] = {a: [] for a in REPAIR_ARMS}
     for i, case in enumerate(cases):
@@ -209,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default=",".join(ARM_ORDER))
     parser.add_argument("--stop-after", choices=("pilot", "arms", "repair"), default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny slice for CI")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="report the arm runs already on disk; run none"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     base, mbase, lrs = RunConfig(max_steps=500), ModelConfig(), PILOT_LRS
@@ -237,10 +252,14 @@ def main(argv: list[str] | None = None) -> None:
             arms = tuple(a for a in arms if a not in ("pss", "skip"))
             results["guard"] = "not available: guard arms not run"
         runs = run_grid(
-            arm_jobs(setting, base, mbase, grid, arms, seeds), args.out / "arms", args.workers
+            arm_jobs(setting, base, mbase, grid, arms, seeds),
+            args.out / "arms",
+            args.workers,
+            cached_only=args.cached_only,
         )
         rows = [analysis.summarise(r) for r in runs]
-        tables = {a: analysis.arm_table([r for r in rows if r["arm"] == a]) for a in arms}
+        ran = [a for a in arms if any(r["arm"] == a for r in rows)]
+        tables = {a: analysis.arm_table([r for r in rows if r["arm"] == a]) for a in ran}
         results["rows"] = rows
         results["tables"] = {a: {str(k): v for k, v in t.items()} for a, t in tables.items()}
         results["msl"] = {a: analysis.max_stable_lr(t) for a, t in tables.items()}
@@ -250,7 +269,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.stop_after != "arms":
             explosions = pick_explosions(rows, runs, setting, base, mbase, seeds)
             if explosions:
-                rep = repair(args.out, explosions, args.workers, 5 if args.smoke else SAVE_EVERY)
+                rep = repair(
+                    args.out,
+                    explosions,
+                    args.workers,
+                    5 if args.smoke else SAVE_EVERY,
+                    cached_only=args.cached_only,
+                )
                 results["repair"] = rep
                 if len(rep["cases"]):
                     results["claim_a"] = analysis.verdict_a(rep["resumes"])

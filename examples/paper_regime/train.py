@@ -115,6 +115,7 @@ def arm_config(cfg: RunConfig) -> RunConfig:
 
 def _make_guard(cfg: RunConfig, model: PaperGPT, optimizer: torch.optim.Optimizer) -> Any:
     from guard_arms import guard_config
+
     from pss_cli.guard import Guard, GuardConfig
 
     return Guard(model, optimizer, guard_config(GuardConfig, cfg.arm, cfg.guard_method))
@@ -227,7 +228,7 @@ def run(cfg: RunConfig, base: ModelConfig | None = None, corpus: Corpus | None =
             gnorm = float(decision.grad_norm)
             if decision.skipped:
                 log.skipped.append(step)
-            if decision.actions:  # the acting rule (the paper's trigger) fired
+            if {"skip", "smooth"} & set(decision.actions):  # the acting rule fired
                 log.triggered.append(step)
             if decision.triggered:  # any rule, including the guard's log-only ones
                 log.any_rule.append(step)
