@@ -43,7 +43,8 @@ def tables(results: dict[str, Any]) -> str:
     if "tables" in results:
         out.append(f"\n#### Arms (setting `{results['setting']}`; 3 seeds; final val loss)\n")
         out.append(
-            "| arm | LR | diverged | mean (capped at H1) | seed 0 / 1 / 2 | spikes | triggers (rate) | skipped | max attn logit |"
+            "| arm | LR | diverged | mean (capped at H1) | seed 0 / 1 / 2 | spikes "
+            "| triggers (rate) | skipped | max attn logit |"
         )
         out.append("|---|---|---|---|---|---|---|---|---|")
         rows = results["rows"]
@@ -55,7 +56,8 @@ def tables(results: dict[str, Any]) -> str:
                 out.append(
                     f"| {arm} | {float(lr):g} | {t['diverged']}/{t['n']} | {_f(t['mean_val'])} | "
                     + " / ".join(_f(v, 2) for v in t["per_seed"])
-                    + f" | {sum(r['spikes'] for r in at)} | {trig} ({100 * trig / n_steps:.2f} %) | "
+                    + f" | {sum(r['spikes'] for r in at)} | "
+                    + f"{trig} ({100 * trig / n_steps:.2f} %) | "
                     f"{sum(r['skipped'] for r in at)} | "
                     + _f(max((r["max_logit"] or 0.0) for r in at), 0)
                     + " |"
@@ -64,9 +66,8 @@ def tables(results: dict[str, Any]) -> str:
         out.append("|---|---|---|")
         for arm in results["tables"]:
             msl = results["msl"][arm]
-            out.append(
-                f"| {arm} | {'below the grid' if msl is None else f'{msl:g}'} | {_f(results['best_loss'][arm])} |"
-            )
+            shown = "below the grid" if msl is None else f"{msl:g}"
+            out.append(f"| {arm} | {shown} | {_f(results['best_loss'][arm])} |")
     rep = results.get("repair")
     if rep and rep["cases"]:
         out.append("\n#### One-shot repairs (final val loss; R = re-exploded)\n")
