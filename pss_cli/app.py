@@ -129,7 +129,7 @@ def _exit_if_terminated() -> None:
 # the thread count (an Intel Xeon gave other last bits under 1 and 2 threads without it). MKL
 # reads it once, when torch loads MKL, so it must be in the environment before torch is imported:
 # `pss` sets it here, before any command imports torch; a library user sets it themselves
-# (README "Reproducibility"). An existing value (the user's own choice) is kept.
+# (docs/scan.md "Reproducibility"). An existing value (the user's own choice) is kept.
 MKL_CBWR_DEFAULT = "AUTO,STRICT"
 
 

@@ -12,7 +12,7 @@ class OutputFormat(StrEnum):
 
 
 class SmoothingMethod(StrEnum):
-    """`pss smooth --method` (formulas in pss_cli.core.smoothing and the README)."""
+    """`pss smooth --method` (formulas in pss_cli.core.smoothing and docs/smooth.md)."""
 
     CAP = "cap"
     CONV = "conv"
@@ -91,7 +91,7 @@ class ScanConfig:
     exact_max_dim: int = DEFAULT_EXACT_MAX_DIM
 
 
-# --- pss trend: the early-warning detector (README "pss trend"; docs/DESIGN.md "The method") ---
+# --- pss trend: the early-warning detector (docs/trend.md; docs/DESIGN.md "The method") ------
 # A layer's SR - 1 below (1 - 0.5) x (the median of its own last 3 values - 1), SR >= 1 being
 # rank one: the paper's collapses fall from ~50-130 to < 5 within a few steps, far beyond a 2x
 # drop; healthy training drifts by a few percent between checkpoints.

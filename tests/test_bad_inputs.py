@@ -1,11 +1,11 @@
 """The catalogue of bad and hostile inputs, driven through the real CLI.
 
 Every case runs ``pss scan``, ``pss check`` and ``pss smooth --out`` (CliRunner on the real app)
-and asserts what the README's "What pss does with bad input" table promises: for a refused input
-exactly two stderr lines, ``Error: ...`` naming the file or tensor and ``Hint: ...``, the
+and asserts what the table of docs/bad-input.md promises: for a refused input exactly two stderr
+lines, ``Error: ...`` naming the file or tensor and ``Hint: ...``, the
 documented exit code (``check`` turns it into a ``PSS002`` finding, exit 1), nothing written, no
 traceback, no hang; for a handled input the documented JSON fields. ``test_readme_table_*`` parses
-that README table so that a row without a test, or a test without a row, fails.
+that table so that a row without a test, or a test without a row, fails.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from tests.safetensors_factory import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+BAD_INPUT_DOC = ROOT / "docs" / "bad-input.md"
 DIVERGED = ROOT / "sample_checkpoints" / "diverged" / "model.safetensors"
 SECTION = "What pss does with bad input"
 ERROR_EXIT = "3; check: 1"  # scan/smooth exit 3, check reports PSS002 and exits 1
@@ -282,7 +282,7 @@ def _permission_denied(tmp: Path) -> tuple[Path, list[str]]:
 @dataclass(frozen=True)
 class Case:
     id: str
-    row: str  # the README table row (first column) this case documents
+    row: str  # the docs/bad-input.md table row (first column) this case documents
     build: Callable[[Path], tuple[Path, list[str]]]
     phrase: str  # a distinctive part of the error message
     hint: str = ""  # a part of the hint, where the hint is the point
@@ -1044,7 +1044,7 @@ def test_check_output_in_an_unwritable_folder(
     assert result.exit_code == 2 and "not writable" in result.stderr
 
 
-# The README table mirrors this module.
+# The docs/bad-input.md table mirrors this module.
 
 HANDLED_ROWS = {
     "NaN or Inf weights": ("0; check: 1", test_nan_and_inf_weights),
@@ -1106,16 +1106,16 @@ HANDLED_ROWS = {
 
 
 def _readme_rows() -> dict[str, str]:
-    text = README.read_text(encoding="utf-8")
-    match = re.search(rf"^## {re.escape(SECTION)}\n(.*?)(?=^## )", text, re.S | re.M)
-    assert match, f"README has no section '## {SECTION}'"
+    text = BAD_INPUT_DOC.read_text(encoding="utf-8")
+    match = re.search(rf"^# {re.escape(SECTION)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"docs/bad-input.md has no section '# {SECTION}'"
     rows: dict[str, str] = {}
     for line in match.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if not line.startswith("|") or cells[0] in ("case", "") or set(cells[0]) <= {"-"}:
             continue
         assert len(cells) == 3, line
-        assert cells[0] not in rows, f"README row listed twice: {cells[0]}"
+        assert cells[0] not in rows, f"docs/bad-input.md row listed twice: {cells[0]}"
         rows[cells[0]] = cells[2]
     return rows
 
@@ -1128,8 +1128,8 @@ def _expected_rows() -> dict[str, str]:
 
 def test_readme_table_has_a_test_for_every_row() -> None:
     readme, expected = _readme_rows(), _expected_rows()
-    assert sorted(set(readme) - set(expected)) == [], "README rows without a test"
-    assert sorted(set(expected) - set(readme)) == [], "tests without a README row"
+    assert sorted(set(readme) - set(expected)) == [], "docs/bad-input.md rows without a test"
+    assert sorted(set(expected) - set(readme)) == [], "tests without a docs/bad-input.md row"
     for row, exit_text in expected.items():
         assert readme[row] == exit_text, row
 

@@ -334,7 +334,7 @@ def test_scan_once_gate_many(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_readme_example_matches(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    readme = (ROOT / "README.md").read_text()
+    docs = [(ROOT / name).read_text() for name in ("README.md", "docs/check.md")]
     argv = [
         "check",
         "sample_checkpoints/diverged/model.safetensors",
@@ -345,7 +345,8 @@ def test_readme_example_matches(runner: CliRunner, monkeypatch: pytest.MonkeyPat
     ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 1
-    assert f"$ pss {' '.join(argv)}\n{result.stdout}```" in readme
+    for text in docs:
+        assert f"$ pss {' '.join(argv)}\n{result.stdout}```" in text
 
 
 def test_nan_weights_are_pss001(runner: CliRunner, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Same input + same seed + same products = byte-identical JSON (apart from ``timings``), across
 runs, batch sizes and thread counts; `smooth` writes byte-identical files across thread counts.
 
-Why it holds by construction, not by luck (README "Reproducibility"):
+Why it holds by construction, not by luck (docs/scan.md "Reproducibility"):
 - LAPACK (QR, SVD) runs on one thread (`pss_cli.core.spectra.deterministic_lapack`): MKL's
   threaded geqrf/gesdd gave sigma_max values differing by up to 8e-7 (relative) under
   OMP_NUM_THREADS=1 and 2 on the 600 x 700 matrices below.
@@ -36,7 +36,7 @@ from tests.safetensors_factory import write_tensors
 from tests.spectra_factory import power_law, with_spectrum
 
 RUN_DEPENDENT = "timings"  # the one documented field that may differ between runs
-# README "Reproducibility": bf16 products across thread counts agree within twice the accuracy
+# docs/scan.md "Reproducibility": bf16 products across thread counts agree within twice the accuracy
 # goal (1e-3 relative on sigma_max, 1e-2 on each top-k value).
 BF16_ACROSS_THREADS_RTOL = {"sigma_max": 2e-3, "top_singular_values": 2e-2, "stable_rank": 4e-3}
 

@@ -186,7 +186,7 @@ def _checkpoint(folder: Path) -> Path:
 
 
 # Pinned, not measured: `auto` measures in each process, and two processes on a loaded machine
-# must not be able to choose differently (README "Reproducibility").
+# must not be able to choose differently (docs/scan.md "Reproducibility").
 PINNED = ("--precision", "fp32")
 
 
@@ -243,14 +243,13 @@ def test_two_process_torchrun_scan_equals_single_process(tmp_path: Path) -> None
 
 
 def _readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Distributed scans", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "distributed.md").read_text()
     return [line.strip() for line in section.splitlines() if line.strip().startswith("torchrun")]
 
 
 def test_readme_cpu_command_runs_as_written(tmp_path: Path) -> None:
     commands = [c for c in _readme_commands() if "--device cpu" in c]
-    assert commands, "the README's Distributed scans section shows a CPU torchrun command"
+    assert commands, "docs/distributed.md shows a CPU torchrun command"
     ckpt = _checkpoint(tmp_path)
     words = shlex.split(commands[0])
     # The module form is torchrun itself; use it where no `torchrun` script is on PATH.

@@ -1,9 +1,9 @@
 """Faults during `pss smooth`: SIGKILL, a full disk, and two writers racing for one OUT.
 
-The guarantee under test (README "Faults during smooth"): whatever happens, OUT is either absent
-or a complete, valid, verified repair (never a partial checkpoint under the final name), the
-input's bytes never change, leftovers are only hidden ``.OUT.pss-tmp-*`` staging entries, and a
-rerun succeeds.
+The guarantee under test (docs/bad-input.md, "Faults during smooth"): whatever happens, OUT is
+either absent or a complete, valid, verified repair (never a partial checkpoint under the final
+name), the input's bytes never change, leftovers are only hidden ``.OUT.pss-tmp-*`` staging
+entries, and a rerun succeeds.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CUDA paths: pinned staging, device-side upcast, batches sized from free memory, torchrun ranks
 on GPUs. Every test here is marked `gpu` and skipped without CUDA (no GPU was available when
-they were written: they have not run yet, see README "Distributed scans").
+they were written: they have not run yet, see docs/distributed.md).
 
 Tolerances: the GPU's float32 products round differently from MKL's, so singular values agree
 with the CPU scan to the solver's own accuracy (1e-3 on sigma_max, 1e-2 on each top-k value),

@@ -111,7 +111,7 @@ def load_error(path: Path, exc: BaseException) -> CheckpointError:
             hint = (
                 f"'{name}' is plain data (a hyperparameter, typically): pass "
                 "--allow-pickle-types (or set PSS_ALLOW_PICKLE_TYPES=1) to let pss build it and "
-                "the few other harmless types listed in the README"
+                "the few other harmless types listed in docs/formats.md"
             )
         return CheckpointError(
             f"'{path}' needs arbitrary pickle to load (the global '{name}'): pss "

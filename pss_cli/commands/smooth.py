@@ -45,7 +45,7 @@ def smooth_command(
         ),
     ] = None,
     method: Annotated[
-        SmoothingMethod, typer.Option("--method", help="Smoothing function (see README).")
+        SmoothingMethod, typer.Option("--method", help="Smoothing function (see docs/smooth.md).")
     ] = SmoothingMethod.CAP,
     target_stable_rank: Annotated[
         float | None,
@@ -75,7 +75,7 @@ def smooth_command(
     min_stable_rank: MinStableRankOpt = DEFAULT_MIN_STABLE_RANK,
     optimizer_state: Annotated[
         OptimizerPolicy,
-        typer.Option("--optimizer-state", help="What to do with optimizer.pt (see README)."),
+        typer.Option("--optimizer-state", help="What to do with optimizer.pt (docs/smooth.md)."),
     ] = OptimizerPolicy.KEEP,
     allow_master_weights: Annotated[
         bool,
