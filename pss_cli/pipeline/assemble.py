@@ -17,7 +17,7 @@ from pss_cli.pipeline.plan import (
     relative_file,
 )
 from pss_cli.pipeline.solve import compute_items
-from pss_cli.results import LayerResult, ScanReport, ScanSummary, SkippedResult
+from pss_cli.results import LayerResult, ScanReport, ScanSettings, ScanSummary, SkippedResult
 
 
 def scan_checkpoint(
@@ -82,25 +82,23 @@ def assemble_report(
         device=str(plan.device) if world_size == 1 else plan.device.type,
         seed=config.seed,
         method="exact" if config.exact else "block-krylov",
-        settings={
-            "top_k": config.top_k,
-            "min_stable_rank": config.min_stable_rank,
-            "min_stable_rank_fraction_of_rank": MIN_STABLE_RANK_FRACTION_OF_RANK,
-            "compute_dtype": str(config.compute_dtype),
-            "include": list(config.include),
-            "exclude": list(config.exclude),
-            "block_size": settings.block_size,
-            "tol_sigma_max": settings.tol_sigma_max,
-            "tol_top_k": settings.tol_top_k,
-            "exact_max_dim": settings.exact_max_dim,
-            "world_size": world_size,
-            # --precision as asked, the Krylov products used (fp32 | bf16 | fp64) and why
-            # (measured: timings.bf16_time_ratio against BF16_MIN_SPEEDUP; requested; ...).
-            "precision": plan.precision.requested,
-            "products": plan.precision.products,
-            "precision_basis": plan.precision.basis,
-            "bf16_min_speedup": BF16_MIN_SPEEDUP,
-        },
+        settings=ScanSettings(
+            top_k=config.top_k,
+            min_stable_rank=config.min_stable_rank,
+            min_stable_rank_fraction_of_rank=MIN_STABLE_RANK_FRACTION_OF_RANK,
+            compute_dtype=str(config.compute_dtype),
+            include=tuple(config.include),
+            exclude=tuple(config.exclude),
+            block_size=settings.block_size,
+            tol_sigma_max=settings.tol_sigma_max,
+            tol_top_k=settings.tol_top_k,
+            exact_max_dim=settings.exact_max_dim,
+            world_size=world_size,
+            precision=plan.precision.requested,
+            products=plan.precision.products,
+            precision_basis=plan.precision.basis,
+            bf16_min_speedup=BF16_MIN_SPEEDUP,
+        ),
         layers=layers,
         skipped=skipped,
         summary=summarise(layers, len(skipped)),
