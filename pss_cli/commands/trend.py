@@ -191,23 +191,17 @@ def _check_outputs(output: Path | None, plot: Path | None) -> None:
 def _emit(
     report: TrendReport, output_format: OutputFormat, output: Path | None, plot: Path | None
 ) -> None:
-    import json
-
     from pss_cli.report.files import write_text_atomically
-    from pss_cli.report.trend_render import render_trend_table
-    from pss_cli.trend.series import HEALTHY, trend_to_json_dict
+    from pss_cli.report.trend_render import render_trend
+    from pss_cli.trend.series import HEALTHY
 
     if all(c.status == "failed" for c in report.checkpoints):
         raise CheckpointError(
             "none of the run's checkpoints could be scanned",
             "see the messages above; `pss scan CHECKPOINT` shows one checkpoint's error",
         )
-    if output_format is OutputFormat.JSON:
-        text = json.dumps(trend_to_json_dict(report), indent=2, allow_nan=False) + "\n"
-        plain = text
-    else:
-        text = render_trend_table(report)
-        plain = render_trend_table(report, color=False)
+    text = render_trend(report, output_format)
+    plain = render_trend(report, output_format, color=False)
     if output is not None:
         write_text_atomically(output, plain)
     if plot is not None:
