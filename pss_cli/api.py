@@ -115,6 +115,34 @@ def scan(
     return scan_checkpoint(Path(path), config, progress)
 
 
+def check_smooth_options(
+    *,
+    layers: Sequence[str],
+    all_layers: bool,
+    temperature: float,
+    lr_scale: float | None,
+    clip_count: int,
+    target_stable_rank: float | None,
+) -> None:
+    """The UsageErrors of `smooth`'s options (torch-free; `pss smooth` checks them before it
+    draws a progress bar)."""
+    if layers and all_layers:
+        raise UsageError("--layers and --all cannot be combined")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be a positive number (got {temperature})")
+    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise UsageError(f"--lr-scale must be a positive number (got {lr_scale})")
+    if clip_count < 1:
+        raise UsageError(f"--clip-count must be at least 1 (got {clip_count})")
+    if target_stable_rank is not None and not (
+        math.isfinite(target_stable_rank) and target_stable_rank >= 1.0
+    ):
+        raise UsageError(
+            f"--target-stable-rank must be a number >= 1 (got {target_stable_rank})",
+            "a stable rank lies between 1 and min(m, n)",
+        )
+
+
 def smooth(
     path: PathLike,
     out: PathLike | None,
@@ -153,21 +181,14 @@ def smooth(
     layers = tuple(layers)
     if out is None and not dry_run:
         raise UsageError("--out is required unless --dry-run is given")
-    if layers and all_layers:
-        raise UsageError("--layers and --all cannot be combined")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"--temperature must be a positive number (got {temperature})")
-    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
-        raise UsageError(f"--lr-scale must be a positive number (got {lr_scale})")
-    if clip_count < 1:
-        raise UsageError(f"--clip-count must be at least 1 (got {clip_count})")
-    if target_stable_rank is not None and not (
-        math.isfinite(target_stable_rank) and target_stable_rank >= 1.0
-    ):
-        raise UsageError(
-            f"--target-stable-rank must be a number >= 1 (got {target_stable_rank})",
-            "a stable rank lies between 1 and min(m, n)",
-        )
+    check_smooth_options(
+        layers=layers,
+        all_layers=all_layers,
+        temperature=temperature,
+        lr_scale=lr_scale,
+        clip_count=clip_count,
+        target_stable_rank=target_stable_rank,
+    )
     from pss_cli.core.smoothing import SmoothingParams
     from pss_cli.repair import SmoothConfig, smooth_checkpoint
 

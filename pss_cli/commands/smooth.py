@@ -137,7 +137,16 @@ def smooth_command(
             f"--out {shlex.quote(str(suggested))}",
             err=True,
         )
-    from pss_cli.api import smooth
+    from pss_cli.api import check_smooth_options, smooth
+
+    check_smooth_options(
+        layers=layers or (),
+        all_layers=all_layers,
+        temperature=temperature,
+        lr_scale=lr_scale,
+        clip_count=clip_count,
+        target_stable_rank=target_stable_rank,
+    )
     from pss_cli.report.progress import stderr_progress
     from pss_cli.report.smooth import render_plan, render_smooth, resume_recipe
 
