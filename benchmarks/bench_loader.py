@@ -28,6 +28,7 @@ from benchmarks.bench_scan import llama_block, write_checkpoint
 from pss_cli import pipeline
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import ProductPrecision, ScanConfig
+from pss_cli.pipeline import loader as pipeline_loader
 
 
 def _old_norm(matrix: torch.Tensor) -> float:
@@ -90,17 +91,19 @@ def main() -> None:
                         buffers[item.tall_shape].copy_(oriented)
 
             rows = [("loader, new norm (read + convert + norm + scale)", load_all)]
-            rows.append(("norm alone, new (reused float64 scratch)", norms(pipeline._buffer_norm)))
+            rows.append(
+                ("norm alone, new (reused float64 scratch)", norms(pipeline_loader.buffer_norm))
+            )
             rows.append(("norm alone, previous (fresh float64 chunks)", norms(_old_norm)))
             rows.append(("staging reads + bf16->fp32 copy, no norm", reads_only))
             rows.append(("mmap get_tensor + copy_ (pre-streaming way), no norm", mapped))
             results = [(label, _time(work, args.repeats)) for label, work in rows]
-            original = pipeline._buffer_norm
-            pipeline._buffer_norm = _old_norm  # type: ignore[assignment]
+            original = pipeline_loader.buffer_norm
+            pipeline_loader.buffer_norm = _old_norm  # type: ignore[assignment]
             try:
                 results.append(("loader, previous norm", _time(load_all, args.repeats)))
             finally:
-                pipeline._buffer_norm = original  # type: ignore[assignment]
+                pipeline_loader.buffer_norm = original  # type: ignore[assignment]
     print(f"7 matrices of a Llama-7B-shaped block (BF16), {torch.get_num_threads()} threads")
     print("| step | best s | median s |\n|---|---|---|")
     for label, (best, med) in results:

@@ -303,7 +303,7 @@ def method_pss(args: argparse.Namespace, names: list[str]) -> tuple[list[float],
     results["__report__"] = {
         "device": report.device,
         "timings": report.timings,
-        "products": report.settings["products"],
+        "products": report.settings.products,
     }
     return times, results
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pss_cli.errors import UsageError
-from pss_cli.results import SCHEMA_VERSION, LayerResult, ScanReport, ScanSummary
+from pss_cli.results import SCHEMA_VERSION, LayerResult, ScanReport, ScanSettings, ScanSummary
 
 _RESCAN = "write it again with `pss scan CHECKPOINT --format json -o FILE` from this pss version"
 
@@ -66,7 +66,7 @@ def report_from_json_dict(data: Any, where: str) -> ScanReport:
         device=str(data.get("device", "")),
         seed=int(data.get("seed", 0)),
         method=str(data.get("method", "")),
-        settings=dict(data.get("settings") or {}),
+        settings=ScanSettings.from_json_dict(dict(data.get("settings") or {})),
         layers=tuple(_layer(row, f"{where}: layers[{i}]") for i, row in enumerate(layers)),
         skipped=(),  # the gate does not look at skipped tensors
         summary=ScanSummary(len(layers), 0, 0, 0, None, None, None, None),

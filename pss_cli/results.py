@@ -9,7 +9,8 @@ runs on the same input and seed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -87,6 +88,49 @@ class ScanSummary:
 
 
 @dataclass(frozen=True)
+class ScanSettings:
+    """The settings a scan ran with: the report's `settings` object (its keys in field order).
+
+    A fresh scan sets every field. The defaults (None, "", 1) stand for a key absent from a
+    report loaded from a file (`pss_cli.report_io`), which is read as it is.
+    """
+
+    top_k: int = 16  # config.DEFAULT_TOP_K: the table's column count when a report lacks it
+    min_stable_rank: float | None = None
+    min_stable_rank_fraction_of_rank: float | None = None
+    compute_dtype: str = ""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    block_size: int | None = None
+    tol_sigma_max: float | None = None
+    tol_top_k: float | None = None
+    exact_max_dim: int | None = None
+    world_size: int = 1
+    # --precision as asked, the Krylov products used (fp32 | bf16 | fp64) and why (measured:
+    # timings.bf16_time_ratio against bf16_min_speedup; requested; no-krylov).
+    precision: str = ""
+    products: str = ""
+    precision_basis: str = ""
+    bf16_min_speedup: float | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["include"] = list(self.include)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> ScanSettings:
+        """The known keys of a saved report's `settings` (others are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        for key in ("include", "exclude"):
+            if key in values:
+                values[key] = tuple(str(v) for v in values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class ScanReport:
     pss_version: str
     checkpoint: str
@@ -94,7 +138,7 @@ class ScanReport:
     device: str
     seed: int
     method: str  # "block-krylov" or "exact"
-    settings: dict[str, Any]
+    settings: ScanSettings
     layers: tuple[LayerResult, ...]
     skipped: tuple[SkippedResult, ...]
     summary: ScanSummary
@@ -121,7 +165,7 @@ def report_to_json_dict(report: ScanReport) -> dict[str, Any]:
             "device": report.device,
             "seed": report.seed,
             "method": report.method,
-            "settings": report.settings,
+            "settings": report.settings.to_json_dict(),
             "layers": layers,
             "skipped": [{**asdict(s), "shape": list(s.shape)} for s in report.skipped],
             "summary": asdict(report.summary),

@@ -8,7 +8,7 @@ Why it holds by construction, not by luck (docs/scan.md "Reproducibility"):
 - fp32 GEMMs: the `pss` entry point sets MKL_CBWR=AUTO,STRICT before torch loads MKL (MKL's
   conditional numerical reproducibility). Without it an Intel Xeon (AVX-512, AMX) gave other
   last bits under 1 and 2 threads; an AMD EPYC Zen 4 gave the same bits with or without it.
-- Norms: fixed-order float64 row sums (`pipeline._sum_of_squares`).
+- Norms: fixed-order float64 row sums (`pss_cli.core.norms.sum_of_squares`).
 - bf16 products run in oneDNN, which has no reproducibility switch: across thread counts the
   bf16 path is promised only within `BF16_ACROSS_THREADS_RTOL` (each run meets the accuracy
   goal against the exact values, so two runs agree within twice the goal). `--precision auto`

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pss_cli import pipeline
 from pss_cli.config import ComputeDtype, ScanConfig
 from pss_cli.errors import UsageError
 from pss_cli.pipeline import batch_budget_bytes, resolve_device, scan_checkpoint
+from pss_cli.pipeline import loader as pipeline_loader
+from pss_cli.pipeline import memory as pipeline_memory
 from tests.safetensors_factory import write_tensors
 from tests.spectra_factory import flat_bulk, power_law, spiky, with_spectrum
 
@@ -62,7 +63,7 @@ def test_cuda_scan_matches_cpu_for_every_stored_dtype(
 ) -> None:
     path = _checkpoint(tmp_path, dtype)
     # A tiny staging buffer: every matrix crosses the pinned buffers in many chunks, in turn.
-    monkeypatch.setattr(pipeline, "STAGING_BUFFER_BYTES", 64 * 1024)
+    monkeypatch.setattr(pipeline_loader, "STAGING_BUFFER_BYTES", 64 * 1024)
     cpu = scan_checkpoint(path, replace(KRYLOV, device="cpu"))
     gpu = scan_checkpoint(path, replace(KRYLOV, device="cuda"))
     _compare(cpu, gpu)
@@ -81,7 +82,7 @@ def test_small_device_budget_gives_the_same_results(tmp_path: Path, monkeypatch)
     """Batches of one (budget squeezed) and batches sized from free memory agree."""
     path = _checkpoint(tmp_path, torch.bfloat16)
     wide = scan_checkpoint(path, replace(KRYLOV, device="cuda"))
-    monkeypatch.setattr(pipeline, "CUDA_FREE_MEMORY_FRACTION", 1e-9)
+    monkeypatch.setattr(pipeline_memory, "CUDA_FREE_MEMORY_FRACTION", 1e-9)
     narrow = scan_checkpoint(path, replace(KRYLOV, device="cuda"))
     for a, b in zip(wide.layers, narrow.layers, strict=True):
         assert b.sigma_max == pytest.approx(a.sigma_max, rel=1e-5)

@@ -22,6 +22,7 @@ from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.checkpoint.selection import select
 from pss_cli.config import DEFAULT_CPU_BATCH_BYTES, DEFAULT_TOP_K, ComputeDtype, ScanConfig
+from pss_cli.core.norms import sum_of_squares
 from pss_cli.core.spectra import KrylovSettings
 from pss_cli.pipeline import (
     Batch,
@@ -31,6 +32,7 @@ from pss_cli.pipeline import (
     plan_batches,
     scan_checkpoint,
 )
+from pss_cli.pipeline import loader as pipeline_loader
 from pss_cli.report.json_report import render_json
 from tests.safetensors_factory import write_index, write_tensors
 from tests.spectra_factory import power_law, with_spectrum
@@ -230,7 +232,7 @@ def test_streamed_reads_equal_mapped_reads(
         {**dict.fromkeys(shard1, "a.safetensors"), **dict.fromkeys(shard2, "b.safetensors")},
     )
     # A staging buffer of a few rows, so that every matrix crosses it in several chunks.
-    monkeypatch.setattr(pipeline, "STAGING_BUFFER_BYTES", 4096)
+    monkeypatch.setattr(pipeline_loader, "STAGING_BUFFER_BYTES", 4096)
     config = ScanConfig(exact_max_dim=0, compute_dtype=compute, cpu_batch_bytes=3_000_000)
     streamed = scan_checkpoint(tmp_path, config)
     monkeypatch.setattr(TensorReader, "can_read_into", lambda self, entry: False)
@@ -268,7 +270,7 @@ def test_norm_does_not_depend_on_the_thread_count() -> None:
         results = []
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
-            results.append(pipeline._sum_of_squares(values))
+            results.append(sum_of_squares(values))
     finally:
         torch.set_num_threads(before)
     assert results[0] == results[1] == results[2]

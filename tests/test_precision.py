@@ -137,10 +137,10 @@ def test_scan_records_its_products_and_meets_the_goal(
     bf16_checkpoint: Path, precision: ProductPrecision
 ) -> None:
     report = scan_checkpoint(bf16_checkpoint, ScanConfig(exact_max_dim=0, precision=precision))
-    assert report.settings["precision"] == str(precision)
-    assert report.settings["products"] == str(precision)
-    assert report.settings["precision_basis"] == "requested"
-    assert report.settings["bf16_min_speedup"] == BF16_MIN_SPEEDUP
+    assert report.settings.precision == str(precision)
+    assert report.settings.products == str(precision)
+    assert report.settings.precision_basis == "requested"
+    assert report.settings.bf16_min_speedup == BF16_MIN_SPEEDUP
     exact = scan_checkpoint(bf16_checkpoint, ScanConfig(exact=True))
     for layer, reference in zip(report.layers, exact.layers, strict=True):
         assert layer.solver == "krylov"
@@ -153,17 +153,17 @@ def test_scan_records_its_products_and_meets_the_goal(
 
 def test_auto_states_its_measurement(bf16_checkpoint: Path) -> None:
     report = scan_checkpoint(bf16_checkpoint, ScanConfig(exact_max_dim=0))
-    assert report.settings["precision"] == "auto"
-    assert report.settings["precision_basis"] == "measured"
+    assert report.settings.precision == "auto"
+    assert report.settings.precision_basis == "measured"
     ratio = report.timings["bf16_time_ratio"]  # run-dependent: a timing, not a setting
     expected = "bf16" if ratio * BF16_MIN_SPEEDUP <= 1.0 else "fp32"
-    assert report.settings["products"] == expected
+    assert report.settings.products == expected
 
 
 def test_nothing_to_measure_without_krylov_work(tmp_path: Path) -> None:
     path = write_tensors(tmp_path / "s.safetensors", {"w": torch.randn(64, 96)})
     report = scan_checkpoint(path, ScanConfig())
-    assert report.settings["precision_basis"] == "no-krylov"
+    assert report.settings.precision_basis == "no-krylov"
     assert "bf16_time_ratio" not in report.timings
 
 
@@ -200,6 +200,6 @@ def test_cuda_bf16_products_meet_the_goal(kind: str, tf32: bool, monkeypatch) ->
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_measures_on_the_gpu(bf16_checkpoint: Path) -> None:
     report = scan_checkpoint(bf16_checkpoint, ScanConfig(device="cuda", exact_max_dim=0))
-    assert report.settings["precision_basis"] == "measured"
+    assert report.settings.precision_basis == "measured"
     assert report.timings["bf16_time_ratio"] > 0
     assert "cuda" in precision_module._CACHE or "cuda:0" in precision_module._CACHE

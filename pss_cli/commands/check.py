@@ -20,13 +20,13 @@ from pss_cli.commands.options import (
     PrecisionOpt,
     QuietOpt,
 )
-from pss_cli.config import DEFAULT_DEVICE, DEFAULT_PRECISION, ProductPrecision, ScanConfig
-from pss_cli.errors import CheckpointError, ExitCode
-from pss_cli.gate import CheckResult, Policy, Severity, evaluate, merge, unreadable
+from pss_cli.config import DEFAULT_DEVICE, DEFAULT_PRECISION
+from pss_cli.errors import ExitCode
+from pss_cli.gate import CheckResult, Policy, Severity, merge
 from pss_cli.report.check_formats import CheckFormat, render_check, render_markdown, verdict_line
 
 if TYPE_CHECKING:
-    from pss_cli.distributed import Session
+    pass
 
 
 def _limit(flag: str, text: str) -> object:
@@ -91,26 +91,29 @@ def check_command(
     from pss_cli.checkpoint.formats import set_allow_pickle_types
 
     set_allow_pickle_types(allow_pickle_types)
+    from pss_cli.api import check_input, check_policy
     from pss_cli.distributed import open_session
-    from pss_cli.policy import load_policy
 
-    flags = {
-        "min_stable_rank": min_stable_rank,
-        "max_sigma_max": max_sigma_max,
-        "max_sigma_ratio": max_sigma_ratio,
-        "max_topk_energy": max_topk_energy,
-        "max_stable_rank_drop": max_stable_rank_drop,
-        "max_sigma_max_growth": max_sigma_max_growth,
-        "fail_on": fail_on,
-        "ignore": ignore,
-    }
+    def policy() -> Policy:
+        return check_policy(
+            config,
+            fail_on=fail_on,
+            ignore=ignore or (),
+            min_stable_rank=min_stable_rank,
+            max_sigma_max=max_sigma_max,
+            max_sigma_ratio=max_sigma_ratio,
+            max_topk_energy=max_topk_energy,
+            max_stable_rank_drop=max_stable_rank_drop,
+            max_sigma_max_growth=max_sigma_max_growth,
+        )
+
     # Under torchrun every process scans its share of each checkpoint; only rank 0 gates,
     # prints and writes, and every process exits with its verdict (see pss_cli.distributed).
     with open_session() as session:
-        policy = session.run(lambda: load_policy(Path.cwd(), config, os.environ, flags).policy)
+        resolved = session.run(policy)
         session.rank0(lambda: _check_output(output, models), share=False)
         checks = [
-            run_check(model, baseline, policy, device, quiet, session, precision)
+            check_input(model, baseline, resolved, device, quiet, session, precision)
             for model in models
         ]
         passed = session.rank0(lambda: _emit(checks, output_format, output, quiet))
@@ -144,50 +147,6 @@ def _emit(
     if output_format is not CheckFormat.TEXT and not quiet:
         print(verdict_line(result), file=sys.stderr)
     return result.passed
-
-
-def run_check(
-    model: Path,
-    baseline: Path | None,
-    policy: Policy,
-    device: str,
-    quiet: bool,
-    session: Session | None = None,
-    precision: ProductPrecision = DEFAULT_PRECISION,
-) -> CheckResult | None:
-    """Load or scan the input, then gate it. A checkpoint that cannot be read is a PSS002
-    finding (the model is broken); a bad report or baseline is a usage error (exit 2).
-
-    With a distributed `session`, every rank scans its share and rank 0 alone gets the result
-    (None elsewhere)."""
-    from pss_cli.distributed import Session
-    from pss_cli.report_io import is_report_path, load_report
-
-    session = session if session is not None else Session()
-    # Before any scan work, and on rank 0 only (the other ranks never gate).
-    base = session.rank0(lambda: load_report(baseline) if baseline else None, share=False)
-    base_name = str(baseline) if baseline is not None else None
-    if is_report_path(model):
-        return session.rank0(
-            lambda: evaluate(
-                load_report(model), policy, base, input_kind="report", baseline_name=base_name
-            ),
-            share=False,
-        )
-    from pss_cli.report.progress import stderr_progress
-
-    try:
-        with stderr_progress(enabled=not quiet and session.rank == 0) as progress:
-            report = session.scan(model, ScanConfig(device=device, precision=precision), progress)
-    except CheckpointError as exc:
-        # Raised on every rank at once (the session synchronises errors): all carry on.
-        return unreadable(str(model), exc.message, policy, "checkpoint")
-    return session.rank0(
-        lambda: (
-            evaluate(report, policy, base, baseline_name=base_name) if report is not None else None
-        ),
-        share=False,
-    )
 
 
 def _append_step_summary(result: CheckResult, output_format: CheckFormat) -> None:

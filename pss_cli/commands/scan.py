@@ -116,13 +116,11 @@ def _scan_config(
     limit: int | None,
     precision: ProductPrecision = DEFAULT_PRECISION,
 ) -> ScanConfig:
-    if top_k < 1:
-        raise UsageError(f"--top-k must be at least 1 (got {top_k})")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1 (got {limit})")
-    return ScanConfig(
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
+    from pss_cli.api import scan_config
+
+    config = scan_config(
+        include=include or (),
+        exclude=exclude or (),
         top_k=top_k,
         min_stable_rank=min_stable_rank,
         exact=exact,
@@ -131,6 +129,9 @@ def _scan_config(
         compute_dtype=dtype,
         precision=precision,
     )
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    return config
 
 
 def _check_output(output: Path | None, checkpoint: Path) -> None:

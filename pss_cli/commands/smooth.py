@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +29,6 @@ from pss_cli.config import (
     ComputeDtype,
     OptimizerPolicy,
     OutputFormat,
-    ScanConfig,
     SmoothingMethod,
 )
 from pss_cli.errors import UsageError
@@ -139,57 +137,43 @@ def smooth_command(
             f"--out {shlex.quote(str(suggested))}",
             err=True,
         )
-    if layers and all_layers:
-        raise UsageError("--layers and --all cannot be combined")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"--temperature must be a positive number (got {temperature})")
-    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
-        raise UsageError(f"--lr-scale must be a positive number (got {lr_scale})")
-    if clip_count < 1:
-        raise UsageError(f"--clip-count must be at least 1 (got {clip_count})")
-    if target_stable_rank is not None and not (
-        math.isfinite(target_stable_rank) and target_stable_rank >= 1.0
-    ):
-        raise UsageError(
-            f"--target-stable-rank must be a number >= 1 (got {target_stable_rank})",
-            "a stable rank lies between 1 and min(m, n)",
-        )
-    from pss_cli.core.smoothing import SmoothingParams
-    from pss_cli.repair import SmoothConfig, smooth_checkpoint
+    from pss_cli.api import check_smooth_options, smooth
+
+    check_smooth_options(
+        layers=layers or (),
+        all_layers=all_layers,
+        temperature=temperature,
+        lr_scale=lr_scale,
+        clip_count=clip_count,
+        target_stable_rank=target_stable_rank,
+    )
     from pss_cli.report.progress import stderr_progress
     from pss_cli.report.smooth import render_plan, render_smooth, resume_recipe
 
-    config = SmoothConfig(
-        scan=ScanConfig(
-            include=tuple(include or ()),
-            exclude=tuple(exclude or ()),
-            min_stable_rank=min_stable_rank,
-            device=device,
-            seed=seed,
-            compute_dtype=dtype,
-            precision=precision,
-        ),
-        layers=tuple(layers or ()),
-        all_layers=all_layers,
-        params=SmoothingParams(
+    with stderr_progress(enabled=not quiet) as progress:
+        report = smooth(
+            checkpoint,
+            out,
+            layers=layers or (),
+            all_layers=all_layers,
             method=method,
             target_stable_rank=target_stable_rank,
             temperature=temperature,
             clip_count=clip_count,
-        ),
-        optimizer_state=optimizer_state,
-        allow_master_weights=allow_master_weights,
-        force=force,
-        dry_run=dry_run,
-        lr_scale=lr_scale,
-        clean_stale=clean_stale,
-    )
-    with stderr_progress(enabled=not quiet) as progress:
-        report = smooth_checkpoint(
-            checkpoint,
-            out,
-            config,
-            progress,
+            min_stable_rank=min_stable_rank,
+            optimizer_state=optimizer_state,
+            allow_master_weights=allow_master_weights,
+            lr_scale=lr_scale,
+            clean_stale=clean_stale,
+            include=include or (),
+            exclude=exclude or (),
+            dry_run=dry_run,
+            force=force,
+            compute_dtype=dtype,
+            device=device,
+            precision=precision,
+            seed=seed,
+            progress=progress,
             announce=None
             if dry_run or quiet
             else lambda plan: typer.echo(render_plan(plan), err=True),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,10 +28,8 @@ from pss_cli.config import (
     DEFAULT_TREND_WARN_ON_DROP,
     DEFAULT_TREND_WINDOW,
     OutputFormat,
-    ScanConfig,
-    TrendConfig,
 )
-from pss_cli.errors import CheckpointError, ExitCode, UsageError, printable
+from pss_cli.errors import CheckpointError, ExitCode, printable
 
 if TYPE_CHECKING:
     from pss_cli.trend.series import TrendReport
@@ -130,51 +127,36 @@ def trend_command(
     from pss_cli.distributed import refuse_torchrun
 
     refuse_torchrun("trend")
-    trend_config = _trend_config(drop_fraction, window, sigma_growth, collapse_layers)
-    trend_config = replace(trend_config, warn_on_drop=warn_on_drop)
-    scan_config = ScanConfig(
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
-        min_stable_rank=min_stable_rank,
-        device=device,
-        seed=seed,
-    )
-    _check_outputs(output, plot)
-    from pss_cli.trend.analysis import analyse_run
-    from pss_cli.trend.guard_log import find_guard_log, read_guard_log
+    from pss_cli.api import trend, trend_config
 
-    guard_path = guard_log if guard_log is not None else find_guard_log(paths)
-    overlay = read_guard_log(guard_path) if guard_path is not None else None
-
-    report = analyse_run(
-        paths,
-        scan_config,
-        trend_config,
-        cache_dir=cache_dir,
-        use_cache=not no_cache,
-        progress=None if quiet else _progress,
-        notice=_notice,
-    )
-    _emit(replace(report, guard=overlay), output_format, output, plot)
-
-
-def _trend_config(
-    drop_fraction: float, window: int, sigma_growth: float, collapse_layers: int
-) -> TrendConfig:
-    if not 0 < drop_fraction < 1:
-        raise UsageError(f"--drop-fraction must lie between 0 and 1 (got {drop_fraction})")
-    if window < 1:
-        raise UsageError(f"--window must be at least 1 (got {window})")
-    if not sigma_growth > 1:
-        raise UsageError(f"--sigma-growth must be above 1 (got {sigma_growth})")
-    if collapse_layers < 1:
-        raise UsageError(f"--collapse-layers must be at least 1 (got {collapse_layers})")
-    return TrendConfig(
+    # The options are checked before the output paths, as before the API existed.
+    trend_config(
         drop_fraction=drop_fraction,
+        warn_on_drop=warn_on_drop,
         window=window,
         sigma_growth=sigma_growth,
         collapse_layers=collapse_layers,
     )
+    _check_outputs(output, plot)
+    report = trend(
+        paths,
+        include=include or (),
+        exclude=exclude or (),
+        min_stable_rank=min_stable_rank,
+        drop_fraction=drop_fraction,
+        warn_on_drop=warn_on_drop,
+        window=window,
+        sigma_growth=sigma_growth,
+        collapse_layers=collapse_layers,
+        guard_log=guard_log,
+        cache_dir=cache_dir,
+        use_cache=not no_cache,
+        device=device,
+        seed=seed,
+        progress=None if quiet else _progress,
+        notice=_notice,
+    )
+    _emit(report, output_format, output, plot)
 
 
 def _check_outputs(output: Path | None, plot: Path | None) -> None:
@@ -191,23 +173,17 @@ def _check_outputs(output: Path | None, plot: Path | None) -> None:
 def _emit(
     report: TrendReport, output_format: OutputFormat, output: Path | None, plot: Path | None
 ) -> None:
-    import json
-
     from pss_cli.report.files import write_text_atomically
-    from pss_cli.report.trend_render import render_trend_table
-    from pss_cli.trend.series import HEALTHY, trend_to_json_dict
+    from pss_cli.report.trend_render import render_trend
+    from pss_cli.trend.series import HEALTHY
 
     if all(c.status == "failed" for c in report.checkpoints):
         raise CheckpointError(
             "none of the run's checkpoints could be scanned",
             "see the messages above; `pss scan CHECKPOINT` shows one checkpoint's error",
         )
-    if output_format is OutputFormat.JSON:
-        text = json.dumps(trend_to_json_dict(report), indent=2, allow_nan=False) + "\n"
-        plain = text
-    else:
-        text = render_trend_table(report)
-        plain = render_trend_table(report, color=False)
+    text = render_trend(report, output_format)
+    plain = render_trend(report, output_format, color=False)
     if output is not None:
         write_text_atomically(output, plain)
     if plot is not None:

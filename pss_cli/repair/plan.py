@@ -10,11 +10,12 @@ import torch
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import ComputeDtype
+from pss_cli.core.norms import frobenius_norm
 from pss_cli.core.refine import refine_float64
 from pss_cli.core.smoothing import METHODS, NeedMoreValues, smooth_values
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
 from pss_cli.errors import UsageError
-from pss_cli.pipeline import frobenius_norm, matrix_seed, resolve_device
+from pss_cli.pipeline import matrix_seed, resolve_device
 from pss_cli.repair.model import Change, Plan, RankUpdate, SmoothConfig, skip_result
 from pss_cli.results import SkippedResult
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from pss_cli.errors import count, printable
 from pss_cli.gate import RULES, CheckResult, Finding, Severity
+from pss_cli.report.formats import renderer_for
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 # GitHub shows at most 10 error and 10 warning annotations per step (docs/DESIGN.md, CI);
@@ -242,4 +243,4 @@ _RENDERERS: dict[CheckFormat, Callable[[CheckResult], str]] = {
 
 
 def render_check(result: CheckResult, output_format: CheckFormat) -> str:
-    return _RENDERERS[output_format](result)
+    return renderer_for("check", _RENDERERS, output_format)(result)

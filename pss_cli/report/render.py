@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pss_cli.config import OutputFormat
+from pss_cli.report.formats import renderer_for
 from pss_cli.report.json_report import render_json
 from pss_cli.report.table import render_table
 from pss_cli.results import ScanReport
@@ -24,4 +25,4 @@ def render_scan(
     color: bool | None = None,
 ) -> str:
     """The report as text; `color=None` means: colour only when stdout is a terminal."""
-    return _RENDERERS[output_format](report, limit, color)
+    return renderer_for("scan", _RENDERERS, output_format)(report, limit, color)

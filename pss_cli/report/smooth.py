@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,6 +14,7 @@ from rich.text import Text
 
 from pss_cli.config import OutputFormat
 from pss_cli.errors import count, printable
+from pss_cli.report.formats import renderer_for
 from pss_cli.report.table import _fmt
 from pss_cli.results import SmoothReport, smooth_report_to_json_dict
 
@@ -83,8 +85,14 @@ def render_plan(report: SmoothReport) -> str:
 
 
 def render_smooth(report: SmoothReport, output_format: OutputFormat) -> str:
-    if output_format is OutputFormat.JSON:
-        return json.dumps(smooth_report_to_json_dict(report), indent=2, allow_nan=False) + "\n"
+    return renderer_for("smooth", _RENDERERS, output_format)(report)
+
+
+def _render_json(report: SmoothReport) -> str:
+    return json.dumps(smooth_report_to_json_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def _render_table(report: SmoothReport) -> str:
     buffer = io.StringIO()
     console = _console(buffer, sys.stdout.isatty())
     if report.dry_run:
@@ -146,3 +154,9 @@ def resume_recipe(report: SmoothReport) -> str:
         "  - consider skipping the data window around the spike;\n"
         "  - check the result with `pss scan` on the output, and the run with `pss trend`."
     )
+
+
+_RENDERERS: dict[OutputFormat, Callable[[SmoothReport], str]] = {
+    OutputFormat.TABLE: _render_table,
+    OutputFormat.JSON: _render_json,
+}

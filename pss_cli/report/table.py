@@ -48,7 +48,7 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
     console, buffer = text_console(color)
     rows = sorted(report.layers, key=_severity_key)
     shown = rows[:limit] if limit is not None else rows
-    k = report.settings.get("top_k", 16)
+    k = report.settings.top_k
     table = Table(
         title=f"pss scan: {escape(report.checkpoint)}",
         caption=None,
@@ -92,7 +92,7 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
 
 def _summary_line(report: ScanReport) -> Text:
     s = report.summary
-    floor = report.settings.get("min_stable_rank")
+    floor = report.settings.min_stable_rank
     text = Text()
     text.append(f"{count(s.matrices, 'matrix', 'matrices')}, ")
     text.append(f"{s.flagged} flagged", style="bold red" if s.flagged else "bold green")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.markup import escape
 from rich.table import Table
 
+from pss_cli.config import OutputFormat
 from pss_cli.errors import count, printable
+from pss_cli.report.formats import renderer_for
 from pss_cli.report.table import text_console
 from pss_cli.trend.guard_log import overlay_lines
-from pss_cli.trend.series import COLLAPSE, HEALTHY, LayerTrend, TrendReport
+from pss_cli.trend.series import COLLAPSE, HEALTHY, LayerTrend, TrendReport, trend_to_json_dict
 
 _BARS = "▁▂▃▄▅▆▇█"
 _QUIET_ROWS = 5  # healthy run: the layers closest to trouble
@@ -37,6 +40,17 @@ def sparkline(values: Sequence[float | None], log_scale: bool = False) -> str:
         x = 0.0 if high == low else (level(v) - low) / (high - low)
         out.append(_BARS[min(len(_BARS) - 1, int(x * len(_BARS)))])
     return "".join(out)
+
+
+def render_trend(
+    report: TrendReport, output_format: OutputFormat, color: bool | None = None
+) -> str:
+    """The trend report as text; `color=None` means: colour only when stdout is a terminal."""
+    return renderer_for("trend", _RENDERERS, output_format)(report, color)
+
+
+def _render_json(report: TrendReport, _color: bool | None) -> str:
+    return json.dumps(trend_to_json_dict(report), indent=2, allow_nan=False) + "\n"
 
 
 def render_trend_table(report: TrendReport, color: bool | None = None) -> str:
@@ -181,3 +195,9 @@ def _fmt(value: float | None) -> str:
     if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
         return f"{value:.2e}"
     return f"{value:.2f}"
+
+
+_RENDERERS: dict[OutputFormat, Callable[[TrendReport, bool | None], str]] = {
+    OutputFormat.TABLE: render_trend_table,
+    OutputFormat.JSON: _render_json,
+}

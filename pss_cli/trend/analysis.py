@@ -18,7 +18,7 @@ from pss_cli.checkpoint.out_names import default_output
 from pss_cli.checkpoint.selection import glob_literal
 from pss_cli.config import ScanConfig, TrendConfig
 from pss_cli.errors import CheckpointError, ComputeError, PssError
-from pss_cli.results import LayerResult
+from pss_cli.results import Flag, LayerResult
 from pss_cli.trend import cache_store
 from pss_cli.trend.detect import (
     SPECTRAL_COLLAPSE,
@@ -42,9 +42,6 @@ from pss_cli.trend.series import (
 # checkpoint path, "cached" | "scanning").
 TrendProgress = Callable[[int, int, Path, str], None]
 Notice = Callable[[str], None]
-
-_FLAG_LOW = "low_stable_rank"
-_FLAG_NONFINITE = "nonfinite"
 
 
 def analyse_run(
@@ -196,8 +193,8 @@ def _layer_trend(
     # Only the checkpoints that hold this layer take part in its history.
     present = [i for i, p in enumerate(points) if p is not None]
     present_sr = [stable_rank[i] for i in present]
-    low = [_FLAG_LOW in points[i].flags for i in present]  # type: ignore[union-attr]
-    bad = [_FLAG_NONFINITE in points[i].flags for i in present]  # type: ignore[union-attr]
+    low = [Flag.LOW_STABLE_RANK in points[i].flags for i in present]  # type: ignore[union-attr]
+    bad = [Flag.NONFINITE in points[i].flags for i in present]  # type: ignore[union-attr]
     events = layer_warnings(
         [steps[i] for i in present],
         present_sr,

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from statistics import median
 
 from pss_cli.config import TrendConfig
+from pss_cli.results import Flag
 from pss_cli.trend.discovery import LogPoint
 
 FLOOR = "floor"
-NONFINITE = "nonfinite"
+NONFINITE = Flag.NONFINITE  # a scan flag and a warning kind: one word in both JSON reports
 DROP = "drop"
 SIGMA_GROWTH = "sigma_growth"
 # Kinds that say the spectrum itself collapsed: these select the layers to smooth.

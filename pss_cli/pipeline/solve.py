@@ -1,0 +1,188 @@
+"""Solving: each loaded batch through the core solvers, one batch at a time (the next one loaded
+by a background thread), into per-matrix results."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.reader import TensorReader
+from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
+from pss_cli.core.metrics import SpectralMetrics, spectral_metrics, stable_rank_floor
+from pss_cli.core.norms import unit_scale
+from pss_cli.core.spectra import (
+    exact_singular_values,
+    gaussian_start,
+    top_singular_values,
+    uses_exact_path,
+)
+from pss_cli.pipeline.loader import _Loaded, _Loader
+from pss_cli.pipeline.memory import batch_budget_bytes, plan_batches
+from pss_cli.pipeline.plan import (
+    FLAG_LOW_STABLE_RANK,
+    FLAG_NONFINITE,
+    FLAG_ZERO,
+    ComputeOutcome,
+    MatrixItem,
+    ProgressCallback,
+    ScanPlan,
+    relative_file,
+)
+from pss_cli.results import LayerResult
+
+
+def compute_items(
+    plan: ScanPlan, items: Sequence[MatrixItem], progress: ProgressCallback | None = None
+) -> ComputeOutcome:
+    """Analyse `items` (all of the plan's, or one rank's share), one batch at a time.
+
+    Batch i+1 is read and converted by a loader thread while batch i is solved (file reads and
+    torch kernels release the GIL), when `plan_batches` says both fit the memory budget.
+    """
+    outcome = ComputeOutcome()
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    budget = batch_budget_bytes(plan.device, plan.config)
+    batches = plan_batches(
+        items, itemsize, budget, plan.settings, plan.config.top_k, plan.config.exact
+    )
+    total = len(items)
+    bytes_total = sum(item.nbytes for item in items)
+    done = 0
+    bytes_done = 0
+    if progress is not None:
+        progress(0, total, "", 0, bytes_total)
+    with TensorReader(plan.layout) as reader, ThreadPoolExecutor(1, "pss-loader") as pool:
+        loader = _Loader(reader, plan)
+        pending: Future[_Loaded] | None = None
+        for position, batch in enumerate(batches):
+            if pending is None:
+                pending = pool.submit(loader.load, batch)
+            loaded = pending.result()
+            pending = None
+            following = batches[position + 1] if position + 1 < len(batches) else None
+            if following is not None and following.prefetch:
+                pending = pool.submit(loader.load, following)
+            t0 = time.perf_counter()
+            for result in _solve(loaded, plan):
+                outcome.results[(result.name, result.index)] = result
+            del loaded
+            outcome.compute_seconds += time.perf_counter() - t0
+            done += len(batch.items)
+            bytes_done += sum(item.nbytes for item in batch.items)
+            if progress is not None:
+                progress(done, total, batch.items[-1].target.entry.name, bytes_done, bytes_total)
+        outcome.read_seconds = loader.seconds
+    return outcome
+
+
+def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
+    chunk = loaded.batch.items
+    config = plan.config
+    settings = plan.settings
+    buffer = loaded.buffer
+    frobenius = loaded.frobenius
+    nonfinite = loaded.nonfinite
+    tall_m, tall_n = chunk[0].tall_shape
+    usable = [
+        slot
+        for slot in range(len(chunk))
+        if nonfinite[slot] == 0 and 0 < frobenius[slot] < math.inf
+    ]
+    k = min(config.top_k, tall_n)
+    top = torch.zeros(len(chunk), k, dtype=torch.float64)
+    full: dict[int, torch.Tensor] = {}
+    solver = ["none"] * len(chunk)
+    iterations = [0] * len(chunk)
+    if usable:
+        matrices = buffer[usable] if len(usable) < len(chunk) else buffer
+        if config.exact:
+            spectra = exact_singular_values(matrices).to("cpu", torch.float64)
+            for row, slot in enumerate(usable):
+                full[slot] = spectra[row] * unit_scale(frobenius[slot])
+                top[slot] = full[slot][:k]
+                solver[slot] = "exact"
+        else:
+            start = None
+            if not uses_exact_path(tall_m, tall_n, k, settings):
+                start = gaussian_start([chunk[s].seed for s in usable], tall_n, settings.block_size)
+            result = top_singular_values(matrices, k, start, settings)
+            for row, slot in enumerate(usable):
+                top[slot] = result.values[row] * unit_scale(frobenius[slot])
+                iterations[slot] = result.iterations[row]
+                if result.iterations[row] == 0:
+                    solver[slot] = "exact"
+                else:
+                    solver[slot] = "exact-fallback" if result.exact[row] else "krylov"
+
+    results = []
+    for slot, item in enumerate(chunk):
+        if nonfinite[slot] or frobenius[slot] == math.inf:
+            metrics = SpectralMetrics(None, None, None, None, None)
+        else:
+            metrics = spectral_metrics(top[slot], frobenius[slot], full.get(slot))
+        results.append(
+            _layer_result(
+                item,
+                plan.layout,
+                metrics,
+                top[slot] if slot in usable else None,
+                frobenius[slot],
+                nonfinite[slot],
+                solver[slot],
+                iterations[slot],
+                config,
+            )
+        )
+    return results
+
+
+def _layer_result(
+    item: MatrixItem,
+    layout: CheckpointLayout,
+    metrics: SpectralMetrics,
+    top: torch.Tensor | None,
+    frobenius: float,
+    nonfinite: int,
+    solver: str,
+    iterations: int,
+    config: ScanConfig,
+) -> LayerResult:
+    target = item.target
+    flags = []
+    if nonfinite or frobenius == math.inf:  # inf: finite entries, norm beyond float64
+        flags.append(FLAG_NONFINITE)
+    elif frobenius <= 0.0:
+        flags.append(FLAG_ZERO)
+    floor = stable_rank_floor(
+        config.min_stable_rank, min(target.matrix_shape), MIN_STABLE_RANK_FRACTION_OF_RANK
+    )
+    if metrics.stable_rank is not None and metrics.stable_rank < floor:
+        flags.append(FLAG_LOW_STABLE_RANK)
+    return LayerResult(
+        name=target.entry.name,
+        index=item.index,
+        file=relative_file(layout, target.entry.file),
+        shape=target.entry.shape,
+        matrix_shape=target.matrix_shape,
+        dtype=target.entry.dtype,
+        role=str(target.role),
+        block=target.block,
+        view=str(target.view),
+        scale_tensor=target.scale.name if target.scale is not None else None,
+        sigma_max=metrics.sigma_max,
+        frobenius_norm=None if nonfinite or frobenius == math.inf else frobenius,
+        stable_rank=metrics.stable_rank,
+        top_singular_values=tuple(float(v) for v in top) if top is not None else (),
+        topk_energy_share=metrics.topk_energy_share,
+        sigma1_over_sigma2=metrics.sigma1_over_sigma2,
+        entropy_effective_rank=metrics.entropy_effective_rank,
+        nonfinite_count=nonfinite,
+        flags=tuple(flags),
+        solver=solver,
+        iterations=iterations,
+    )
