@@ -24,7 +24,7 @@ class LayoutKind(StrEnum):
 
 
 # Kinds whose files are safetensors (header-described byte ranges); the others go through a
-# per-format backend in TensorReader (pss_cli/checkpoint/backends.py).
+# per-format backend in TensorReader (their format's ``backend``, checkpoint/formats/).
 SAFETENSORS_KINDS = frozenset({LayoutKind.SINGLE_FILE, LayoutKind.SHARDED, LayoutKind.DIRECTORY})
 TORCH_KINDS = frozenset(
     {LayoutKind.TORCH_FILE, LayoutKind.TORCH_SHARDED, LayoutKind.TORCH_DIRECTORY}

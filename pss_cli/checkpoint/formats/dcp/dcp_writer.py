@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from pss_cli.checkpoint import staging as st
-from pss_cli.checkpoint.dcp import (
+from pss_cli.checkpoint.formats.dcp.dcp import (
     METADATA_NAME,
     DcpKey,
     chunk_indexes,
@@ -40,8 +40,8 @@ from pss_cli.checkpoint.dcp import (
     read_item_bytes,
     serialize_chunk,
 )
-from pss_cli.checkpoint.formats import provenance_sidecar
 from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.names import provenance_sidecar
 from pss_cli.checkpoint.optimizer import OptimizerOutcome
 from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import CheckpointError

@@ -37,8 +37,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from pss_cli.checkpoint.formats import DCP_METADATA_NAME, DISTCP_SUFFIX
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.names import DCP_METADATA_NAME, DISTCP_SUFFIX
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype, torch_dtype_of
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
 
