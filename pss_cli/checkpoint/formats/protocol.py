@@ -65,6 +65,9 @@ class CheckpointFormat(Protocol):
 
     name: str
     kinds: frozenset[LayoutKind]  # the LayoutKind values whose layouts this format owns
+    # those of `kinds` that are one file the user named: the output is one file too, and the
+    # files beside it (optimizer.pt, ZeRO state) are not part of it
+    one_file_kinds: frozenset[LayoutKind]
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         """The validated layout of the regular file ``path``, or None when it is not this

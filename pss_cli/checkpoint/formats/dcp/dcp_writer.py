@@ -34,12 +34,10 @@ from pss_cli.checkpoint.formats.dcp.dcp import (
     DcpKey,
     chunk_indexes,
     keys_of,
-    load_into,
     load_metadata,
     model_name,
-    read_item_bytes,
-    serialize_chunk,
 )
+from pss_cli.checkpoint.formats.dcp.storage import load_into, read_item_bytes, serialize_chunk
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.names import provenance_sidecar
 from pss_cli.checkpoint.optimizer import OptimizerOutcome

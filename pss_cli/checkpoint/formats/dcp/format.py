@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class DcpFormat:
     name = "dcp"
     kinds = frozenset({LayoutKind.DCP})
+    one_file_kinds: frozenset[LayoutKind] = frozenset()
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         name = path.name
@@ -41,17 +42,14 @@ class DcpFormat:
         return None
 
     def backend(self, layout: CheckpointLayout) -> TensorBackend | None:
-        from pss_cli.checkpoint.formats.dcp.dcp import DcpBackend
+        from pss_cli.checkpoint.formats.dcp.storage import DcpBackend
 
         return DcpBackend(layout)
 
     def digests(self, layout: CheckpointLayout, names: set[str] | None) -> dict[str, str]:
         """Of the tensor's stored chunk items (verbatim copies hash alike)."""
-        from pss_cli.checkpoint.formats.dcp.dcp import (
-            chunk_indexes,
-            load_metadata,
-            read_item_bytes,
-        )
+        from pss_cli.checkpoint.formats.dcp.dcp import chunk_indexes, load_metadata
+        from pss_cli.checkpoint.formats.dcp.storage import read_item_bytes
 
         metadata = load_metadata(layout.root)
         digests: dict[str, str] = {}

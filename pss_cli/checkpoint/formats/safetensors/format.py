@@ -35,6 +35,7 @@ _CHUNK = 16 * 2**20
 class SafetensorsFormat:
     name = "safetensors"
     kinds = frozenset({LayoutKind.SINGLE_FILE, LayoutKind.SHARDED, LayoutKind.DIRECTORY})
+    one_file_kinds = frozenset({LayoutKind.SINGLE_FILE})
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         if path.name.endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX)):

@@ -32,6 +32,7 @@ _CHUNK = 16 * 2**20
 class TorchFormat:
     name = "torch"
     kinds = frozenset({LayoutKind.TORCH_FILE, LayoutKind.TORCH_SHARDED, LayoutKind.TORCH_DIRECTORY})
+    one_file_kinds = frozenset({LayoutKind.TORCH_FILE})
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         if path.name.endswith(TORCH_INDEX_SUFFIX):
