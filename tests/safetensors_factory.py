@@ -1,7 +1,8 @@
 """Write valid and deliberately broken safetensors files byte by byte (for tests).
 
-Independent of pss_cli.checkpoint.header on purpose: the item sizes here are the test's own
-oracle, and corrupt files are built from explicit bytes, not through the library under test.
+Independent of pss_cli.checkpoint.formats.safetensors.header on purpose: the item sizes here
+are the test's own oracle, and corrupt files are built from explicit bytes, not through the
+library under test.
 """
 
 from __future__ import annotations

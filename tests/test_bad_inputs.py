@@ -27,7 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-import pss_cli.checkpoint.header as header_mod
+import pss_cli.checkpoint.formats.safetensors.header as header_mod
 from pss_cli.app import app
 from tests.safetensors_factory import (
     encode_header,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pss_cli.checkpoint import header as header_mod
-from pss_cli.checkpoint.header import read_header
+from pss_cli.checkpoint.formats.safetensors import header as header_mod
+from pss_cli.checkpoint.formats.safetensors.header import read_header
 from pss_cli.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from tests.safetensors_factory import (
     encode_header,

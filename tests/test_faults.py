@@ -28,11 +28,11 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+import pss_cli.checkpoint.formats.safetensors.writer as writer_mod
 import pss_cli.checkpoint.staging as staging_mod
-import pss_cli.checkpoint.writer as writer_mod
 from pss_cli.app import app
 from pss_cli.checkpoint.discover import open_checkpoint
-from pss_cli.checkpoint.writer import write_repaired_checkpoint
+from pss_cli.checkpoint.formats.safetensors.writer import write_repaired_checkpoint
 from pss_cli.errors import UsageError
 from tests.safetensors_factory import write_index, write_tensors
 from tests.spectra_factory import power_law, with_spectrum

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pss_cli.app import app
-from pss_cli.checkpoint.dcp import load_metadata
 from pss_cli.checkpoint.discover import open_checkpoint
+from pss_cli.checkpoint.formats.dcp.dcp import load_metadata
 from pss_cli.checkpoint.model import LayoutKind
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import OptimizerPolicy, ScanConfig

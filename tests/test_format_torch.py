@@ -368,7 +368,7 @@ def test_scan_re_maps_files_without_changing_results(
 ) -> None:
     # The backend forgets a mapped file every REMAP_BYTES read (bounded RSS); every read then
     # re-maps it, which must not change a single number.
-    from pss_cli.checkpoint import torch_file
+    from pss_cli.checkpoint.formats.torch import torch_file
 
     model = model_state()
     path = tmp_path / "model.pt"

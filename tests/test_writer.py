@@ -14,11 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pss_cli.checkpoint import staging, writer
+from pss_cli.checkpoint import staging
 from pss_cli.checkpoint.discover import open_checkpoint
-from pss_cli.checkpoint.header import read_header
+from pss_cli.checkpoint.formats.safetensors import writer
+from pss_cli.checkpoint.formats.safetensors.header import read_header
+from pss_cli.checkpoint.formats.safetensors.writer import (
+    WrittenCheckpoint,
+    write_repaired_checkpoint,
+)
 from pss_cli.checkpoint.model import CheckpointLayout
-from pss_cli.checkpoint.writer import WrittenCheckpoint, write_repaired_checkpoint
 from pss_cli.errors import CheckpointError, UsageError
 from tests.safetensors_factory import write_index, write_tensors
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pss_cli.checkpoint import lr_scale, torch_file
+from pss_cli.checkpoint import lr_scale
+from pss_cli.checkpoint.formats.torch import torch_file
 from pss_cli.checkpoint.optimizer import IN_FILE_OPTIMIZER_KEYS, OPTIMIZER_FILE_NAMES
 from pss_cli.errors import CheckpointError
 
@@ -87,8 +88,8 @@ class LrScalePlan:
 
     @classmethod
     def for_dcp(cls, factor: float, folder: Path, keep_optimizer: bool) -> LrScalePlan | None:
-        from pss_cli.checkpoint import dcp_lr
-        from pss_cli.checkpoint.dcp import load_metadata
+        from pss_cli.checkpoint.formats.dcp import dcp_lr
+        from pss_cli.checkpoint.formats.dcp.dcp import load_metadata
 
         metadata = load_metadata(folder)
         keys = [
@@ -104,8 +105,8 @@ class LrScalePlan:
 
     def dcp_items(self) -> dict[Any, bytes]:
         """The scaled bytes items for dcp_writer (index -> serialised value)."""
-        from pss_cli.checkpoint import dcp_lr
-        from pss_cli.checkpoint.dcp import load_metadata
+        from pss_cli.checkpoint.formats.dcp import dcp_lr
+        from pss_cli.checkpoint.formats.dcp.dcp import load_metadata
 
         assert self.dcp_folder is not None
         metadata = load_metadata(self.dcp_folder)
@@ -165,8 +166,8 @@ class LrScalePlan:
         optimizer's are gone, so only the scheduler's are compared then)."""
         expected = self.before
         if self.dcp_folder is not None:
-            from pss_cli.checkpoint import dcp_lr
-            from pss_cli.checkpoint.dcp import load_metadata
+            from pss_cli.checkpoint.formats.dcp import dcp_lr
+            from pss_cli.checkpoint.formats.dcp.dcp import load_metadata
 
             self.after = dcp_lr.values(staged, load_metadata(staged), self.dcp_keys)
         elif self.in_file is not None:

@@ -23,14 +23,6 @@ class LayoutKind(StrEnum):
     TORCH_DIRECTORY = "torch-directory"
 
 
-# Kinds whose files are safetensors (header-described byte ranges); the others go through a
-# per-format backend in TensorReader (pss_cli/checkpoint/backends.py).
-SAFETENSORS_KINDS = frozenset({LayoutKind.SINGLE_FILE, LayoutKind.SHARDED, LayoutKind.DIRECTORY})
-TORCH_KINDS = frozenset(
-    {LayoutKind.TORCH_FILE, LayoutKind.TORCH_SHARDED, LayoutKind.TORCH_DIRECTORY}
-)
-
-
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor as its file's header describes it (nothing read yet)."""

@@ -1,5 +1,8 @@
 """Checks about an output path that need no computation, run before any (torch-free).
 
+- the output is not the input, inside it, nor holding it, and its folder exists
+  (``check_output_path``, the refusals every format's writer also makes);
+
 - the output's folder is writable (probed by creating a file: permission bits do not tell
   about read-only mounts, and root passes every bit test);
 - no other pss process is writing the same OUT now (its staging entry ``.OUT.pss-tmp-PID-*``
@@ -20,9 +23,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind
+from pss_cli.checkpoint.staging import exists_error, file_output_error
+from pss_cli.checkpoint.staging import input_folder as input_folder_of
 from pss_cli.errors import UsageError
 
-TMP_TAG = ".pss-tmp-"  # the writers' staging tag (checkpoint/writer.py), followed by the PID
+TMP_TAG = ".pss-tmp-"  # the writers' staging tag (checkpoint/staging.py), followed by the PID
 _STAGING = re.compile(r"^\.(?P<out>.+)\.pss-tmp-(?:(?P<pid>\d+)-)?[^/]*$")
 # A folder holding one of these is a model/training checkpoint folder that readers (pss,
 # transformers) load as a whole.
@@ -154,3 +160,50 @@ def refuse_file_in_checkpoint_folder(source: Path, out: Path) -> None:
         "and every tensor would then appear twice",
         "write the output outside that folder, e.g. beside it",
     )
+
+
+def check_output_path(layout: CheckpointLayout, out: Path, *, force: bool = False) -> None:
+    """The refusals of `write_repaired_checkpoint` about `out`, for callers that want them
+    before doing the (long) work that precedes writing."""
+    if out.name.endswith(".safetensors") and layout.kind is not LayoutKind.SINGLE_FILE:
+        raise file_output_error(layout, out, "a .safetensors file")
+    _check_out_path(layout, input_folder_of(layout), out, force=force)
+
+
+def _check_out_path(
+    layout: CheckpointLayout, input_folder: Path, out: Path, *, force: bool
+) -> None:
+    out_real = out.resolve()
+    # Resolved input files too: in the Hugging Face cache the files are symlinks into blobs/,
+    # and writing over (or force-deleting a folder holding) a link's target harms the input.
+    inputs = {p.resolve() for p in layout.files} | {layout.root.resolve()}
+    if layout.index_file is not None:
+        inputs.add(layout.index_file.resolve())
+    hint = "choose an output path outside the input checkpoint, e.g. a sibling folder"
+    if out_real in inputs or (
+        layout.kind is not LayoutKind.SINGLE_FILE and out_real == input_folder.resolve()
+    ):
+        raise UsageError(
+            f"output '{out}' is the input checkpoint '{layout.root}'; pss never overwrites "
+            "its input",
+            hint=hint,
+        )
+    if layout.kind is not LayoutKind.SINGLE_FILE and out_real.is_relative_to(
+        input_folder.resolve()
+    ):
+        raise UsageError(
+            f"output '{out}' is inside the input folder '{input_folder}'",
+            hint=hint,
+        )
+    if any(p.is_relative_to(out_real) for p in inputs):
+        raise UsageError(
+            f"the input checkpoint '{layout.root}' is inside the output '{out}'",
+            hint=hint,
+        )
+    if not out.parent.is_dir():
+        raise UsageError(
+            f"the folder '{out.parent}' for output '{out}' does not exist",
+            hint=f"create it first (mkdir -p '{out.parent}') or choose another output path",
+        )
+    if os.path.lexists(out) and not force:
+        raise exists_error(out)

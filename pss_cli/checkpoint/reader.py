@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from pss_cli.checkpoint.backends import open_backend
-from pss_cli.checkpoint.header import read_header
+from pss_cli.checkpoint.formats.registry import format_of
+from pss_cli.checkpoint.formats.safetensors.header import read_header
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
 
@@ -57,8 +57,8 @@ class TensorReader:
         self._handles: dict[Path, Any] = {}  # safe_open objects (untyped extension type)
         self._raw: dict[Path, _RawFile] = {}
         self._lock = threading.Lock()
-        # DCP folders and torch pickles are read by their own backend (backends.py).
-        self._backend = open_backend(layout)
+        # DCP folders and torch pickles are read by their format's backend (formats/).
+        self._backend = format_of(layout.kind).backend(layout)
 
     def __enter__(self) -> TensorReader:
         return self

@@ -88,7 +88,7 @@ def check_command(
     allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Gate a checkpoint or scan report on stable rank, NaN/Inf and baseline regressions."""
-    from pss_cli.checkpoint.formats import set_allow_pickle_types
+    from pss_cli.checkpoint.names import set_allow_pickle_types
 
     set_allow_pickle_types(allow_pickle_types)
     from pss_cli.api import check_input, check_policy

@@ -72,7 +72,7 @@ def scan_command(
     allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Compute per-layer singularity metrics (stable rank, sigma_max, ...) of a checkpoint."""
-    from pss_cli.checkpoint.formats import set_allow_pickle_types
+    from pss_cli.checkpoint.names import set_allow_pickle_types
 
     set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import open_session

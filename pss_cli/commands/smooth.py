@@ -115,7 +115,7 @@ def smooth_command(
     allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Smooth the dominant singular values of singular matrices into a new checkpoint."""
-    from pss_cli.checkpoint.formats import set_allow_pickle_types
+    from pss_cli.checkpoint.names import set_allow_pickle_types
 
     set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import refuse_torchrun

@@ -121,7 +121,7 @@ def trend_command(
     allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Follow a training run's spectra over its checkpoints; warn before a collapse (exit 1)."""
-    from pss_cli.checkpoint.formats import set_allow_pickle_types
+    from pss_cli.checkpoint.names import set_allow_pickle_types
 
     set_allow_pickle_types(allow_pickle_types)
     from pss_cli.distributed import refuse_torchrun

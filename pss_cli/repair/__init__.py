@@ -67,7 +67,7 @@ def smooth_checkpoint(
     if out is not None and not config.dry_run:
         check_output(layout, out, config.force)
         notes.extend(staging_notes(out, config.clean_stale))
-    lr_plan = lr_scale_plan(layout, folder, config)
+    lr_plan = lr_scale_plan(layout, config)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = select_plans(scan, layout, config)
     changes, more_skips = compute_changes(layout, plans, config)

@@ -8,21 +8,14 @@ from pathlib import Path
 import torch
 
 from pss_cli import __version__
-from pss_cli.checkpoint.dcp_writer import write_dcp_checkpoint
-from pss_cli.checkpoint.formats import TORCH_SUFFIXES
+from pss_cli.checkpoint.formats.protocol import WriteRequest
+from pss_cli.checkpoint.formats.registry import format_of
 from pss_cli.checkpoint.lr_files import LrScalePlan
-from pss_cli.checkpoint.model import TORCH_KINDS, CheckpointLayout, LayoutKind
-from pss_cli.checkpoint.optimizer import (
-    OptimizerOutcome,
-    apply_in_file,
-    find_optimizer_file,
-    rewrite_optimizer_state,
-)
+from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.optimizer import OptimizerOutcome, apply_in_file, rewrite_optimizer_state
 from pss_cli.checkpoint.reader import TensorReader
-from pss_cli.checkpoint.torch_writer import write_torch_checkpoint
-from pss_cli.checkpoint.writer import write_repaired_checkpoint
 from pss_cli.config import OptimizerPolicy
-from pss_cli.repair.model import ONE_FILE_KINDS, Change, SmoothConfig
+from pss_cli.repair.model import Change, SmoothConfig
 from pss_cli.repair.report import parameters_text
 from pss_cli.repair.verify import verify_or_raise
 from pss_cli.results import LayerResult
@@ -82,63 +75,31 @@ class OutputWriter:
         self.lr_plan = lr_plan
         self.replacements = LazyReplacements(layout, changes)
         self.modified_names = sorted(self.replacements)
-        folder = layout.root if layout.root.is_dir() else layout.root.parent
-        self.optimizer_file = (
-            # DCP keeps its optimizer state inside the folder's own keys (dcp_writer.py)
-            find_optimizer_file(folder)
-            if layout.kind not in ONE_FILE_KINDS and layout.kind is not LayoutKind.DCP
-            else None
-        )
+        self.optimizer_file = format_of(layout.kind).optimizer_file(layout)
         self.scheduler_file = lr_plan.scheduler_file if lr_plan is not None else None
         self.optimizer_outcomes: list[OptimizerOutcome] = []
         self.verification: list[tuple[int, Measured]] = []
 
     def write(self, out: Path) -> tuple[Path, int, Measured]:
         """(the output written, untouched tensors verified, changed matrices re-measured)."""
-        if self.layout.kind is LayoutKind.DCP:
-            written = self._write_dcp(out)
-        elif self.layout.kind in TORCH_KINDS:
-            written = self._write_torch(out)
-        else:
-            written = write_repaired_checkpoint(
-                self.layout,
-                out,
-                self.replacements,
-                self._provenance(),
+        result = format_of(self.layout.kind).write(
+            WriteRequest(
+                layout=self.layout,
+                out=out,
+                replacements=self.replacements,
+                provenance=self._provenance(),
                 force=self.config.force,
-                extra_files=None if out.name.endswith(".safetensors") else self._extra_files,
+                optimizer_policy=self.config.optimizer_state,
+                lr_plan=self.lr_plan,
+                extra_files=self._extra_files,
                 skip_copy=self._skip_copy,
+                edit_object=self._edit_in_file_optimizer,
                 before_commit=self._verify_staged,
-            ).out
+            )
+        )
+        self.optimizer_outcomes.extend(result.optimizer_outcomes)
         verified_untouched, after = self.verification[-1]
-        return written, verified_untouched, after
-
-    def _write_dcp(self, out: Path) -> Path:
-        written, outcome = write_dcp_checkpoint(
-            self.layout,
-            out,
-            self.replacements,
-            self._provenance(),
-            self.config.optimizer_state,
-            force=self.config.force,
-            before_commit=self._verify_staged,
-            lr_items=self.lr_plan.dcp_items() if self.lr_plan is not None else None,
-        )
-        self.optimizer_outcomes.append(outcome)
-        return written
-
-    def _write_torch(self, out: Path) -> Path:
-        return write_torch_checkpoint(
-            self.layout,
-            out,
-            self.replacements,
-            self._provenance(),
-            force=self.config.force,
-            extra_files=None if out.suffix.lower() in TORCH_SUFFIXES else self._extra_files,
-            skip_copy=self._skip_copy,
-            edit_object=self._edit_in_file_optimizer,
-            before_commit=self._verify_staged,
-        )
+        return result.out, verified_untouched, after
 
     def _provenance(self) -> dict[str, str]:
         return {

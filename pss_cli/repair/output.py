@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 from pss_cli.checkpoint import out_checks
-from pss_cli.checkpoint.formats import TORCH_SUFFIXES, provenance_sidecar
-from pss_cli.checkpoint.header import read_header
+from pss_cli.checkpoint.formats.registry import format_of
+from pss_cli.checkpoint.formats.safetensors.header import read_header
 from pss_cli.checkpoint.lr_files import LrScalePlan
-from pss_cli.checkpoint.model import TORCH_KINDS, CheckpointLayout, LayoutKind
-from pss_cli.checkpoint.staging import file_output_error
-from pss_cli.checkpoint.writer import check_output_path
+from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.names import provenance_sidecar
 from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import PssError, UsageError
 from pss_cli.repair.model import ONE_FILE_KINDS, SmoothConfig
@@ -20,18 +19,11 @@ from pss_cli.repair.model import ONE_FILE_KINDS, SmoothConfig
 
 def check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
     """Every refusal about OUT before any work is done (not after minutes of SVDs)."""
-    check_output_path(layout, out, force=force)
+    out_checks.check_output_path(layout, out, force=force)
     out_checks.probe_writable(out.parent, out)
     out_checks.refuse_file_in_checkpoint_folder(layout.root, out)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
-    if (
-        layout.kind in TORCH_KINDS
-        and out.suffix.lower() in TORCH_SUFFIXES
-        and layout.kind is not LayoutKind.TORCH_FILE
-    ):
-        raise file_output_error(layout, out, "one file")
-    if layout.kind is LayoutKind.DCP and out.suffix.lower() in (".safetensors", *TORCH_SUFFIXES):
-        raise file_output_error(layout, out, "a file", ": smooth writes a DCP folder")
+    format_of(layout.kind).check_output(layout, out)
     if layout.kind not in ONE_FILE_KINDS:
         nested = [f for f in layout.files if f.parent.resolve() != folder.resolve()]
         if nested:
@@ -81,26 +73,16 @@ def staging_notes(out: Path, clean: bool) -> list[str]:
     return [note] if note else []
 
 
-def lr_scale_plan(
-    layout: CheckpointLayout, folder: Path, config: SmoothConfig
-) -> LrScalePlan | None:
+def lr_scale_plan(layout: CheckpointLayout, config: SmoothConfig) -> LrScalePlan | None:
     """Find what --lr-scale will scale before any computation; refuse when there is nothing."""
     if config.lr_scale is None:
         return None
     factor = config.lr_scale
     if not (math.isfinite(factor) and factor > 0):
         raise UsageError(f"--lr-scale must be a positive number (got {factor})")
-    plan: LrScalePlan | None = None
-    if layout.kind is LayoutKind.DCP:
-        plan = LrScalePlan.for_dcp(
-            factor, layout.root, keep_optimizer=config.optimizer_state is not OptimizerPolicy.DROP
-        )
-    elif layout.kind is LayoutKind.TORCH_FILE:
-        from pss_cli.checkpoint.torch_file import load
-
-        plan = LrScalePlan.for_file(factor, layout.root, load(layout.root))
-    elif layout.kind not in ONE_FILE_KINDS:
-        plan = LrScalePlan.for_folder(factor, folder)
+    plan = format_of(layout.kind).lr_plan(
+        layout, factor, keep_optimizer=config.optimizer_state is not OptimizerPolicy.DROP
+    )
     if plan is None:
         raise UsageError(
             f"--lr-scale has nothing to scale: '{layout.root}' holds no optimizer or LR "

@@ -166,7 +166,9 @@ def _lightning_global_step(path: Path) -> int | None:
     error comes later, from the scan)."""
     if not path.is_file() or not path.name.endswith((".ckpt", ".pt", ".pth")):
         return None
-    from pss_cli.checkpoint.torch_file import load  # imports torch: only for such files
+    from pss_cli.checkpoint.formats.torch.torch_file import (
+        load,  # imports torch: only for such files
+    )
     from pss_cli.errors import PssError
 
     try:

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from pss_cli.checkpoint import staging as st
-from pss_cli.checkpoint import torch_file
-from pss_cli.checkpoint.formats import TORCH_SUFFIXES, provenance_sidecar
+from pss_cli.checkpoint.formats.torch import torch_file
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.names import TORCH_SUFFIXES, provenance_sidecar
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError
 

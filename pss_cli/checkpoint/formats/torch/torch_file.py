@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from pss_cli.checkpoint.formats import HARMLESS_PICKLE_TYPES, allow_pickle_types
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
+from pss_cli.checkpoint.names import HARMLESS_PICKLE_TYPES, allow_pickle_types
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
 

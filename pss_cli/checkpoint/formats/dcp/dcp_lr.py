@@ -13,7 +13,8 @@ import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
 from pss_cli.checkpoint import lr_scale
-from pss_cli.checkpoint.dcp import keys_of, read_item_bytes
+from pss_cli.checkpoint.formats.dcp.dcp import keys_of
+from pss_cli.checkpoint.formats.dcp.storage import read_item_bytes
 from pss_cli.errors import CheckpointError
 
 _SCHEDULER_HEADS = ("scheduler", "lr_scheduler", "schedulers", "lr_schedulers")

@@ -28,21 +28,24 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from pss_cli.checkpoint.header import MAX_HEADER_BYTES, METADATA_KEY, read_header
+from pss_cli.checkpoint import out_checks
+from pss_cli.checkpoint.formats.safetensors.header import (
+    MAX_HEADER_BYTES,
+    METADATA_KEY,
+    read_header,
+)
 from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
 from pss_cli.checkpoint.staging import (
     commit_file,
     commit_folder,
     copy_others,
     disk_error,
-    exists_error,
-    file_output_error,
     staged_file,
     staged_folder,
 )
 from pss_cli.checkpoint.staging import input_folder as input_folder_of
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
-from pss_cli.errors import CheckpointError, UsageError
+from pss_cli.errors import CheckpointError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # 16 MiB: large enough that per-call overhead vanishes against disk bandwidth, small enough that
@@ -86,7 +89,7 @@ def write_repaired_checkpoint(
     by_name = {entry.name: entry for entry in layout.entries}
     _check_replacements(by_name, replacements)
     _check_provenance(provenance)
-    check_output_path(layout, out, force=force)
+    out_checks.check_output_path(layout, out, force=force)
     to_file = out.name.endswith(SAFETENSORS_SUFFIX)
     if to_file and extra_files is not None:
         raise ValueError("extra_files needs a folder output, not a single .safetensors file")
@@ -120,14 +123,6 @@ def write_repaired_checkpoint(
     )
 
 
-def check_output_path(layout: CheckpointLayout, out: Path, *, force: bool = False) -> None:
-    """The refusals of `write_repaired_checkpoint` about `out`, for callers that want them
-    before doing the (long) work that precedes writing."""
-    if out.name.endswith(SAFETENSORS_SUFFIX) and layout.kind is not LayoutKind.SINGLE_FILE:
-        raise file_output_error(layout, out, "a .safetensors file")
-    _check_out_path(layout, input_folder_of(layout), out, force=force)
-
-
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 
@@ -157,45 +152,6 @@ def _check_provenance(provenance: Mapping[str, str]) -> None:
         if not isinstance(key, str) or not isinstance(value, str):
             # safetensors metadata is str -> str only; the library would refuse the file.
             raise ValueError(f"provenance must map strings to strings (got {key!r}: {value!r})")
-
-
-def _check_out_path(
-    layout: CheckpointLayout, input_folder: Path, out: Path, *, force: bool
-) -> None:
-    out_real = out.resolve()
-    # Resolved input files too: in the Hugging Face cache the files are symlinks into blobs/,
-    # and writing over (or force-deleting a folder holding) a link's target harms the input.
-    inputs = {p.resolve() for p in layout.files} | {layout.root.resolve()}
-    if layout.index_file is not None:
-        inputs.add(layout.index_file.resolve())
-    hint = "choose an output path outside the input checkpoint, e.g. a sibling folder"
-    if out_real in inputs or (
-        layout.kind is not LayoutKind.SINGLE_FILE and out_real == input_folder.resolve()
-    ):
-        raise UsageError(
-            f"output '{out}' is the input checkpoint '{layout.root}'; pss never overwrites "
-            "its input",
-            hint=hint,
-        )
-    if layout.kind is not LayoutKind.SINGLE_FILE and out_real.is_relative_to(
-        input_folder.resolve()
-    ):
-        raise UsageError(
-            f"output '{out}' is inside the input folder '{input_folder}'",
-            hint=hint,
-        )
-    if any(p.is_relative_to(out_real) for p in inputs):
-        raise UsageError(
-            f"the input checkpoint '{layout.root}' is inside the output '{out}'",
-            hint=hint,
-        )
-    if not out.parent.is_dir():
-        raise UsageError(
-            f"the folder '{out.parent}' for output '{out}' does not exist",
-            hint=f"create it first (mkdir -p '{out.parent}') or choose another output path",
-        )
-    if os.path.lexists(out) and not force:
-        raise exists_error(out)
 
 
 # ---------------------------------------------------------------------------------------------

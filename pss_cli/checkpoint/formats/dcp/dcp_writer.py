@@ -29,19 +29,17 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from pss_cli.checkpoint import staging as st
-from pss_cli.checkpoint.dcp import (
+from pss_cli.checkpoint.formats.dcp.dcp import (
     METADATA_NAME,
     DcpKey,
     chunk_indexes,
     keys_of,
-    load_into,
     load_metadata,
     model_name,
-    read_item_bytes,
-    serialize_chunk,
 )
-from pss_cli.checkpoint.formats import provenance_sidecar
+from pss_cli.checkpoint.formats.dcp.storage import load_into, read_item_bytes, serialize_chunk
 from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.names import provenance_sidecar
 from pss_cli.checkpoint.optimizer import OptimizerOutcome
 from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import CheckpointError

@@ -1,0 +1,1 @@
+"""dcp checkpoint format (see docs/ARCHITECTURE.md, "Adding a checkpoint format")."""

@@ -1,0 +1,1 @@
+"""safetensors checkpoint format (see docs/ARCHITECTURE.md, "Adding a checkpoint format")."""

@@ -1,0 +1,1 @@
+"""torch checkpoint format (see docs/ARCHITECTURE.md, "Adding a checkpoint format")."""

@@ -1,0 +1,164 @@
+"""torch.save pickles read with weights_only=True: one ``.pt``/``.bin``/``.pth``/``.ckpt`` file
+(a Lightning ``.ckpt`` holds its optimizer and LR schedulers inside), an HF
+``pytorch_model.bin.index.json`` with its shards, or a folder of such files. Torch-free at
+import: torch loads on first use."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pss_cli.checkpoint.formats.protocol import TensorBackend, WriteRequest, WriteResult
+from pss_cli.checkpoint.formats.safetensors.header import require_regular_file
+from pss_cli.checkpoint.layout_files import (
+    read_weight_map,
+    reject_duplicates,
+    torch_weight_files,
+)
+from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.names import TORCH_DEFAULT_INDEX_NAME, TORCH_INDEX_SUFFIX, TORCH_SUFFIXES
+from pss_cli.checkpoint.staging import file_output_error
+from pss_cli.errors import CorruptCheckpointError, UsageError
+
+if TYPE_CHECKING:
+    from pss_cli.checkpoint.lr_files import LrScalePlan
+
+_CHUNK = 16 * 2**20
+
+
+class TorchFormat:
+    name = "torch"
+    kinds = frozenset({LayoutKind.TORCH_FILE, LayoutKind.TORCH_SHARDED, LayoutKind.TORCH_DIRECTORY})
+    one_file_kinds = frozenset({LayoutKind.TORCH_FILE})
+
+    def open_file(self, path: Path) -> CheckpointLayout | None:
+        if path.name.endswith(TORCH_INDEX_SUFFIX):
+            return _open_torch_sharded(path, index=path)
+        if path.suffix.lower() in TORCH_SUFFIXES:
+            require_regular_file(path)
+            return _open_torch_files(path, [path], LayoutKind.TORCH_FILE)
+        return None
+
+    def open_folder(self, folder: Path, children: list[Path]) -> CheckpointLayout | None:
+        torch_indexes = sorted(p for p in children if p.name.endswith(TORCH_INDEX_SUFFIX))
+        if torch_indexes:
+            by_name = {p.name: p for p in torch_indexes}
+            if TORCH_DEFAULT_INDEX_NAME not in by_name and len(torch_indexes) > 1:
+                raise UsageError(
+                    f"folder '{folder}' holds several .bin indexes "
+                    f"({', '.join(p.name for p in torch_indexes)})",
+                    hint="pass the index file you mean instead of the folder",
+                )
+            index = by_name.get(TORCH_DEFAULT_INDEX_NAME, torch_indexes[0])
+            return _open_torch_sharded(folder, index=index)
+        weights = list(torch_weight_files(children))
+        if weights:
+            return _open_torch_files(folder, weights, LayoutKind.TORCH_DIRECTORY)
+        return None
+
+    def backend(self, layout: CheckpointLayout) -> TensorBackend | None:
+        from pss_cli.checkpoint.formats.torch.torch_file import TorchBackend
+
+        return TorchBackend(layout)
+
+    def digests(self, layout: CheckpointLayout, names: set[str] | None) -> dict[str, str]:
+        """Of the tensor's values as stored (row-major bytes), since torch.save places them
+        anew each time."""
+        import torch
+
+        from pss_cli.checkpoint.reader import TensorReader
+
+        digests: dict[str, str] = {}
+        with TensorReader(layout) as reader:
+            for entry in layout.entries:
+                if names is not None and entry.name not in names:
+                    continue
+                tensor = reader.read(entry).contiguous().reshape(-1)
+                digest = hashlib.sha256()
+                raw = tensor.view(torch.uint8) if tensor.numel() else tensor.new_empty(0)
+                for start in range(0, raw.numel(), _CHUNK):  # bounded copies
+                    digest.update(raw[start : start + _CHUNK].numpy().tobytes())
+                digests[entry.name] = digest.hexdigest()
+        return digests
+
+    def check_output(self, layout: CheckpointLayout, out: Path) -> None:
+        if out.suffix.lower() in TORCH_SUFFIXES and layout.kind is not LayoutKind.TORCH_FILE:
+            raise file_output_error(layout, out, "one file")
+
+    def optimizer_file(self, layout: CheckpointLayout) -> Path | None:
+        if layout.kind is LayoutKind.TORCH_FILE:
+            return None  # its optimizer state, if any, is inside the file (edit_object)
+        from pss_cli.checkpoint.optimizer import find_optimizer_file
+
+        return find_optimizer_file(layout.root if layout.root.is_dir() else layout.root.parent)
+
+    def lr_plan(
+        self, layout: CheckpointLayout, factor: float, keep_optimizer: bool
+    ) -> LrScalePlan | None:
+        from pss_cli.checkpoint.lr_files import LrScalePlan
+
+        if layout.kind is LayoutKind.TORCH_FILE:
+            from pss_cli.checkpoint.formats.torch.torch_file import load
+
+            return LrScalePlan.for_file(factor, layout.root, load(layout.root))
+        return LrScalePlan.for_folder(
+            factor, layout.root if layout.root.is_dir() else layout.root.parent
+        )
+
+    def write(self, request: WriteRequest) -> WriteResult:
+        from pss_cli.checkpoint.formats.torch.torch_writer import write_torch_checkpoint
+
+        out = request.out
+        written = write_torch_checkpoint(
+            request.layout,
+            out,
+            request.replacements,
+            request.provenance,
+            force=request.force,
+            extra_files=None if out.suffix.lower() in TORCH_SUFFIXES else request.extra_files,
+            skip_copy=request.skip_copy,
+            edit_object=request.edit_object,
+            before_commit=request.before_commit,
+        )
+        return WriteResult(written)
+
+
+def _open_torch_files(root: Path, files: list[Path], kind: LayoutKind) -> CheckpointLayout:
+    # imports torch: only when needed
+    from pss_cli.checkpoint.formats.torch.torch_file import entries_of
+    from pss_cli.checkpoint.formats.torch.torch_file import load as load_torch
+
+    entries: list[TensorEntry] = []
+    for file in files:
+        entries.extend(entries_of(file, load_torch(file)))
+    reject_duplicates(entries)
+    return CheckpointLayout(root=root, kind=kind, files=tuple(files), entries=tuple(entries))
+
+
+def _open_torch_sharded(root: Path, index: Path) -> CheckpointLayout:
+    weight_map = read_weight_map(index)
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not os.path.lexists(shard):
+            raise CorruptCheckpointError(
+                f"shard '{shard}' named in index '{index}' does not exist",
+                hint="the download is incomplete: fetch the missing shard (e.g. git lfs pull)",
+            )
+        require_regular_file(shard)
+    layout = _open_torch_files(root, shards, LayoutKind.TORCH_SHARDED)
+    location = {e.name: e.file for e in layout.entries}
+    for tensor, shard_name in weight_map.items():
+        expected = index.parent / shard_name
+        actual = location.get(tensor)
+        if actual is not None and actual != expected:
+            raise CorruptCheckpointError(
+                f"tensor '{tensor}' is mapped to shard '{expected}' by index '{index}' "
+                f"but it is in '{actual}'",
+                hint="the index and the shards come from different saves; re-download them",
+            )
+        # A name absent from every shard may be a tied alias listed once (entries_of keeps
+        # one name per shared tensor) or a non-float tensor; the shards are what is written.
+    return replace(layout, index_file=index)
