@@ -15,50 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pss_cli.guard.proxy import OptimizerProxy
+
 if TYPE_CHECKING:
     from pss_cli.guard.guard import Guard
 
 GUARD_STATE_KEY = "pss_guard"
 
 
-class GuardedOptimizer(torch.optim.Optimizer):
-    """The user's optimizer, stepped through the guard. Deliberately does not call
-    `Optimizer.__init__`: the inner optimizer owns param_groups, state, defaults and hooks."""
+class GuardedOptimizer(OptimizerProxy):
+    """The user's optimizer, stepped through the guard (an `OptimizerProxy`: the inner optimizer
+    owns param_groups, state, defaults and hooks)."""
+
+    _OWN = frozenset({"guard", "optimizer"})
 
     def __init__(self, guard: Guard) -> None:
+        super().__init__(guard.optimizer)
         self.__dict__["guard"] = guard
-        self.__dict__["optimizer"] = guard.optimizer
-
-    # Attributes the base class would have set: all the inner optimizer's.
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups  # type: ignore[no-any-return]
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults  # type: ignore[no-any-return]
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names not found on the proxy: hooks registries, custom attributes.
-        if name in ("guard", "optimizer"):
-            raise AttributeError(name)
-        return getattr(self.__dict__["optimizer"], name)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -67,12 +40,6 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.guard.step(loss)
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = dict(self.optimizer.state_dict())
@@ -88,12 +55,6 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"GuardedOptimizer({self.optimizer!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 class GuardedScheduler:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pss_cli.errors import GuardConfigError
+from pss_cli.guard.proxy import OptimizerProxy
 
 
 class ClipKind(StrEnum):
@@ -31,13 +32,17 @@ class ClipKind(StrEnum):
     VALUE = "value"  # clamp each gradient entry to [-max_norm, max_norm] (Lightning "value")
 
 
-class ClipThenStep(torch.optim.Optimizer):
+class ClipThenStep(OptimizerProxy):
     """The user's optimizer, whose `step()` first clips the gradients of `parameters`.
 
-    A proxy like `GuardedOptimizer`: it deliberately does not call `Optimizer.__init__`; the
-    inner optimizer owns param_groups, state, defaults and hooks, and its state_dict is this
-    object's (a checkpoint does not change by adding the clip).
+    An `OptimizerProxy` like `GuardedOptimizer`: the inner optimizer owns param_groups, state,
+    defaults and hooks, and its state_dict is this object's (a checkpoint does not change by
+    adding the clip).
     """
+
+    _OWN = frozenset(
+        {"optimizer", "parameters", "max_norm", "kind", "accelerate_style", "last_norm"}
+    )
 
     def __init__(
         self,
@@ -47,47 +52,18 @@ class ClipThenStep(torch.optim.Optimizer):
         kind: ClipKind | str = ClipKind.NORM,
         *,
         accelerate_style: bool = False,
-    ) -> None:  # no super().__init__ on purpose
+    ) -> None:
         if not max_norm > 0:
             raise GuardConfigError(
                 f"max_grad_norm must be positive (got {max_norm})", "pass None to not clip"
             )
-        self.__dict__["optimizer"] = optimizer
+        super().__init__(optimizer)
         self.__dict__["parameters"] = list(parameters)
         self.__dict__["max_norm"] = float(max_norm)
         self.__dict__["kind"] = ClipKind(kind)
         self.__dict__["accelerate_style"] = accelerate_style
         # The last pre-clip global norm (a 0-dim tensor, never synchronised here), for logging.
         self.__dict__["last_norm"] = None
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups  # type: ignore[no-any-return]
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults  # type: ignore[no-any-return]
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("optimizer", "parameters", "max_norm", "kind", "accelerate_style", "last_norm"):
-            raise AttributeError(name)
-        return getattr(self.__dict__["optimizer"], name)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -107,26 +83,8 @@ class ClipThenStep(torch.optim.Optimizer):
         self.optimizer.step()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()  # type: ignore[no-any-return]
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
     def __repr__(self) -> str:
         return f"ClipThenStep({self.optimizer!r}, max_norm={self.max_norm}, kind={self.kind})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 def clip_grad_norm_like_accelerate(
