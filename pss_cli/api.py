@@ -6,7 +6,8 @@ goes to the optional callbacks. `pss_cli` re-exports these names lazily, so `imp
 stays torch-free; torch is imported when a function runs. docs/API.md shows each with an example.
 
 The CLI commands (pss_cli/commands/) call these functions, or for a distributed scan (torchrun)
-the pieces they are built of: `scan_config`, `check_policy` and `check_input`.
+the pieces they are built of: `scan_config`, `check_policy` and `check_input` (the check
+functions live in pss_cli/api_check.py and are re-exported here).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pss_cli.api_check import check, check_input, check_policy
 from pss_cli.config import (
     DEFAULT_DEVICE,
     DEFAULT_MIN_STABLE_RANK,
@@ -37,14 +39,24 @@ from pss_cli.config import (
     SmoothingMethod,
     TrendConfig,
 )
-from pss_cli.errors import CheckpointError, UsageError
-from pss_cli.gate import CheckResult, Policy, Severity, evaluate, unreadable
+from pss_cli.errors import UsageError
 from pss_cli.results import ScanReport, SmoothReport
 
 if TYPE_CHECKING:
-    from pss_cli.distributed import Session
     from pss_cli.pipeline import ProgressCallback
     from pss_cli.trend.series import TrendReport
+
+__all__ = [
+    "check",
+    "check_input",
+    "check_policy",
+    "check_smooth_options",
+    "scan",
+    "scan_config",
+    "smooth",
+    "trend",
+    "trend_config",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -219,123 +231,6 @@ def smooth(
     )
     target = Path(out) if out is not None else None
     return smooth_checkpoint(Path(path), target, config, progress, announce=announce)
-
-
-def check_policy(
-    policy_file: PathLike | None = None,
-    *,
-    fail_on: Severity | str | None = None,
-    ignore: Sequence[str] = (),
-    min_stable_rank: float | None = None,
-    max_sigma_max: float | None = None,
-    max_sigma_ratio: float | None = None,
-    max_topk_energy: float | None = None,
-    max_stable_rank_drop: float | None = None,
-    max_sigma_max_growth: float | None = None,
-) -> Policy:
-    """The gate's policy as `pss check` resolves it: these arguments over PSS_* environment
-    variables over `policy_file` (default: pss.toml or pyproject.toml found upward from the
-    current directory) over the defaults. None or empty means "not given"."""
-    from pss_cli.policy import load_policy
-
-    flags = {
-        "min_stable_rank": min_stable_rank,
-        "max_sigma_max": max_sigma_max,
-        "max_sigma_ratio": max_sigma_ratio,
-        "max_topk_energy": max_topk_energy,
-        "max_stable_rank_drop": max_stable_rank_drop,
-        "max_sigma_max_growth": max_sigma_max_growth,
-        "fail_on": Severity(fail_on) if fail_on is not None else None,
-        "ignore": list(ignore) or None,
-    }
-    config = Path(policy_file) if policy_file is not None else None
-    return load_policy(Path.cwd(), config, os.environ, flags).policy
-
-
-def check_input(
-    model: Path,
-    baseline: Path | None,
-    policy: Policy,
-    device: str = DEFAULT_DEVICE,
-    quiet: bool = True,
-    session: Session | None = None,
-    precision: ProductPrecision = DEFAULT_PRECISION,
-) -> CheckResult | None:
-    """Load or scan one input, then gate it. A checkpoint that cannot be read is a PSS002
-    finding (the model is broken); a bad report or baseline is a usage error (exit 2).
-
-    quiet=False draws a progress bar on stderr (the CLI). With a distributed `session`, every
-    rank scans its share and rank 0 alone gets the result (None elsewhere)."""
-    from pss_cli.distributed import Session
-    from pss_cli.report_io import is_report_path, load_report
-
-    session = session if session is not None else Session()
-    # Before any scan work, and on rank 0 only (the other ranks never gate).
-    base = session.rank0(lambda: load_report(baseline) if baseline else None, share=False)
-    base_name = str(baseline) if baseline is not None else None
-    if is_report_path(model):
-        return session.rank0(
-            lambda: evaluate(
-                load_report(model), policy, base, input_kind="report", baseline_name=base_name
-            ),
-            share=False,
-        )
-    from pss_cli.report.progress import stderr_progress
-
-    try:
-        with stderr_progress(enabled=not quiet and session.rank == 0) as progress:
-            report = session.scan(model, ScanConfig(device=device, precision=precision), progress)
-    except CheckpointError as exc:
-        # Raised on every rank at once (the session synchronises errors): all carry on.
-        return unreadable(str(model), exc.message, policy, "checkpoint")
-    return session.rank0(
-        lambda: (
-            evaluate(report, policy, base, baseline_name=base_name) if report is not None else None
-        ),
-        share=False,
-    )
-
-
-def check(
-    path: PathLike,
-    *,
-    baseline: PathLike | None = None,
-    policy: Policy | None = None,
-    policy_file: PathLike | None = None,
-    fail_on: Severity | str | None = None,
-    ignore: Sequence[str] = (),
-    min_stable_rank: float | None = None,
-    max_sigma_max: float | None = None,
-    max_sigma_ratio: float | None = None,
-    max_topk_energy: float | None = None,
-    max_stable_rank_drop: float | None = None,
-    max_sigma_max_growth: float | None = None,
-    device: str = DEFAULT_DEVICE,
-    precision: ProductPrecision | str = DEFAULT_PRECISION,
-) -> CheckResult:
-    """Gate a checkpoint, or a saved `pss scan --format json` report (no torch work), on the
-    policy (what `pss check` does); `result.passed` is the verdict.
-
-    baseline: a saved scan report to compare with (PSS007/PSS008). policy: a ready Policy;
-    otherwise `check_policy(policy_file, fail_on=..., ignore=..., <limits>)` resolves one as
-    the CLI does (limits: PSS003-PSS008 thresholds). device/precision: for a checkpoint's scan.
-    """
-    if policy is None:
-        policy = check_policy(
-            policy_file,
-            fail_on=fail_on,
-            ignore=ignore,
-            min_stable_rank=min_stable_rank,
-            max_sigma_max=max_sigma_max,
-            max_sigma_ratio=max_sigma_ratio,
-            max_topk_energy=max_topk_energy,
-            max_stable_rank_drop=max_stable_rank_drop,
-            max_sigma_max_growth=max_sigma_max_growth,
-        )
-    base = Path(baseline) if baseline is not None else None
-    result = check_input(Path(path), base, policy, device, precision=ProductPrecision(precision))
-    assert result is not None  # a single process is rank 0
-    return result
 
 
 def trend_config(

@@ -4,247 +4,51 @@ No files, no printing, no torch: the same code gates a fresh scan and a saved JS
 tests drive it with hand-built reports. Rule ids are stable (PSS001...): CI configs, SARIF alerts
 and ignore lists refer to them, so an id is never reused for another meaning.
 
-Defaults and their reasons (docs/DESIGN.md, measured with `pss scan`):
-- stable rank: the paper (arXiv 2602.01308) sees GPT-2 FFN matrices at ~50-130 in stable runs and
-  below ~5 right before a loss explosion; a healthy all-MiniLM-L6-v2 has FFN matrices at 10-24.
-  5 (scan's own flag) catches a collapse without flagging healthy small models.
-- sigma_1/sigma_2: <= 1.74 on every non-embedding MiniLM matrix and <= 1.34 on the healthy sample;
-  7.3-7.7 on the three collapsed matrices of the diverged sample. 5 sits between them (warning).
-- top-k energy share: <= 0.35 on every non-embedding MiniLM matrix, <= 0.56 on the healthy
-  sample's 64-wide matrices (top-16 of 64 values is a large share by construction), 0.84-0.89 on
-  the collapsed ones. 0.8 sits between them (warning); not applied where k >= min(m, n), where
-  the share is 1 whatever the spectrum.
-- sigma_max: its scale depends on the architecture, init and normalisation: no universal number,
-  so the rule is off unless configured.
-- baseline: a collapse is a > 90 % stable-rank drop (50-130 -> < 5); a halving (50 %) is flagged
-  long before that. sigma_max doubling (growth 100 %) is flagged: the paper sees sigma_1 grow as
-  the spectrum collapses (the diverged sample's collapsed matrices grew ~5-6x).
-- embeddings and lm_head legitimately have low stable ranks and a dominant direction (MiniLM's
-  position embeddings: stable rank 7.7, top-16 energy 0.98; token-type: s1/s2 5.8): their floor
-  is 1.5 (only a near rank-one matrix fails) and the s1/s2 and energy rules are off for them.
+This module evaluates (`evaluate`, `unreadable`, `merge`) and re-exports the names other code
+imports from here: the rules, thresholds (with the reasons for their defaults) and result types
+are in pss_cli/gate_rules.py, the per-layer and baseline checks in pss_cli/gate_findings.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
-from enum import StrEnum
-from fnmatch import fnmatchcase
-from pathlib import PurePosixPath
+from collections.abc import Sequence
+from dataclasses import replace
 
-from pss_cli import __version__
-from pss_cli.config import DEFAULT_MIN_STABLE_RANK, MIN_STABLE_RANK_FRACTION_OF_RANK
-from pss_cli.results import LayerResult, ScanReport
-from pss_cli.thresholds import stable_rank_floor
-
-
-class Severity(StrEnum):
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def rank(self) -> int:
-        return 2 if self is Severity.ERROR else 1
-
-
-@dataclass(frozen=True)
-class Rule:
-    id: str
-    name: str  # kebab-case, as SARIF's rule name
-    severity: Severity
-    summary: str  # one line (SARIF shortDescription)
-    help: str  # what to do about it (SARIF help)
-
-
-RULES: tuple[Rule, ...] = (
-    Rule(
-        "PSS001",
-        "nonfinite-weights",
-        Severity.ERROR,
-        "Weight matrix holds NaN or Inf",
-        "Resume from an earlier checkpoint; NaN/Inf weights cannot be repaired by smoothing.",
-    ),
-    Rule(
-        "PSS002",
-        "unreadable-checkpoint",
-        Severity.ERROR,
-        "Checkpoint unreadable, corrupt or incomplete",
-        "Check the file or shards exist and were written completely (a killed save "
-        "truncates them); `pss scan` names the failing file.",
-    ),
-    Rule(
-        "PSS003",
-        "low-stable-rank",
-        Severity.ERROR,
-        "Stable rank below the minimum",
-        "The spectrum collapsed onto a few directions, as before a loss explosion "
-        "(arXiv 2602.01308); resume from an earlier checkpoint or repair with `pss smooth`.",
-    ),
-    Rule(
-        "PSS004",
-        "high-sigma-max",
-        Severity.WARNING,
-        "Largest singular value above the maximum",
-        "A runaway sigma_max amplifies activations; lower the learning rate or inspect the layer.",
-    ),
-    Rule(
-        "PSS005",
-        "dominant-singular-value",
-        Severity.WARNING,
-        "sigma_1 / sigma_2 above the maximum",
-        "One direction dominates the matrix; watch the stable rank of this layer.",
-    ),
-    Rule(
-        "PSS006",
-        "concentrated-energy",
-        Severity.WARNING,
-        "Top-k singular values hold too much of the energy",
-        "The spectrum concentrates in a few values; watch the stable rank of this layer.",
-    ),
-    Rule(
-        "PSS007",
-        "stable-rank-regression",
-        Severity.ERROR,
-        "Stable rank dropped against the baseline",
-        "Compare the training runs; a large drop precedes collapse (arXiv 2602.01308).",
-    ),
-    Rule(
-        "PSS008",
-        "sigma-max-regression",
-        Severity.ERROR,
-        "sigma_max grew against the baseline",
-        "Compare the training runs; sigma_1 grows as a spectrum collapses.",
-    ),
-    Rule(
-        "PSS009",
-        "layer-missing",
-        Severity.WARNING,
-        "Layer in the baseline but not in the model",
-        "Check that the right checkpoint and baseline are compared.",
-    ),
-    Rule(
-        "PSS010",
-        "layer-new",
-        Severity.WARNING,
-        "Layer in the model but not in the baseline",
-        "Check that the right checkpoint and baseline are compared.",
-    ),
+from pss_cli.gate_findings import artifact_path, baseline_findings, layer_findings
+from pss_cli.gate_rules import (
+    BUILTIN_ROLE_OVERRIDES,
+    ROLE_GROUPS,
+    RULES,
+    RULES_BY_ID,
+    THRESHOLD_NAMES,
+    CheckResult,
+    Finding,
+    Override,
+    Policy,
+    Rule,
+    Severity,
+    Thresholds,
 )
-RULES_BY_ID: dict[str, Rule] = {rule.id: rule for rule in RULES}
+from pss_cli.results import ScanReport
 
-
-@dataclass(frozen=True)
-class Thresholds:
-    """One value per rule with a number; None switches that rule off."""
-
-    min_stable_rank: float | None = DEFAULT_MIN_STABLE_RANK  # PSS003
-    max_sigma_max: float | None = None  # PSS004
-    max_sigma_ratio: float | None = 5.0  # PSS005
-    max_topk_energy: float | None = 0.8  # PSS006
-    max_stable_rank_drop: float | None = 0.5  # PSS007, relative: 0.5 = halved
-    max_sigma_max_growth: float | None = 1.0  # PSS008, relative: 1.0 = doubled
-
-
-THRESHOLD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Thresholds))
-
-
-@dataclass(frozen=True)
-class Override:
-    """Thresholds and ignored rules for a role or a tensor-name glob."""
-
-    values: tuple[tuple[str, float], ...] = ()  # (Thresholds field, value)
-    ignore: frozenset[str] = frozenset()
-
-
-ROLE_GROUPS: dict[str, str] = {"attention": "attn_", "mlp": "mlp_"}  # group key -> role prefix
-_EMBEDDING_LIKE = Override((("min_stable_rank", 1.5),), frozenset({"PSS005", "PSS006"}))
-BUILTIN_ROLE_OVERRIDES: tuple[tuple[str, Override], ...] = (
-    ("embedding", _EMBEDDING_LIKE),
-    ("lm_head", _EMBEDDING_LIKE),
-)
-
-
-@dataclass(frozen=True)
-class Policy:
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    ignore: frozenset[str] = frozenset()
-    roles: tuple[tuple[str, Override], ...] = BUILTIN_ROLE_OVERRIDES
-    per_tensor: tuple[tuple[str, Override], ...] = ()  # (glob, override), later wins
-    fail_on: Severity = Severity.ERROR
-    # scan's rank-aware floor (pss_cli.thresholds.stable_rank_floor)
-    rank_fraction: float = MIN_STABLE_RANK_FRACTION_OF_RANK
-
-    def for_layer(self, name: str, role: str) -> tuple[Thresholds, frozenset[str]]:
-        """Thresholds and ignores for one layer: defaults < role group < role < globs."""
-        thresholds, ignore = self.thresholds, self.ignore
-        for override in self._matching(name, role):
-            thresholds = replace(thresholds, **dict(override.values))
-            ignore = ignore | override.ignore
-        return thresholds, ignore
-
-    def _matching(self, name: str, role: str) -> Iterator[Override]:
-        yield from (
-            o for key, o in self.roles if key in ROLE_GROUPS and role.startswith(ROLE_GROUPS[key])
-        )
-        yield from (o for key, o in self.roles if key == role)
-        yield from (o for glob, o in self.per_tensor if fnmatchcase(name, glob))
-
-
-@dataclass(frozen=True)
-class Finding:
-    rule_id: str
-    severity: Severity
-    file: str  # the checkpoint file, as a posix path relative to where the checkpoint was named
-    tensor: str | None  # display name (`name[i]` for one matrix of a stack); None: whole file
-    role: str | None
-    message: str
-    value: float | None = None
-    threshold: float | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        """Stable across runs (SARIF partialFingerprints): file + tensor + rule only."""
-        key = f"{self.file}\0{self.tensor or ''}\0{self.rule_id}"
-        return hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    checkpoint: str
-    input_kind: str  # "checkpoint" or "report"
-    baseline: str | None
-    fail_on: Severity
-    files: tuple[str, ...]  # the checkpoint files checked (artifact paths)
-    layers_checked: int
-    findings: tuple[Finding, ...]
-    ignored_rules: frozenset[str] = frozenset()  # ignored everywhere (left out of JUnit cases)
-    pss_version: str = __version__
-
-    @property
-    def errors(self) -> int:
-        return sum(f.severity is Severity.ERROR for f in self.findings)
-
-    @property
-    def warnings(self) -> int:
-        return sum(f.severity is Severity.WARNING for f in self.findings)
-
-    @property
-    def passed(self) -> bool:
-        return not any(f.severity.rank >= self.fail_on.rank for f in self.findings)
-
-
-def artifact_path(checkpoint: str, file: str, layout: str | None = None) -> str:
-    """Where a layer's file lies, relative to where the checkpoint was named: a file or an index
-    names its folder's files, a folder names its own (no filesystem access: works on a report).
-    The report's layout decides when known (a single file need not end in .safetensors)."""
-    root = PurePosixPath(checkpoint.replace("\\", "/"))
-    if layout == "single-file":
-        return str(root)
-    if root.suffix in {".safetensors", ".json"}:
-        root = root.parent
-    return str(root / file)
+__all__ = [
+    "BUILTIN_ROLE_OVERRIDES",
+    "ROLE_GROUPS",
+    "RULES",
+    "RULES_BY_ID",
+    "THRESHOLD_NAMES",
+    "CheckResult",
+    "Finding",
+    "Override",
+    "Policy",
+    "Rule",
+    "Severity",
+    "Thresholds",
+    "artifact_path",
+    "evaluate",
+    "merge",
+    "unreadable",
+]
 
 
 def evaluate(
@@ -255,7 +59,7 @@ def evaluate(
     input_kind: str = "checkpoint",
     baseline_name: str | None = None,
 ) -> CheckResult:
-    findings = [f for layer in report.layers for f in _layer_findings(report, layer, policy)]
+    findings = [f for layer in report.layers for f in layer_findings(report, layer, policy)]
     if not report.layers and "PSS002" not in policy.ignore:
         # A gate must not pass a model it could not look at (an empty index, every tensor
         # skipped or excluded): that is a broken or mis-specified save.
@@ -271,7 +75,7 @@ def evaluate(
             )
         )
     if baseline is not None:
-        findings.extend(_baseline_findings(report, baseline, policy))
+        findings.extend(baseline_findings(report, baseline, policy))
     return CheckResult(
         checkpoint=report.checkpoint,
         input_kind=input_kind,
@@ -319,163 +123,3 @@ def merge(results: Sequence[CheckResult]) -> CheckResult:
 
 def _order(finding: Finding) -> tuple[int, str, str, str]:
     return (-finding.severity.rank, finding.rule_id, finding.file, finding.tensor or "")
-
-
-def _make(
-    rule_id: str,
-    report: ScanReport,
-    layer: LayerResult,
-    message: str,
-    value: float | None = None,
-    threshold: float | None = None,
-) -> Finding:
-    rule = RULES_BY_ID[rule_id]
-    return Finding(
-        rule.id,
-        rule.severity,
-        artifact_path(report.checkpoint, layer.file, report.layout),
-        layer.display_name,
-        layer.role,
-        message,
-        value,
-        threshold,
-    )
-
-
-def _layer_findings(report: ScanReport, layer: LayerResult, policy: Policy) -> Iterator[Finding]:
-    limits, ignore = policy.for_layer(layer.name, layer.role)
-    candidates = [
-        _nonfinite(report, layer),
-        _low_stable_rank(report, layer, limits, policy.rank_fraction),
-        _above(report, layer, "PSS004", "sigma_max", layer.sigma_max, limits.max_sigma_max, ".4g"),
-        _above(
-            report,
-            layer,
-            "PSS005",
-            "sigma_1/sigma_2",
-            layer.sigma1_over_sigma2,
-            limits.max_sigma_ratio,
-            ".2f",
-        ),
-        _energy(report, layer, limits),
-    ]
-    yield from (f for f in candidates if f is not None and f.rule_id not in ignore)
-
-
-def _nonfinite(report: ScanReport, layer: LayerResult) -> Finding | None:
-    if layer.nonfinite_count <= 0:
-        return None
-    message = f"{layer.nonfinite_count} non-finite entries (NaN/Inf)"
-    return _make("PSS001", report, layer, message, float(layer.nonfinite_count), 0.0)
-
-
-def _low_stable_rank(
-    report: ScanReport, layer: LayerResult, limits: Thresholds, fraction: float
-) -> Finding | None:
-    # None: non-finite (PSS001 says so) or an all-zero matrix (e.g. a zero-initialised LoRA B),
-    # whose stable rank is undefined rather than low.
-    if limits.min_stable_rank is None or layer.stable_rank is None:
-        return None
-    short_side = min(layer.matrix_shape)
-    floor = stable_rank_floor(limits.min_stable_rank, short_side, fraction)
-    if layer.stable_rank >= floor:
-        return None
-    lowered = (
-        ""
-        if floor == limits.min_stable_rank
-        else (f", lowered from {limits.min_stable_rank:g} for min(m, n) = {short_side}")
-    )
-    message = f"stable rank {layer.stable_rank:.2f} below {floor:g}{lowered}"
-    return _make("PSS003", report, layer, message, layer.stable_rank, floor)
-
-
-def _above(
-    report: ScanReport,
-    layer: LayerResult,
-    rule_id: str,
-    label: str,
-    value: float | None,
-    limit: float | None,
-    spec: str,
-) -> Finding | None:
-    if value is None or limit is None or value <= limit:
-        return None
-    return _make(rule_id, report, layer, f"{label} {value:{spec}} above {limit:g}", value, limit)
-
-
-def _energy(report: ScanReport, layer: LayerResult, limits: Thresholds) -> Finding | None:
-    k = len(layer.top_singular_values)
-    if k >= min(layer.matrix_shape):
-        return None  # the top k are the whole spectrum: the share is 1 for any matrix
-    return _above(
-        report,
-        layer,
-        "PSS006",
-        f"top-{k} energy share",
-        layer.topk_energy_share,
-        limits.max_topk_energy,
-        ".3f",
-    )
-
-
-def _baseline_findings(
-    report: ScanReport, baseline: ScanReport, policy: Policy
-) -> Iterator[Finding]:
-    """Layers matched by (name, index); new and missing ones are warnings."""
-    current = {(la.name, la.index): la for la in report.layers}
-    previous = {(la.name, la.index): la for la in baseline.layers}
-    for key, layer in current.items():
-        limits, ignore = policy.for_layer(layer.name, layer.role)
-        before = previous.get(key)
-        found = (
-            [_new(report, layer)]
-            if before is None
-            else [_drop(report, layer, before, limits), _growth(report, layer, before, limits)]
-        )
-        yield from (f for f in found if f is not None and f.rule_id not in ignore)
-    for key, layer in previous.items():
-        _limits, ignore = policy.for_layer(layer.name, layer.role)
-        if key not in current and "PSS009" not in ignore:
-            # Reported against the model (the file under review), not the baseline's path.
-            yield _make("PSS009", report, layer, "in the baseline but not in this model")
-
-
-def _new(report: ScanReport, layer: LayerResult) -> Finding:
-    return _make("PSS010", report, layer, "not in the baseline")
-
-
-def _relative_change(before: float | None, after: float | None) -> float | None:
-    if before is None or after is None or before <= 0 or not math.isfinite(before):
-        return None
-    change = (after - before) / before
-    # A baseline value near 0 (5e-324) makes the ratio infinite: no meaningful comparison, and
-    # JSON/SARIF cannot carry an infinity.
-    return change if math.isfinite(change) else None
-
-
-def _drop(
-    report: ScanReport, layer: LayerResult, before: LayerResult, limits: Thresholds
-) -> Finding | None:
-    change = _relative_change(before.stable_rank, layer.stable_rank)
-    limit = limits.max_stable_rank_drop
-    if change is None or limit is None or -change <= limit:
-        return None
-    message = (
-        f"stable rank fell {-change:.0%} against the baseline "
-        f"({before.stable_rank:.2f} -> {layer.stable_rank:.2f}; limit {limit:.0%})"
-    )
-    return _make("PSS007", report, layer, message, -change, limit)
-
-
-def _growth(
-    report: ScanReport, layer: LayerResult, before: LayerResult, limits: Thresholds
-) -> Finding | None:
-    change = _relative_change(before.sigma_max, layer.sigma_max)
-    limit = limits.max_sigma_max_growth
-    if change is None or limit is None or change <= limit:
-        return None
-    message = (
-        f"sigma_max grew {change:.0%} against the baseline "
-        f"({before.sigma_max:.4g} -> {layer.sigma_max:.4g}; limit {limit:.0%})"
-    )
-    return _make("PSS008", report, layer, message, change, limit)

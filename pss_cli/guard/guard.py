@@ -13,28 +13,29 @@
    (moments, step counts) bit-identical, and weight decay is not applied either;
 5. on a `smooth` action, smooths the monitored matrices in place (pss_cli.guard.smooth) and skips.
 On an ordinary step the guard only reads: a guarded run is bit-identical to an unguarded one.
+
+Steps 1-3 are in pss_cli/guard/reading.py, step 5 in pss_cli/guard/actions.py; this class
+holds the state, decides, records the events and saves/restores its state.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from pss_cli.config import ComputeDtype, OptimizerPolicy, SmoothingMethod
-from pss_cli.core.spectra import KrylovSettings
+from pss_cli.config import SmoothingMethod
 from pss_cli.errors import GuardConfigError, GuardTriggered
-from pss_cli.guard.config import GuardConfig, NormKind, SmoothScope, TriggerAction
+from pss_cli.guard.actions import measure_sje, outcome_rows, smooth_matrices
+from pss_cli.guard.config import GuardConfig, TriggerAction
 from pss_cli.guard.monitor import SpectralMonitor
+from pss_cli.guard.reading import Reading, gather_step, nonfinite_layers, read_step
 from pss_cli.guard.results import GuardDecision, GuardEvent
-from pss_cli.guard.rules import SpectralRule, SpectralWarning, SpikeRule, ZScoreRule
-from pss_cli.guard.smooth import SmoothOutcome, smooth_spec, smoothing_params
+from pss_cli.guard.rules import SpectralRule, SpikeRule, ZScoreRule
 from pss_cli.guard.targets import (
     MatrixSpec,
     check_optimizer_holds,
@@ -55,11 +56,6 @@ _SEVERITY = {
     TriggerAction.SMOOTH: 3,
     TriggerAction.RAISE: 4,
 }
-# The step's vector of scalars: float64. It is a few hundred numbers, so this costs nothing, and
-# the all-reduce's x / world + x / world stays exact to far below the float32 rounding the norms
-# already carry. (A gradient whose norm overflows float32 inside the norm kernel, > 1.8e19,
-# still reads as non-finite and is skipped: no dtype of the vector changes that.)
-_VECTOR_DTYPE = torch.float64
 # How many parameters a grad-norm trigger names (largest gradient norms first).
 _NAMED_LAYERS = 3
 
@@ -151,7 +147,11 @@ class Guard:
         """Decide this step; take the optimizer step, skip it, or smooth and skip it."""
         step = self.step_count
         indices = self.monitor.next_indices() if self.monitor.due(step) else []
-        reading = self._read(self._gather(loss, indices), indices)
+        measure = (lambda: self.monitor.measure(indices, self._device)) if indices else None
+        values = gather_step(self._params, self._sharded, self._device, loss, measure)
+        reading = read_step(
+            values, indices, len(self._params), self.config.norm_kind, self.specs, self.spectral
+        )
         fired, layers = self._evaluate(reading)
         action = max((a for _, a, _ in fired), key=_SEVERITY.__getitem__, default=None)
         nonfinite = reading.nonfinite
@@ -173,7 +173,7 @@ class Guard:
                 actions.append("log")
         if nonfinite:
             self.counters["nonfinite"] += 1
-            detail = {"loss": reading.loss, "layers": self._nonfinite_layers()}
+            detail = {"loss": reading.loss, "layers": nonfinite_layers(self._trainable)}
             reason_text = "non-finite loss or gradients: step skipped"
             self._emit(GuardEvent(step, "nonfinite", reason_text, detail))
         elif action == TriggerAction.SMOOTH:
@@ -205,30 +205,7 @@ class Guard:
             self._raise(step, reason or "", layers)
         return decision
 
-    def _read(self, values: list[float], indices: list[int]) -> _Reading:
-        """The gathered vector as named numbers, and the monitor's readings as metrics."""
-        n_params = len(self._params)
-        sq_norms = values[3 : 3 + n_params]
-        nonfinite = values[0] > 0
-        grad_sum = sum(math.sqrt(max(v, 0.0)) for v in sq_norms)
-        grad_l2 = math.sqrt(max(sum(sq_norms), 0.0))
-        watched = grad_sum if self.config.norm_kind == NormKind.SUM_OF_NORMS else grad_l2
-        metrics: dict[str, float] = {}
-        warnings_ = self._read_monitor(indices, values[3 + n_params :], metrics)
-        return _Reading(
-            nonfinite=nonfinite,
-            loss=values[1] if values[2] > 0 else None,
-            sq_norms=sq_norms,
-            grad_sum=math.nan if nonfinite else grad_sum,
-            grad_l2=math.nan if nonfinite else grad_l2,
-            grad_norm=math.nan if nonfinite else watched,
-            spectral=warnings_,
-            metrics=metrics,
-        )
-
-    def _evaluate(
-        self, reading: _Reading
-    ) -> tuple[list[tuple[str, TriggerAction, str]], list[str]]:
+    def _evaluate(self, reading: Reading) -> tuple[list[tuple[str, TriggerAction, str]], list[str]]:
         """The rules that fired, as (rule, action, reason), and the layers they name."""
         c = self.config
         fired: list[tuple[str, TriggerAction, str]] = []
@@ -267,7 +244,7 @@ class Guard:
     ) -> None:
         sje: dict[str, float] = {}
         if action != TriggerAction.SMOOTH and self.config.sje_on_trigger:
-            sje = self._measure_sje(step)
+            sje = measure_sje(self.config, self.specs, step)
             metrics.update({f"sje/{name}": value for name, value in sje.items()})
         self.counters["triggers"] += 1
         for rule, rule_action, rule_reason in fired:
@@ -282,7 +259,9 @@ class Guard:
             self._emit(GuardEvent(step, "trigger", rule_reason, detail))
 
     def _smooth_and_record(self, step: int, metrics: dict[str, float]) -> tuple[str, ...]:
-        outcomes = self._smooth(step)
+        outcomes = smooth_matrices(
+            self.config, self.specs, self._flagged, self.spectral, self.optimizer, step
+        )
         smoothed = tuple(o.name for o in outcomes if o.changed)
         for outcome in outcomes:
             if outcome.sje is not None:
@@ -294,12 +273,12 @@ class Guard:
                 step,
                 "smooth",
                 f"smoothed {len(smoothed)} of {len(outcomes)} matrices ({method})",
-                {"method": method, "matrices": _outcomes(outcomes)},
+                {"method": method, "matrices": outcome_rows(outcomes)},
             )
         )
         return smoothed
 
-    def _step_metrics(self, decision: GuardDecision, reading: _Reading) -> dict[str, float]:
+    def _step_metrics(self, decision: GuardDecision, reading: Reading) -> dict[str, float]:
         metrics = dict(reading.metrics)
         metrics.update(
             {
@@ -330,164 +309,9 @@ class Guard:
             layers=tuple(layers),
         )
 
-    def _gather(self, loss: torch.Tensor | float | None, indices: list[int]) -> list[float]:
-        """[nonfinite flag, loss, has loss, ||g_p||^2 per param..., monitor readings...]."""
-        device = self._device
-        zero = torch.zeros((), dtype=_VECTOR_DTYPE, device=device)
-        norms = _squared_grad_norms(self._params, device) if self._params else zero.new_zeros(0)
-        if loss is None:
-            loss_t, has_loss = zero, zero
-        elif isinstance(loss, torch.Tensor):
-            loss_t = loss.detach().reshape(-1)[0].to(device=device, dtype=_VECTOR_DTYPE)
-            has_loss = torch.ones((), dtype=_VECTOR_DTYPE, device=device)
-        else:
-            loss_t = torch.tensor(float(loss), dtype=_VECTOR_DTYPE, device=device)
-            has_loss = torch.ones((), dtype=_VECTOR_DTYPE, device=device)
-        bad = (~torch.isfinite(norms)).sum() + (~torch.isfinite(loss_t)).to(_VECTOR_DTYPE)
-        norms = torch.where(torch.isfinite(norms), norms, zero)
-        loss_t = torch.where(torch.isfinite(loss_t), loss_t, zero)
-        if indices:
-            readings = self.monitor.measure(indices, device)
-            # A non-finite reading becomes -1 (readings are >= 0): the rule reports the matrix.
-            readings = torch.where(torch.isfinite(readings), readings, -torch.ones_like(readings))
-        else:
-            readings = zero.new_zeros(0)
-        vector = torch.cat(
-            [
-                bad.to(_VECTOR_DTYPE).reshape(1),
-                loss_t.reshape(1),
-                has_loss.reshape(1),
-                norms,
-                readings,
-            ]
-        )
-        world = _world_size()
-        if world > 1:
-            # Replicated numbers (DDP grads after their all-reduce, the loss, readings of
-            # replicated weights) enter as x / world, so the SUM gives their mean; a shard's
-            # squared norm enters whole, so the SUM gives the full tensor's.
-            scale = torch.full_like(vector, 1.0 / world)
-            scale[0] = 1.0
-            shard = torch.tensor(self._sharded, dtype=torch.bool, device=device)
-            scale[3 : 3 + len(self._params)] = torch.where(
-                shard, torch.ones_like(norms), torch.full_like(norms, 1.0 / world)
-            )
-            vector = vector * scale
-            import torch.distributed as dist
-
-            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
-        values: list[float] = vector.tolist()  # the step's one host synchronisation
-        return values
-
-    def _read_monitor(
-        self, indices: list[int], readings: list[float], metrics: dict[str, float]
-    ) -> list[SpectralWarning]:
-        count = len(indices)
-        found: list[SpectralWarning] = []
-        for j, index in enumerate(indices):
-            spec = self.specs[index]
-            sigma, frob_sq = readings[j], readings[count + j]
-            ok = sigma >= 0 and frob_sq >= 0
-            if ok:
-                metrics[f"sigma_max/{spec.name}"] = sigma
-                if sigma > 0:
-                    metrics[f"stable_rank/{spec.name}"] = frob_sq / sigma**2
-            found.extend(
-                self.spectral.observe(
-                    spec.name,
-                    spec.short_side,
-                    sigma if ok else None,
-                    frob_sq if ok else None,
-                )
-            )
-        return found
-
     def _top_grad_layers(self, sq_norms: Sequence[float]) -> list[str]:
         order = sorted(range(len(sq_norms)), key=lambda i: -sq_norms[i])
         return [self._names[i] for i in order[:_NAMED_LAYERS]]
-
-    def _nonfinite_layers(self) -> list[str]:
-        """Names of parameters whose gradient is not finite (this path is rare: a sync is fine)."""
-        bad = []
-        for name, p in self._trainable:
-            grad = p.grad
-            if grad is None:
-                continue
-            local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
-            if not bool(torch.isfinite(local).all()):
-                bad.append(name)
-        return bad[:20]
-
-    # --- smoothing -------------------------------------------------------------------------
-
-    def _smooth(self, step: int) -> list[SmoothOutcome]:
-        c = self.config
-        specs = self.specs
-        if c.smooth_scope == SmoothScope.FLAGGED and self._flagged:
-            specs = [s for s in self.specs if s.name in self._flagged]
-        dtype = torch.float64 if c.smooth_dtype == ComputeDtype.FLOAT64 else torch.float32
-        settings = KrylovSettings()
-        outcomes: list[SmoothOutcome] = []
-        touched: list[MatrixSpec] = []
-        for index, spec in enumerate(specs):
-            target = None
-            if c.smooth_method == SmoothingMethod.CAP:
-                target = self.spectral.recent_stable_rank(spec.name)
-                if target is None:
-                    outcomes.append(
-                        SmoothOutcome(
-                            spec.name,
-                            False,
-                            None,
-                            None,
-                            None,
-                            None,
-                            None,
-                            "cap: no stable-rank history yet (no target)",
-                        )
-                    )
-                    continue
-            params = smoothing_params(c.smooth_method, target, c.softmax_temperature, c.clip_count)
-            # A per-matrix, per-step seed: reproducible, independent of the global RNG.
-            seed = (c.seed * 1_000_003 + step * 1009 + index) % (2**63)
-            outcome = smooth_spec(spec, params, c.smooth_top_k, dtype, seed, settings, write=True)
-            outcomes.append(outcome)
-            if outcome.changed:
-                touched.append(spec)
-        if c.optimizer_policy == OptimizerPolicy.RESET:
-            self._reset_moments(touched)
-        return outcomes
-
-    def _measure_sje(self, step: int) -> dict[str, float]:
-        """SJE of every monitored matrix from this step's gradients, weights unchanged."""
-        c = self.config
-        dtype = torch.float64 if c.smooth_dtype == ComputeDtype.FLOAT64 else torch.float32
-        params = smoothing_params(SmoothingMethod.CONV, None, c.softmax_temperature, c.clip_count)
-        out: dict[str, float] = {}
-        for index, spec in enumerate(self.specs):
-            seed = (c.seed * 1_000_003 + step * 1009 + index) % (2**63)
-            outcome = smooth_spec(
-                spec, params, c.smooth_top_k, dtype, seed, KrylovSettings(), write=False
-            )
-            if outcome.sje is not None:
-                out[spec.name] = outcome.sje
-        return out
-
-    def _reset_moments(self, specs: list[MatrixSpec]) -> None:
-        """Zero the smoothed entries' optimizer moments (same shape as the parameter); step
-        counts are kept, as `pss smooth --optimizer-state reset`."""
-        with torch.no_grad():
-            for spec in specs:
-                state = self.optimizer.state.get(spec.param, {})
-                for key, value in state.items():
-                    if key == "step" or not isinstance(value, torch.Tensor):
-                        continue
-                    if value.shape == spec.param.shape and value.is_floating_point():
-                        local = value.to_local() if is_dtensor(value) else value  # type: ignore[attr-defined]
-                        if is_dtensor(value):
-                            local.zero_()  # sharded moments: each rank zeroes its shard
-                        else:
-                            spec.view(local).zero_()
 
     # --- telemetry -------------------------------------------------------------------------
 
@@ -562,71 +386,3 @@ class Guard:
         from pss_cli.guard.wrappers import GuardedScheduler
 
         return GuardedScheduler(self, scheduler)
-
-
-@dataclass(frozen=True)
-class _Reading:
-    """One step's numbers, after the host synchronisation."""
-
-    nonfinite: bool
-    loss: float | None
-    sq_norms: list[float]  # ||g_p||^2 per trainable parameter
-    grad_sum: float  # sum_p ||g_p|| (NaN on a non-finite step)
-    grad_l2: float  # sqrt(sum_p ||g_p||^2) (NaN on a non-finite step)
-    grad_norm: float  # the one GuardConfig.norm_kind watches
-    spectral: list[SpectralWarning]
-    metrics: dict[str, float]  # filled as the step goes (per-matrix readings, SJE)
-
-
-def _squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """(P,) float64 ||g_p||^2 per parameter (0 without a gradient; a DTensor's local shard), on
-    `device`, without a host synchronisation.
-
-    float32/float64 gradients of one device go through one fused `torch._foreach_norm` (what
-    `clip_grad_norm_` uses: one kernel launch per group instead of one per parameter); others
-    (bf16/fp16) are reduced one by one in float32, which keeps their norm from rounding to
-    the gradient's 8-bit mantissa.
-    """
-    squared: list[torch.Tensor | None] = [None] * len(params)
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
-    for i, p in enumerate(params):
-        grad = p.grad
-        if grad is None:
-            continue
-        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
-        local = local.detach()
-        if local.dtype in (torch.float32, torch.float64) and not local.is_sparse:
-            groups.setdefault((local.device, local.dtype), []).append((i, local))
-        else:
-            norm = torch.linalg.vector_norm(local, dtype=torch.float32)
-            squared[i] = norm.to(device=device, dtype=_VECTOR_DTYPE).square()
-    for members in groups.values():
-        norms = torch._foreach_norm([t for _, t in members])
-        for (i, _), norm in zip(members, norms, strict=True):
-            squared[i] = norm.to(device=device, dtype=_VECTOR_DTYPE).square()
-    zero = torch.zeros((), dtype=_VECTOR_DTYPE, device=device)
-    return torch.stack([zero if sq is None else sq for sq in squared])
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    return 1
-
-
-def _outcomes(outcomes: list[SmoothOutcome]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": o.name,
-            "changed": o.changed,
-            "stable_rank_before": o.stable_rank_before,
-            "stable_rank_after": o.stable_rank_after,
-            "sigma_max_before": o.sigma_max_before,
-            "sigma_max_after": o.sigma_max_after,
-            "sje": o.sje,
-            "note": o.skipped_reason,
-        }
-        for o in outcomes
-    ]

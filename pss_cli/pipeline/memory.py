@@ -61,7 +61,7 @@ def batch_peak_bytes(
         columns = (iteration_budget(n, settings) + 1) * settings.block_size
         workspace = (m + n) * columns * itemsize
         if settings.bf16_products:
-            workspace += m * n * 2  # A in bf16 (spectra._Products)
+            workspace += m * n * 2  # A in bf16 (core/mixed_precision.py: Products)
     return count * matrix + copies + count * workspace
 
 

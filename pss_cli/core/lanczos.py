@@ -1,0 +1,214 @@
+"""The block Golub-Kahan-Lanczos iteration behind pss_cli/core/spectra.py (the method and its
+reasons are in that module's docstring), with its full-SVD fallback."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from pss_cli.core.krylov_basis import (
+    Basis,
+    block_bidiagonal,
+    remaining_error,
+    reorthogonalise,
+)
+from pss_cli.core.krylov_settings import (
+    MIN_ITERATIONS,
+    BatchSpectrum,
+    KrylovSettings,
+    iteration_budget,
+)
+from pss_cli.core.lapack import deterministic_lapack, exact_singular_values
+from pss_cli.core.mixed_precision import Products, rayleigh_ritz
+
+
+def block_lanczos(
+    tall: torch.Tensor,
+    k: int,
+    start: torch.Tensor,
+    settings: KrylovSettings,
+    vectors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> BatchSpectrum:
+    """Block Golub-Kahan-Lanczos bidiagonalisation with full re-orthogonalisation (CGS2).
+
+    tall: (B, m, n) with m >= n. start: (B, n, b).
+    Recurrence: A V_j = U_{j-1} S_{j-1}^T + U_j R_j and A^T U_j = V_j R_j^T + V_{j+1} S_j, so
+    U^T A V is block upper-bidiagonal T (R_j on the diagonal, S_j^T above it); the singular values
+    of T are the Ritz values, lower bounds that increase towards the true ones.
+    With `vectors` given, it is filled with the Ritz vectors (left (m, k), right (n, k)) of each
+    matrix, U Y_k and V X_k from T = Y diag(s) X^T.
+    """
+    batch, _, n = tall.shape
+    block = start.shape[-1]
+    max_iterations = iteration_budget(n, replace(settings, block_size=block))
+    # Triplets for smoothing keep compute-dtype products: `pss smooth` edits along the vectors.
+    low = settings.bf16_products and vectors is None
+    retry: list[int] = []  # bf16 could not vouch for these: solved again with fp32 products
+
+    active = torch.arange(batch, device=tall.device)
+    a = tall
+    ops = Products(a, low)
+    with deterministic_lapack(start):
+        v_first = torch.linalg.qr(start).Q
+    v_last = v_first  # (B, n, b) the newest right block V_{j+1}
+    u_last: torch.Tensor | None = None  # (B, m, b) the newest left block U_j
+    u_basis = Basis(batch, tall.shape[1], max_iterations * block, tall)
+    v_basis = Basis(batch, n, (max_iterations + 1) * block, tall)
+    v_basis.append(v_first)
+    r_blocks: list[torch.Tensor] = []
+    s_blocks: list[torch.Tensor] = []
+    history: list[torch.Tensor] = []  # (B_active, k) Ritz values per iteration
+
+    values = torch.zeros(batch, k, dtype=torch.float64)
+    iterations = [0] * batch
+    exact = [False] * batch
+
+    for iteration in range(1, max_iterations + 1):
+        w = ops.forward(v_last)
+        if u_last is not None:
+            w = w - u_last @ s_blocks[-1].mT  # the recurrence term U_{j-1} S_{j-1}^T
+        w = reorthogonalise(w, u_basis.view())
+        with deterministic_lapack(w):
+            u, r = torch.linalg.qr(w)
+        u_basis.append(u)
+        r_blocks.append(r)
+        z = ops.adjoint(u) - v_last @ r.mT  # minus the recurrence term V_j R_j^T
+        z = reorthogonalise(z, v_basis.view())
+        with deterministic_lapack(z):
+            v_last, s = torch.linalg.qr(z)
+        u_last = u
+        v_basis.append(v_last)
+        s_blocks.append(s)
+
+        bidiagonal = block_bidiagonal(r_blocks, s_blocks)
+        with deterministic_lapack(bidiagonal):
+            ritz = torch.linalg.svdvals(bidiagonal)
+        if ritz.shape[-1] < k:
+            continue
+        history.append(ritz[:, :k])
+        if iteration < MIN_ITERATIONS or len(history) < 3:
+            continue
+        remaining = remaining_error(history[-3], history[-2], history[-1], noisy=low)
+        converged = (remaining[:, 0] <= settings.tol_sigma_max) & (
+            remaining.amax(dim=1) <= settings.tol_top_k
+        )
+        done = torch.ones_like(converged) if iteration == max_iterations else converged
+        if not bool(done.any()):
+            continue
+        done_cpu = done.cpu()
+        if low:
+            # Reported values: the fp32 Rayleigh-Ritz of the true matrix (module docstring).
+            chosen = torch.nonzero(done).flatten()
+            refined, agrees = rayleigh_ritz(
+                a[chosen],
+                v_basis.buffer[chosen, :, : u_basis.used],
+                bidiagonal[chosen],
+                history[-1][chosen],
+                k,
+                block,
+                settings,
+            )
+            accepted = converged.clone()
+            accepted[chosen] &= agrees
+            for row, local in enumerate(chosen.tolist()):
+                global_index = int(active[local])
+                iterations[global_index] = iteration
+                if bool(accepted[local]):
+                    values[global_index] = refined[row].to("cpu", torch.float64)
+                else:
+                    retry.append(global_index)
+            if iteration == max_iterations:
+                break
+            keep = torch.nonzero(~done).flatten()
+            if keep.numel() == 0:
+                break
+            active = active[keep]
+            a = a[keep]
+            ops.select(keep)
+            u_basis.select(keep)
+            v_basis.select(keep)
+            v_last = v_last[keep]
+            u_last = u_last[keep]
+            r_blocks = [x[keep] for x in r_blocks]
+            s_blocks = [x[keep] for x in s_blocks]
+            history = [x[keep] for x in history]
+            continue
+        if vectors is not None:
+            with deterministic_lapack(bidiagonal):
+                y, _, xh = torch.linalg.svd(bidiagonal)
+            u_all = u_basis.buffer[:, :, : u_basis.used]
+            v_all = v_basis.buffer[:, :, : u_basis.used]  # V_1..V_J, without V_{J+1}
+        for local in torch.nonzero(done_cpu).flatten().tolist():
+            global_index = int(active[local])
+            values[global_index] = history[-1][local].to("cpu", torch.float64)
+            iterations[global_index] = iteration
+            if vectors is not None:
+                vectors[global_index] = (
+                    u_all[local] @ y[local, :, :k],
+                    v_all[local] @ xh[local, :k].mT,
+                )
+        if iteration == max_iterations:
+            # Not converged within the budget: pay for the full SVD rather than report a value
+            # that may be off (the flat-bulk trap of docs/DESIGN.md).
+            not_converged = ~(
+                (remaining[:, 0] <= settings.tol_sigma_max)
+                & (remaining.amax(dim=1) <= settings.tol_top_k)
+            )
+            for local in torch.nonzero(not_converged.cpu()).flatten().tolist():
+                global_index = int(active[local])
+                values[global_index] = exact_top(a[local], k, vectors, global_index)
+                exact[global_index] = True
+            break
+        keep = torch.nonzero(~done).flatten()
+        if keep.numel() == 0:
+            break
+        # Drop converged matrices from every piece of Krylov state, so that a spiky matrix that
+        # converged in 3 iterations does not pay for a flat one that needs 15.
+        active = active[keep]
+        a = a[keep]
+        ops.select(keep)
+        u_basis.select(keep)
+        v_basis.select(keep)
+        v_last = v_last[keep]
+        u_last = u_last[keep]
+        r_blocks = [x[keep] for x in r_blocks]
+        s_blocks = [x[keep] for x in s_blocks]
+        history = [x[keep] for x in history]
+    # Safety net: a matrix never assigned (its Krylov space never held k values) gets a full
+    # SVD rather than zeros.
+    for local, global_index in enumerate(active.tolist()):
+        if iterations[global_index] == 0 and not exact[global_index]:
+            values[global_index] = exact_top(a[local], k, vectors, global_index)
+            exact[global_index] = True
+            iterations[global_index] = max_iterations
+    if retry:
+        # bf16 did not converge, or its Ritz values and the fp32 Rayleigh-Ritz ones disagreed
+        # beyond the tolerance: the same start, compute-dtype products (which themselves fall
+        # back to a full SVD when needed). Never a value the test could not vouch for.
+        chosen = torch.tensor(sorted(retry), device=tall.device)
+        again = block_lanczos(
+            tall[chosen], k, start[chosen], replace(settings, bf16_products=False)
+        )
+        for row, global_index in enumerate(chosen.tolist()):
+            values[global_index] = again.values[row]
+            iterations[global_index] += again.iterations[row]
+            exact[global_index] = again.exact[row]
+    return BatchSpectrum(values=values, iterations=tuple(iterations), exact=tuple(exact))
+
+
+def exact_top(
+    matrix: torch.Tensor,
+    k: int,
+    vectors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+    index: int,
+) -> torch.Tensor:
+    """Full-SVD fallback for one (m, n) matrix: its top-k values (float64, CPU), and its top-k
+    singular vectors stored in `vectors[index]` when vectors are wanted."""
+    if vectors is None:
+        full = exact_singular_values(matrix[None])[0]
+    else:
+        with deterministic_lapack(matrix):
+            u, full, vh = torch.linalg.svd(matrix, full_matrices=False)
+        vectors[index] = (u[:, :k], vh[:k].mT)
+    return full[:k].to("cpu", torch.float64)

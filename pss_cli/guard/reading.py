@@ -1,0 +1,206 @@
+"""The step's numbers (steps 1-3 of pss_cli/guard/guard.py): gathered on the device into one
+float64 vector, all-reduced once under torch.distributed, and read on the host with the step's
+one synchronisation; and the names of the parameters whose gradients are not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pss_cli.guard.config import NormKind
+from pss_cli.guard.rules import SpectralRule, SpectralWarning
+from pss_cli.guard.targets import MatrixSpec, is_dtensor
+
+# The step's vector of scalars: float64. It is a few hundred numbers, so this costs nothing, and
+# the all-reduce's x / world + x / world stays exact to far below the float32 rounding the norms
+# already carry. (A gradient whose norm overflows float32 inside the norm kernel, > 1.8e19,
+# still reads as non-finite and is skipped: no dtype of the vector changes that.)
+VECTOR_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One step's numbers, after the host synchronisation."""
+
+    nonfinite: bool
+    loss: float | None
+    sq_norms: list[float]  # ||g_p||^2 per trainable parameter
+    grad_sum: float  # sum_p ||g_p|| (NaN on a non-finite step)
+    grad_l2: float  # sqrt(sum_p ||g_p||^2) (NaN on a non-finite step)
+    grad_norm: float  # the one GuardConfig.norm_kind watches
+    spectral: list[SpectralWarning]
+    metrics: dict[str, float]  # filled as the step goes (per-matrix readings, SJE)
+
+
+def gather_step(
+    params: list[nn.Parameter],
+    sharded: list[bool],
+    device: torch.device,
+    loss: torch.Tensor | float | None,
+    measure: Callable[[], torch.Tensor] | None,
+) -> list[float]:
+    """[nonfinite flag, loss, has loss, ||g_p||^2 per param..., monitor readings...].
+
+    sharded: per parameter, whether it is a DTensor shard. measure: on a monitor step, the
+    monitor's (2c,) float64 readings on `device` (called after the norms are queued), else None.
+    """
+    zero = torch.zeros((), dtype=VECTOR_DTYPE, device=device)
+    norms = squared_grad_norms(params, device) if params else zero.new_zeros(0)
+    if loss is None:
+        loss_t, has_loss = zero, zero
+    elif isinstance(loss, torch.Tensor):
+        loss_t = loss.detach().reshape(-1)[0].to(device=device, dtype=VECTOR_DTYPE)
+        has_loss = torch.ones((), dtype=VECTOR_DTYPE, device=device)
+    else:
+        loss_t = torch.tensor(float(loss), dtype=VECTOR_DTYPE, device=device)
+        has_loss = torch.ones((), dtype=VECTOR_DTYPE, device=device)
+    bad = (~torch.isfinite(norms)).sum() + (~torch.isfinite(loss_t)).to(VECTOR_DTYPE)
+    norms = torch.where(torch.isfinite(norms), norms, zero)
+    loss_t = torch.where(torch.isfinite(loss_t), loss_t, zero)
+    if measure is not None:
+        readings = measure()
+        # A non-finite reading becomes -1 (readings are >= 0): the rule reports the matrix.
+        readings = torch.where(torch.isfinite(readings), readings, -torch.ones_like(readings))
+    else:
+        readings = zero.new_zeros(0)
+    vector = torch.cat(
+        [
+            bad.to(VECTOR_DTYPE).reshape(1),
+            loss_t.reshape(1),
+            has_loss.reshape(1),
+            norms,
+            readings,
+        ]
+    )
+    world = world_size()
+    if world > 1:
+        # Replicated numbers (DDP grads after their all-reduce, the loss, readings of
+        # replicated weights) enter as x / world, so the SUM gives their mean; a shard's
+        # squared norm enters whole, so the SUM gives the full tensor's.
+        scale = torch.full_like(vector, 1.0 / world)
+        scale[0] = 1.0
+        shard = torch.tensor(sharded, dtype=torch.bool, device=device)
+        scale[3 : 3 + len(params)] = torch.where(
+            shard, torch.ones_like(norms), torch.full_like(norms, 1.0 / world)
+        )
+        vector = vector * scale
+        import torch.distributed as dist
+
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+    values: list[float] = vector.tolist()  # the step's one host synchronisation
+    return values
+
+
+def squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """(P,) float64 ||g_p||^2 per parameter (0 without a gradient; a DTensor's local shard), on
+    `device`, without a host synchronisation.
+
+    float32/float64 gradients of one device go through one fused `torch._foreach_norm` (what
+    `clip_grad_norm_` uses: one kernel launch per group instead of one per parameter); others
+    (bf16/fp16) are reduced one by one in float32, which keeps their norm from rounding to
+    the gradient's 8-bit mantissa.
+    """
+    squared: list[torch.Tensor | None] = [None] * len(params)
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+    for i, p in enumerate(params):
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+        local = local.detach()
+        if local.dtype in (torch.float32, torch.float64) and not local.is_sparse:
+            groups.setdefault((local.device, local.dtype), []).append((i, local))
+        else:
+            norm = torch.linalg.vector_norm(local, dtype=torch.float32)
+            squared[i] = norm.to(device=device, dtype=VECTOR_DTYPE).square()
+    for members in groups.values():
+        norms = torch._foreach_norm([t for _, t in members])
+        for (i, _), norm in zip(members, norms, strict=True):
+            squared[i] = norm.to(device=device, dtype=VECTOR_DTYPE).square()
+    zero = torch.zeros((), dtype=VECTOR_DTYPE, device=device)
+    return torch.stack([zero if sq is None else sq for sq in squared])
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
+def read_step(
+    values: list[float],
+    indices: list[int],
+    n_params: int,
+    norm_kind: NormKind,
+    specs: list[MatrixSpec],
+    spectral: SpectralRule,
+) -> Reading:
+    """The gathered vector as named numbers, and the monitor's readings (of `specs[indices]`)
+    as metrics, passed through the spectral rule."""
+    sq_norms = values[3 : 3 + n_params]
+    nonfinite = values[0] > 0
+    grad_sum = sum(math.sqrt(max(v, 0.0)) for v in sq_norms)
+    grad_l2 = math.sqrt(max(sum(sq_norms), 0.0))
+    watched = grad_sum if norm_kind == NormKind.SUM_OF_NORMS else grad_l2
+    metrics: dict[str, float] = {}
+    warnings_ = read_monitor(indices, values[3 + n_params :], metrics, specs, spectral)
+    return Reading(
+        nonfinite=nonfinite,
+        loss=values[1] if values[2] > 0 else None,
+        sq_norms=sq_norms,
+        grad_sum=math.nan if nonfinite else grad_sum,
+        grad_l2=math.nan if nonfinite else grad_l2,
+        grad_norm=math.nan if nonfinite else watched,
+        spectral=warnings_,
+        metrics=metrics,
+    )
+
+
+def read_monitor(
+    indices: list[int],
+    readings: list[float],
+    metrics: dict[str, float],
+    specs: list[MatrixSpec],
+    spectral: SpectralRule,
+) -> list[SpectralWarning]:
+    """The monitor's [sigma_1..., ||W||_F^2...] readings into `metrics`, and the spectral rule's
+    warnings on them (a reading of -1 was non-finite: the rule gets None and reports it)."""
+    count = len(indices)
+    found: list[SpectralWarning] = []
+    for j, index in enumerate(indices):
+        spec = specs[index]
+        sigma, frob_sq = readings[j], readings[count + j]
+        ok = sigma >= 0 and frob_sq >= 0
+        if ok:
+            metrics[f"sigma_max/{spec.name}"] = sigma
+            if sigma > 0:
+                metrics[f"stable_rank/{spec.name}"] = frob_sq / sigma**2
+        found.extend(
+            spectral.observe(
+                spec.name,
+                spec.short_side,
+                sigma if ok else None,
+                frob_sq if ok else None,
+            )
+        )
+    return found
+
+
+def nonfinite_layers(trainable: list[tuple[str, nn.Parameter]]) -> list[str]:
+    """Names of parameters whose gradient is not finite (this path is rare: a sync is fine)."""
+    bad = []
+    for name, p in trainable:
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+        if not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    return bad[:20]
