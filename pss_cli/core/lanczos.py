@@ -120,46 +120,33 @@ def block_lanczos(
                     retry.append(global_index)
             if iteration == max_iterations:
                 break
-            keep = torch.nonzero(~done).flatten()
-            if keep.numel() == 0:
-                break
-            active = active[keep]
-            a = a[keep]
-            ops.select(keep)
-            u_basis.select(keep)
-            v_basis.select(keep)
-            v_last = v_last[keep]
-            u_last = u_last[keep]
-            r_blocks = [x[keep] for x in r_blocks]
-            s_blocks = [x[keep] for x in s_blocks]
-            history = [x[keep] for x in history]
-            continue
-        if vectors is not None:
-            with deterministic_lapack(bidiagonal):
-                y, _, xh = torch.linalg.svd(bidiagonal)
-            u_all = u_basis.buffer[:, :, : u_basis.used]
-            v_all = v_basis.buffer[:, :, : u_basis.used]  # V_1..V_J, without V_{J+1}
-        for local in torch.nonzero(done_cpu).flatten().tolist():
-            global_index = int(active[local])
-            values[global_index] = history[-1][local].to("cpu", torch.float64)
-            iterations[global_index] = iteration
+        else:
             if vectors is not None:
-                vectors[global_index] = (
-                    u_all[local] @ y[local, :, :k],
-                    v_all[local] @ xh[local, :k].mT,
-                )
-        if iteration == max_iterations:
-            # Not converged within the budget: pay for the full SVD rather than report a value
-            # that may be off (the flat-bulk trap of docs/DESIGN.md).
-            not_converged = ~(
-                (remaining[:, 0] <= settings.tol_sigma_max)
-                & (remaining.amax(dim=1) <= settings.tol_top_k)
-            )
-            for local in torch.nonzero(not_converged.cpu()).flatten().tolist():
+                with deterministic_lapack(bidiagonal):
+                    y, _, xh = torch.linalg.svd(bidiagonal)
+                u_all = u_basis.buffer[:, :, : u_basis.used]
+                v_all = v_basis.buffer[:, :, : u_basis.used]  # V_1..V_J, without V_{J+1}
+            for local in torch.nonzero(done_cpu).flatten().tolist():
                 global_index = int(active[local])
-                values[global_index] = exact_top(a[local], k, vectors, global_index)
-                exact[global_index] = True
-            break
+                values[global_index] = history[-1][local].to("cpu", torch.float64)
+                iterations[global_index] = iteration
+                if vectors is not None:
+                    vectors[global_index] = (
+                        u_all[local] @ y[local, :, :k],
+                        v_all[local] @ xh[local, :k].mT,
+                    )
+            if iteration == max_iterations:
+                # Not converged within the budget: pay for the full SVD rather than report a value
+                # that may be off (the flat-bulk trap of docs/DESIGN.md).
+                not_converged = ~(
+                    (remaining[:, 0] <= settings.tol_sigma_max)
+                    & (remaining.amax(dim=1) <= settings.tol_top_k)
+                )
+                for local in torch.nonzero(not_converged.cpu()).flatten().tolist():
+                    global_index = int(active[local])
+                    values[global_index] = exact_top(a[local], k, vectors, global_index)
+                    exact[global_index] = True
+                break
         keep = torch.nonzero(~done).flatten()
         if keep.numel() == 0:
             break
