@@ -205,14 +205,14 @@ def smooth(
     from pss_cli.repair import SmoothConfig, smooth_checkpoint
 
     config = SmoothConfig(
-        scan=ScanConfig(
-            include=tuple(include),
-            exclude=tuple(exclude),
+        scan=scan_config(
+            include=include,
+            exclude=exclude,
             min_stable_rank=min_stable_rank,
             device=device,
             seed=seed,
-            compute_dtype=ComputeDtype(compute_dtype),
-            precision=ProductPrecision(precision),
+            compute_dtype=compute_dtype,
+            precision=precision,
         ),
         layers=layers,
         all_layers=all_layers,
@@ -299,9 +299,9 @@ def trend(
         sigma_growth=sigma_growth,
         collapse_layers=collapse_layers,
     )
-    scan_settings = ScanConfig(
-        include=tuple(include),
-        exclude=tuple(exclude),
+    scan_settings = scan_config(
+        include=include,
+        exclude=exclude,
         min_stable_rank=min_stable_rank,
         device=device,
         seed=seed,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
@@ -37,17 +36,9 @@ from tests.guard_factory import (
     snapshot,
     train,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny tensors here gain nothing from threads, and on a loaded shared CPU intra-op
-    threads made these tests 4-10x slower (measured: 9.2 s vs 2.2 s for the twin test)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
+from tests.guard_factory import (
+    one_thread as one_thread,  # autouse: one intra-op thread
+)
 
 # A rule that is armed at once and fires on the second finite step (any norm > 1e-9 x EMA).
 FIRE_AT_ONCE = {"spike_factor": 1e-9, "warmup_steps": 0, "cooldown_steps": 0}

@@ -17,17 +17,8 @@ from pss_cli.core.power import (
 )
 from pss_cli.guard import Guard, GuardConfig
 from tests.guard_factory import loss_of, make_model, make_optimizer
+from tests.guard_factory import one_thread as one_thread  # autouse: one intra-op thread
 from tests.spectra_factory import with_spectrum
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny tensors here gain nothing from threads, and on a loaded shared CPU intra-op
-    threads made these tests 4-10x slower (measured: 9.2 s vs 2.2 s for the twin test)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _matrix(values: list[float], m: int = 40, n: int = 30, seed: int = 0) -> torch.Tensor:
