@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pss_cli.checkpoint.discover import open_checkpoint
-from pss_cli.checkpoint.model import LayoutKind
+from pss_cli.checkpoint.formats.safetensors.format import SafetensorsKind as LayoutKind
 from pss_cli.errors import CheckpointNotFoundError, CorruptCheckpointError, UsageError
 from tests.safetensors_factory import write_file, write_index
 

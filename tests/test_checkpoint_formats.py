@@ -14,17 +14,17 @@ from safetensors.torch import save_file
 from pss_cli.checkpoint.digest import tensor_digests
 from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.formats.registry import FORMATS, format_of
-from pss_cli.checkpoint.model import LayoutKind
 from pss_cli.checkpoint.reader import TensorReader
 from tests.format_factory import save_dcp
 
 
 def test_every_layout_kind_has_exactly_one_format() -> None:
-    for kind in LayoutKind:
-        owners = [f.name for f in FORMATS if kind in f.kinds]
-        assert len(owners) == 1, f"{kind}: owned by {owners}"
-    for fmt in FORMATS:
-        assert fmt.one_file_kinds <= fmt.kinds, fmt.name
+    kinds = [kind for fmt in FORMATS for kind in fmt.kinds]
+    assert len(set(kinds)) == len(kinds), f"a kind owned twice: {kinds}"
+    for kind in kinds:
+        assert format_of(kind) is next(f for f in FORMATS if kind in f.kinds)
+    suffixes = [s for fmt in FORMATS for s in fmt.file_suffixes]
+    assert len(set(suffixes)) == len(suffixes), f"a file suffix claimed twice: {suffixes}"
     assert len({f.name for f in FORMATS}) == len(FORMATS)
 
 
@@ -67,6 +67,7 @@ def test_discovery_hands_each_format_to_its_owner(
     layout = open_checkpoint(path)
     fmt = format_of(layout.kind)
     assert fmt.name == expected
+    assert layout.one_file is (variant.endswith("-file") and not variant.startswith("dcp"))
     assert sorted(e.name for e in layout.entries) == sorted(state)
     with TensorReader(layout) as reader:
         for entry in layout.entries:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pss_cli.app import app
 from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.formats.dcp.dcp import load_metadata
-from pss_cli.checkpoint.model import LayoutKind
+from pss_cli.checkpoint.formats.dcp.format import DcpKind
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import OptimizerPolicy, ScanConfig
 from pss_cli.core.smoothing import SmoothingParams
@@ -57,7 +57,7 @@ def test_scan_equals_safetensors_and_skips_optimizer_moments(
 ) -> None:
     folder, state = _full_dcp(tmp_path, dtype)
     layout = open_checkpoint(folder)
-    assert layout.kind is LayoutKind.DCP
+    assert layout.kind is DcpKind.FOLDER
     # Model weights only, under their FQN; Adam moments (2-D floats too) are not entries.
     assert sorted(e.name for e in layout.entries) == sorted(state["model"])
     assert all(e.key == (f"model.{e.name}",) for e in layout.entries)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pss_cli.app import app
 from pss_cli.checkpoint.discover import open_checkpoint
-from pss_cli.checkpoint.model import LayoutKind
+from pss_cli.checkpoint.formats.torch.format import TorchKind
 from pss_cli.config import OptimizerPolicy, ScanConfig
 from pss_cli.core.smoothing import SmoothingParams
 from pss_cli.pipeline import scan_checkpoint
@@ -67,7 +67,7 @@ def test_scan_equals_safetensors(tmp_path: Path, suffix: str, wrapper: str) -> N
     path = tmp_path / f"weights{suffix}"
     torch.save(wrap(model), path)
     layout = open_checkpoint(path)
-    assert layout.kind is LayoutKind.TORCH_FILE
+    assert layout.kind is TorchKind.FILE
     # Optimizer moments beside the model (2-D float tensors) are not entries.
     assert sorted(e.name for e in layout.entries) == sorted(model)
     assert stable_ranks(path) == safetensors_reference(tmp_path, model)
@@ -122,7 +122,7 @@ def test_sharded_bin_index_and_folders(tmp_path: Path) -> None:
     model = model_state()
     folder = _hf_sharded(tmp_path / "hf", model)
     layout = open_checkpoint(folder)
-    assert layout.kind is LayoutKind.TORCH_SHARDED and len(layout.files) == 2
+    assert layout.kind is TorchKind.SHARDED and len(layout.files) == 2
     assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
     assert stable_ranks(folder / "pytorch_model.bin.index.json") == stable_ranks(folder)
     # A missing shard is named.
@@ -141,7 +141,7 @@ def test_trainer_folder_reads_the_weights_not_the_optimizer(tmp_path: Path) -> N
     torch.save(torch.get_rng_state(), folder / "rng_state.pth")
     (folder / "training_args.bin").write_bytes(b"not even a pickle")
     layout = open_checkpoint(folder)
-    assert layout.kind is LayoutKind.TORCH_DIRECTORY
+    assert layout.kind is TorchKind.DIRECTORY
     assert [p.name for p in layout.files] == ["pytorch_model.bin"]
     assert stable_ranks(folder) == safetensors_reference(tmp_path, model)
 

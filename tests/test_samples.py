@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pss_cli.checkpoint.discover import open_checkpoint
-from pss_cli.checkpoint.model import LayoutKind
+from pss_cli.checkpoint.formats.safetensors.format import SafetensorsKind as LayoutKind
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.checkpoint.selection import select
 

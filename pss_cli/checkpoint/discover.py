@@ -16,7 +16,7 @@ import re
 import stat
 from pathlib import Path
 
-from pss_cli.checkpoint.formats.registry import FORMATS, SAFETENSORS
+from pss_cli.checkpoint.formats import registry
 from pss_cli.checkpoint.formats.safetensors.header import stat_path
 from pss_cli.checkpoint.layout_files import list_files
 from pss_cli.checkpoint.model import CheckpointLayout
@@ -36,7 +36,7 @@ def open_checkpoint(path: Path) -> CheckpointLayout:
     st = stat_path(path)
     if stat.S_ISDIR(st.st_mode):
         return _open_directory(path)
-    for fmt in FORMATS:
+    for fmt in registry.FORMATS:  # read at call time: a test may register a format
         layout = fmt.open_file(path)
         if layout is not None:
             return layout
@@ -46,12 +46,12 @@ def open_checkpoint(path: Path) -> CheckpointLayout:
             f"'{path}' is a {_UNSUPPORTED_SUFFIXES[suffix]} file, which pss does not read",
             hint=_CONVERT_HINT,
         )
-    return SAFETENSORS.open_any_file(path)
+    return registry.SAFETENSORS.open_any_file(path)
 
 
 def _open_directory(folder: Path) -> CheckpointLayout:
     children = list_files(folder)
-    for fmt in FORMATS:
+    for fmt in registry.FORMATS:
         layout = fmt.open_folder(folder, children)
         if layout is not None:
             return layout

@@ -3,24 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-
-
-class LayoutKind(StrEnum):
-    SINGLE_FILE = "single-file"  # one .safetensors file
-    SHARDED = "sharded"  # model.safetensors.index.json + shards
-    DIRECTORY = (
-        "directory"  # a folder (e.g. HF Trainer checkpoint-N/) with one or more .safetensors
-    )
-    # PyTorch Distributed Checkpoint folder: .metadata + *.distcp (FSDP, torchtitan, OLMo-core,
-    # Megatron-Core torch_dist). Entries are the model weights only, named by FQN.
-    DCP = "dcp"
-    # torch.save pickles read with weights_only=True: one .pt/.bin/.pth file, a folder of them,
-    # or an HF pytorch_model.bin.index.json with its shards.
-    TORCH_FILE = "torch-file"
-    TORCH_SHARDED = "torch-sharded"
-    TORCH_DIRECTORY = "torch-directory"
 
 
 @dataclass(frozen=True)
@@ -56,11 +39,17 @@ class CheckpointLayout:
     """A validated checkpoint: every header parsed and checked, no tensor data loaded."""
 
     root: Path  # what the user named (file or directory)
-    kind: LayoutKind
-    files: tuple[Path, ...]  # safetensors files, in a stable order
+    # The layout's kind, named by the format that opened it (formats/<name>/format.py declares
+    # its kinds; formats/registry.format_of maps a kind back to its format). Generic code never
+    # branches on it: it asks the format, or reads `one_file`.
+    kind: str
+    files: tuple[Path, ...]  # its weight files, in a stable order
     entries: tuple[TensorEntry, ...]  # every tensor, in file order then header order
     index_file: Path | None = None
     metadata: dict[Path, dict[str, str]] = field(default_factory=dict)  # per-file __metadata__
     # .safetensors files beside an index that the index does not name (e.g. Mistral's
     # consolidated.safetensors): not read, but reported so that nobody believes they were.
     unindexed_files: tuple[Path, ...] = ()
+    # The user named one weights file: a repaired copy is one file too, and the files beside it
+    # (optimizer.pt, ZeRO state) are not part of the checkpoint.
+    one_file: bool = False

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind
+from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.staging import exists_error, file_output_error
 from pss_cli.checkpoint.staging import input_folder as input_folder_of
 from pss_cli.errors import UsageError
@@ -165,9 +165,32 @@ def refuse_file_in_checkpoint_folder(source: Path, out: Path) -> None:
 def check_output_path(layout: CheckpointLayout, out: Path, *, force: bool = False) -> None:
     """The refusals of `write_repaired_checkpoint` about `out`, for callers that want them
     before doing the (long) work that precedes writing."""
-    if out.name.endswith(".safetensors") and layout.kind is not LayoutKind.SINGLE_FILE:
-        raise file_output_error(layout, out, "a .safetensors file")
+    _check_file_suffix(layout, out)
     _check_out_path(layout, input_folder_of(layout), out, force=force)
+
+
+def _check_file_suffix(layout: CheckpointLayout, out: Path) -> None:
+    """An OUT ending in a format's one-file suffix is a file of that format: only a one-file
+    input of the same format becomes one (a folder input does not fit in a file, and a
+    safetensors file named .pt, or a pickle named .safetensors, fails whoever loads it)."""
+    from pss_cli.checkpoint.formats import registry  # the formats import this module
+
+    name = out.name.lower()
+    own = registry.format_of(layout.kind)
+    for fmt in registry.FORMATS:
+        suffix = next((s for s in fmt.file_suffixes if name.endswith(s)), None)
+        if suffix is None or (layout.one_file and fmt is own):
+            continue
+        if not layout.one_file:
+            raise file_output_error(
+                layout, out, f"a {suffix} file", f": smooth writes a {own.title} folder"
+            )
+        own_name = out.name[: -len(suffix)] + (own.file_suffixes or ("",))[0]
+        raise UsageError(
+            f"output '{out}' names a {fmt.title} file ({suffix}) but the input "
+            f"'{layout.root}' is a {own.title} file: the repaired copy keeps the input's format",
+            hint=f"name the output '{own_name}'",
+        )
 
 
 def _check_out_path(
@@ -180,17 +203,13 @@ def _check_out_path(
     if layout.index_file is not None:
         inputs.add(layout.index_file.resolve())
     hint = "choose an output path outside the input checkpoint, e.g. a sibling folder"
-    if out_real in inputs or (
-        layout.kind is not LayoutKind.SINGLE_FILE and out_real == input_folder.resolve()
-    ):
+    if out_real in inputs or (not layout.one_file and out_real == input_folder.resolve()):
         raise UsageError(
             f"output '{out}' is the input checkpoint '{layout.root}'; pss never overwrites "
             "its input",
             hint=hint,
         )
-    if layout.kind is not LayoutKind.SINGLE_FILE and out_real.is_relative_to(
-        input_folder.resolve()
-    ):
+    if not layout.one_file and out_real.is_relative_to(input_folder.resolve()):
         raise UsageError(
             f"output '{out}' is inside the input folder '{input_folder}'",
             hint=hint,

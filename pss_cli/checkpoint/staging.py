@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind
+from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.errors import CheckpointError, UsageError
 
 # Staging entries are named `.OUT.pss-tmp-PID-*` (out_checks.py finds stale and live ones by it).
@@ -29,7 +29,7 @@ _OLD_TAG = ".pss-old-"
 def input_folder(layout: CheckpointLayout) -> Path:
     """The folder whose other files travel with the checkpoint (the file's parent for a single
     file, which is NOT copied: the user named one file)."""
-    if layout.kind is LayoutKind.SINGLE_FILE:
+    if layout.one_file:
         return layout.root.parent
     if layout.index_file is not None:
         return layout.index_file.parent

@@ -20,7 +20,6 @@ from pss_cli.pipeline import ProgressCallback, scan_checkpoint
 from pss_cli.repair.apply import OutputWriter
 from pss_cli.repair.model import (
     FALLBACK_TARGET_FACTOR,
-    ONE_FILE_KINDS,
     PROTECTED_ROLES,
     TARGET_TOLERANCE,
     SmoothConfig,
@@ -55,7 +54,8 @@ def smooth_checkpoint(
         raise UsageError("--out is required unless --dry-run is given")
     layout = open_checkpoint(source)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
-    master = detect_master_weights(folder) if layout.kind not in ONE_FILE_KINDS else []
+    # A one-file input has no folder around it to carry (optimizer.pt, ZeRO state).
+    master = detect_master_weights(folder) if not layout.one_file else []
     if master and not config.allow_master_weights and not config.dry_run:
         raise UsageError(
             f"'{folder}' holds DeepSpeed ZeRO state ({master[0].name}, ...): its fp32 master "

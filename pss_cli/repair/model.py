@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pss_cli.checkpoint.formats.registry import FORMATS
-from pss_cli.checkpoint.model import LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.checkpoint.selection import MatrixView
 from pss_cli.config import OptimizerPolicy, ScanConfig, SmoothingMethod
 from pss_cli.core.smoothing import SmoothingParams, apply_spectrum_change
@@ -21,10 +20,6 @@ PROTECTED_ROLES = frozenset({"embedding", "lm_head"})
 # A cap target is reached within this relative tolerance after casting back to the stored dtype
 # (bf16 keeps 8 bits of mantissa: rounding moves the stable rank by up to ~0.5 %).
 TARGET_TOLERANCE = {"F64": 1e-3, "F32": 1e-3, "F16": 1e-2, "BF16": 2e-2}
-
-
-# Inputs that are one file: no folder around them to carry (optimizer.pt, ZeRO state).
-ONE_FILE_KINDS: frozenset[LayoutKind] = frozenset().union(*(f.one_file_kinds for f in FORMATS))
 
 
 # With no healthy matrix to learn from, aim just above the flag threshold: the smallest edit that

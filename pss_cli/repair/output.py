@@ -14,7 +14,7 @@ from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.names import provenance_sidecar
 from pss_cli.config import OptimizerPolicy
 from pss_cli.errors import PssError, UsageError
-from pss_cli.repair.model import ONE_FILE_KINDS, SmoothConfig
+from pss_cli.repair.model import SmoothConfig
 
 
 def check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
@@ -24,7 +24,7 @@ def check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
     out_checks.refuse_file_in_checkpoint_folder(layout.root, out)
     folder = layout.root if layout.root.is_dir() else layout.root.parent
     format_of(layout.kind).check_output(layout, out)
-    if layout.kind not in ONE_FILE_KINDS:
+    if not layout.one_file:
         nested = [f for f in layout.files if f.parent.resolve() != folder.resolve()]
         if nested:
             raise UsageError(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 
 if TYPE_CHECKING:
     import torch
@@ -64,10 +64,14 @@ class CheckpointFormat(Protocol):
     """One on-disk checkpoint format: detection, reading, writing and its training state."""
 
     name: str
-    kinds: frozenset[LayoutKind]  # the LayoutKind values whose layouts this format owns
-    # those of `kinds` that are one file the user named: the output is one file too, and the
-    # files beside it (optimizer.pt, ZeRO state) are not part of it
-    one_file_kinds: frozenset[LayoutKind]
+    title: str  # for messages: "safetensors", "DCP", "PyTorch"
+    # The `CheckpointLayout.kind` values of the layouts this format opens: names unique across
+    # formats (the format's own StrEnum), which `registry.format_of` maps back to the format.
+    kinds: frozenset[str]
+    # Suffixes of the one-file layouts this format writes (".safetensors"): an OUT that ends in
+    # one is a file, which only a one-file input of this same format can become
+    # (out_checks.check_output_path). Empty for a format that is always a folder.
+    file_suffixes: tuple[str, ...]
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         """The validated layout of the regular file ``path``, or None when it is not this

@@ -8,7 +8,6 @@ from pss_cli.checkpoint.formats.dcp.format import DcpFormat
 from pss_cli.checkpoint.formats.protocol import CheckpointFormat
 from pss_cli.checkpoint.formats.safetensors.format import SafetensorsFormat
 from pss_cli.checkpoint.formats.torch.format import TorchFormat
-from pss_cli.checkpoint.model import LayoutKind
 
 SAFETENSORS = SafetensorsFormat()  # also opens any file no format claims (discover.py)
 
@@ -19,8 +18,8 @@ FORMATS: tuple[CheckpointFormat, ...] = (
 )
 
 
-def format_of(kind: LayoutKind) -> CheckpointFormat:
-    """The format that owns layouts of ``kind``."""
+def format_of(kind: str) -> CheckpointFormat:
+    """The format that owns layouts of ``kind`` (a layout's kind names its format)."""
     for fmt in FORMATS:
         if kind in fmt.kinds:
             return fmt

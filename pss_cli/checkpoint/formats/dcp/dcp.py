@@ -35,7 +35,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.formats.dcp.format import DcpKind
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.names import DCP_METADATA_NAME, DISTCP_SUFFIX
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
@@ -236,7 +237,7 @@ def open_dcp(folder: Path) -> CheckpointLayout:
         entries.append(_entry(folder, metadata, item, name))
     return CheckpointLayout(
         root=folder,
-        kind=LayoutKind.DCP,
+        kind=DcpKind.FOLDER,
         files=tuple(files),
         entries=tuple(entries),
         index_file=folder / METADATA_NAME,

@@ -5,24 +5,31 @@ folder (dcp_writer.py, dcp_lr.py). Torch-free at import: torch.distributed loads
 from __future__ import annotations
 
 import hashlib
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pss_cli.checkpoint.formats.protocol import TensorBackend, WriteRequest, WriteResult
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind
+from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.names import DCP_METADATA_NAME as METADATA_NAME
-from pss_cli.checkpoint.names import DISTCP_SUFFIX, TORCH_SUFFIXES
-from pss_cli.checkpoint.staging import file_output_error
+from pss_cli.checkpoint.names import DISTCP_SUFFIX
 from pss_cli.errors import CorruptCheckpointError
 
 if TYPE_CHECKING:
     from pss_cli.checkpoint.lr_files import LrScalePlan
 
 
+class DcpKind(StrEnum):
+    # .metadata + *.distcp (FSDP, torchtitan, OLMo-core, Megatron-Core torch_dist); entries are
+    # the model weights only, named by FQN
+    FOLDER = "dcp"
+
+
 class DcpFormat:
     name = "dcp"
-    kinds = frozenset({LayoutKind.DCP})
-    one_file_kinds: frozenset[LayoutKind] = frozenset()
+    title = "DCP"
+    kinds: frozenset[str] = frozenset(DcpKind)
+    file_suffixes: tuple[str, ...] = ()  # always a folder: OUT naming any weights file is refused
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         name = path.name
@@ -66,8 +73,7 @@ class DcpFormat:
         return digests
 
     def check_output(self, layout: CheckpointLayout, out: Path) -> None:
-        if out.suffix.lower() in (".safetensors", *TORCH_SUFFIXES):
-            raise file_output_error(layout, out, "a file", ": smooth writes a DCP folder")
+        return None  # the common checks (out_checks.check_output_path) cover it
 
     def optimizer_file(self, layout: CheckpointLayout) -> Path | None:
         return None  # DCP keeps its optimizer state inside the folder's own keys (dcp_writer.py)

@@ -8,6 +8,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from pss_cli.checkpoint.layout_files import (
     reject_duplicates,
     torch_weight_files,
 )
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.names import is_model_file
 from pss_cli.errors import CorruptCheckpointError, UsageError
 
@@ -32,10 +33,17 @@ DEFAULT_INDEX_NAME = "model.safetensors.index.json"
 _CHUNK = 16 * 2**20
 
 
+class SafetensorsKind(StrEnum):
+    SINGLE_FILE = "single-file"  # one .safetensors file
+    SHARDED = "sharded"  # model.safetensors.index.json + shards
+    DIRECTORY = "directory"  # a folder (e.g. HF Trainer checkpoint-N/) of .safetensors files
+
+
 class SafetensorsFormat:
     name = "safetensors"
-    kinds = frozenset({LayoutKind.SINGLE_FILE, LayoutKind.SHARDED, LayoutKind.DIRECTORY})
-    one_file_kinds = frozenset({LayoutKind.SINGLE_FILE})
+    title = "safetensors"
+    kinds: frozenset[str] = frozenset(SafetensorsKind)
+    file_suffixes: tuple[str, ...] = (SAFETENSORS_SUFFIX,)
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         if path.name.endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX)):
@@ -51,7 +59,8 @@ class SafetensorsFormat:
         entries, metadata = read_header(path)
         return CheckpointLayout(
             root=path,
-            kind=LayoutKind.SINGLE_FILE,
+            kind=SafetensorsKind.SINGLE_FILE,
+            one_file=True,
             files=(path,),
             entries=tuple(entries),
             metadata={path: metadata},
@@ -68,7 +77,7 @@ class SafetensorsFormat:
         reject_duplicates(entries)
         return CheckpointLayout(
             root=folder,
-            kind=LayoutKind.DIRECTORY,
+            kind=SafetensorsKind.DIRECTORY,
             files=tuple(shards),
             entries=tuple(entries),
             metadata=metadata,
@@ -107,7 +116,7 @@ class SafetensorsFormat:
         return None  # the common checks (out_checks.check_output_path) cover it
 
     def optimizer_file(self, layout: CheckpointLayout) -> Path | None:
-        if layout.kind is LayoutKind.SINGLE_FILE:
+        if layout.one_file:
             return None
         from pss_cli.checkpoint.optimizer import find_optimizer_file
 
@@ -116,7 +125,7 @@ class SafetensorsFormat:
     def lr_plan(
         self, layout: CheckpointLayout, factor: float, keep_optimizer: bool
     ) -> LrScalePlan | None:
-        if layout.kind is LayoutKind.SINGLE_FILE:
+        if layout.one_file:
             return None
         from pss_cli.checkpoint.lr_files import LrScalePlan
 
@@ -191,7 +200,7 @@ def _open_sharded(root: Path, index: Path) -> CheckpointLayout:
     )
     return CheckpointLayout(
         root=root,
-        kind=LayoutKind.SHARDED,
+        kind=SafetensorsKind.SHARDED,
         files=tuple(shards),
         entries=tuple(entries),
         index_file=index,

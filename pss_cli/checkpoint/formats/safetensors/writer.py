@@ -34,7 +34,7 @@ from pss_cli.checkpoint.formats.safetensors.header import (
     METADATA_KEY,
     read_header,
 )
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.staging import (
     commit_file,
     commit_folder,
@@ -197,7 +197,7 @@ def _write_folder(
             _write_index(layout, staging / layout.index_file.name, provenance)
             shutil.copymode(layout.index_file, staging / layout.index_file.name)
         copied: list[str] = []
-        if layout.kind is not LayoutKind.SINGLE_FILE:
+        if not layout.one_file:
             written = {src.name for src in layout.files}
             if layout.index_file is not None:
                 written.add(layout.index_file.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,9 +19,8 @@ from pss_cli.checkpoint.layout_files import (
     reject_duplicates,
     torch_weight_files,
 )
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.names import TORCH_DEFAULT_INDEX_NAME, TORCH_INDEX_SUFFIX, TORCH_SUFFIXES
-from pss_cli.checkpoint.staging import file_output_error
 from pss_cli.errors import CorruptCheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -29,17 +29,24 @@ if TYPE_CHECKING:
 _CHUNK = 16 * 2**20
 
 
+class TorchKind(StrEnum):
+    FILE = "torch-file"  # one .pt/.bin/.pth/.ckpt file
+    SHARDED = "torch-sharded"  # pytorch_model.bin.index.json + shards
+    DIRECTORY = "torch-directory"  # a folder of such files
+
+
 class TorchFormat:
     name = "torch"
-    kinds = frozenset({LayoutKind.TORCH_FILE, LayoutKind.TORCH_SHARDED, LayoutKind.TORCH_DIRECTORY})
-    one_file_kinds = frozenset({LayoutKind.TORCH_FILE})
+    title = "PyTorch"
+    kinds: frozenset[str] = frozenset(TorchKind)
+    file_suffixes: tuple[str, ...] = TORCH_SUFFIXES
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         if path.name.endswith(TORCH_INDEX_SUFFIX):
             return _open_torch_sharded(path, index=path)
         if path.suffix.lower() in TORCH_SUFFIXES:
             require_regular_file(path)
-            return _open_torch_files(path, [path], LayoutKind.TORCH_FILE)
+            return _open_torch_files(path, [path], TorchKind.FILE)
         return None
 
     def open_folder(self, folder: Path, children: list[Path]) -> CheckpointLayout | None:
@@ -56,7 +63,7 @@ class TorchFormat:
             return _open_torch_sharded(folder, index=index)
         weights = list(torch_weight_files(children))
         if weights:
-            return _open_torch_files(folder, weights, LayoutKind.TORCH_DIRECTORY)
+            return _open_torch_files(folder, weights, TorchKind.DIRECTORY)
         return None
 
     def backend(self, layout: CheckpointLayout) -> TensorBackend | None:
@@ -85,11 +92,10 @@ class TorchFormat:
         return digests
 
     def check_output(self, layout: CheckpointLayout, out: Path) -> None:
-        if out.suffix.lower() in TORCH_SUFFIXES and layout.kind is not LayoutKind.TORCH_FILE:
-            raise file_output_error(layout, out, "one file")
+        return None  # the common checks (out_checks.check_output_path) cover it
 
     def optimizer_file(self, layout: CheckpointLayout) -> Path | None:
-        if layout.kind is LayoutKind.TORCH_FILE:
+        if layout.one_file:
             return None  # its optimizer state, if any, is inside the file (edit_object)
         from pss_cli.checkpoint.optimizer import find_optimizer_file
 
@@ -100,7 +106,7 @@ class TorchFormat:
     ) -> LrScalePlan | None:
         from pss_cli.checkpoint.lr_files import LrScalePlan
 
-        if layout.kind is LayoutKind.TORCH_FILE:
+        if layout.one_file:
             from pss_cli.checkpoint.formats.torch.torch_file import load
 
             return LrScalePlan.for_file(factor, layout.root, load(layout.root))
@@ -126,7 +132,7 @@ class TorchFormat:
         return WriteResult(written)
 
 
-def _open_torch_files(root: Path, files: list[Path], kind: LayoutKind) -> CheckpointLayout:
+def _open_torch_files(root: Path, files: list[Path], kind: TorchKind) -> CheckpointLayout:
     # imports torch: only when needed
     from pss_cli.checkpoint.formats.torch.torch_file import entries_of
     from pss_cli.checkpoint.formats.torch.torch_file import load as load_torch
@@ -135,7 +141,13 @@ def _open_torch_files(root: Path, files: list[Path], kind: LayoutKind) -> Checkp
     for file in files:
         entries.extend(entries_of(file, load_torch(file)))
     reject_duplicates(entries)
-    return CheckpointLayout(root=root, kind=kind, files=tuple(files), entries=tuple(entries))
+    return CheckpointLayout(
+        root=root,
+        kind=kind,
+        files=tuple(files),
+        entries=tuple(entries),
+        one_file=kind is TorchKind.FILE,
+    )
 
 
 def _open_torch_sharded(root: Path, index: Path) -> CheckpointLayout:
@@ -148,7 +160,7 @@ def _open_torch_sharded(root: Path, index: Path) -> CheckpointLayout:
                 hint="the download is incomplete: fetch the missing shard (e.g. git lfs pull)",
             )
         require_regular_file(shard)
-    layout = _open_torch_files(root, shards, LayoutKind.TORCH_SHARDED)
+    layout = _open_torch_files(root, shards, TorchKind.SHARDED)
     location = {e.name: e.file for e in layout.entries}
     for tensor, shard_name in weight_map.items():
         expected = index.parent / shard_name

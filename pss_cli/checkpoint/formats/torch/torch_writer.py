@@ -22,7 +22,7 @@ import torch
 
 from pss_cli.checkpoint import staging as st
 from pss_cli.checkpoint.formats.torch import torch_file
-from pss_cli.checkpoint.model import CheckpointLayout, LayoutKind, TensorEntry
+from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.names import TORCH_SUFFIXES, provenance_sidecar
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError
@@ -48,7 +48,7 @@ def write_torch_checkpoint(
     by_name = {e.name: e for e in layout.entries}
     _check(by_name, replacements)
     to_file = out.suffix.lower() in TORCH_SUFFIXES
-    if to_file and layout.kind is not LayoutKind.TORCH_FILE:
+    if to_file and not layout.one_file:
         raise st.file_output_error(layout, out, "one file")
     if to_file and extra_files is not None:
         raise ValueError("extra_files needs a folder output")
@@ -64,7 +64,7 @@ def write_torch_checkpoint(
                 st.write_provenance(sidecar, provenance)
                 st.commit_file(tmp, out, force)
             return out
-        source = st.input_folder(layout) if layout.kind is not LayoutKind.TORCH_FILE else None
+        source = st.input_folder(layout) if not layout.one_file else None
         with st.staged_folder(out, source or layout.root.parent) as staging:
             written: set[str] = set()
             for file in layout.files:
