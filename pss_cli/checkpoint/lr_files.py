@@ -22,7 +22,8 @@ import torch
 
 from pss_cli.checkpoint import lr_scale
 from pss_cli.checkpoint.formats.torch import torch_file
-from pss_cli.checkpoint.optimizer import IN_FILE_OPTIMIZER_KEYS, OPTIMIZER_FILE_NAMES
+from pss_cli.checkpoint.optimizer import OPTIMIZER_FILE_NAMES
+from pss_cli.checkpoint.optimizer_in_file import IN_FILE_OPTIMIZER_KEYS
 from pss_cli.errors import CheckpointError
 
 SCHEDULER_FILE_NAMES = ("scheduler.pt", "scheduler.bin")  # HF Trainer / accelerate

@@ -12,7 +12,8 @@ from pss_cli.checkpoint.formats.protocol import WriteRequest
 from pss_cli.checkpoint.formats.registry import format_of
 from pss_cli.checkpoint.lr_files import LrScalePlan
 from pss_cli.checkpoint.model import CheckpointLayout
-from pss_cli.checkpoint.optimizer import OptimizerOutcome, apply_in_file, rewrite_optimizer_state
+from pss_cli.checkpoint.optimizer import OptimizerOutcome, rewrite_optimizer_state
+from pss_cli.checkpoint.optimizer_in_file import apply_in_file
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import OptimizerPolicy
 from pss_cli.repair.model import Change, SmoothConfig
