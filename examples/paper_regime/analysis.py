@@ -71,6 +71,15 @@ def final_val(run: dict[str, Any]) -> float:
     return float(value) if _finite(value) else math.inf
 
 
+def arm_label(cfg: dict[str, Any]) -> str:
+    """The arm a run belongs to: "pss" is the primary method (conv); the other guard methods
+    run as arms "pss-<method>" (docs/EXPERIMENTS.md v2, "Arms")."""
+    method = cfg.get("guard_method", "conv")
+    if cfg["arm"] == "pss" and method != "conv":
+        return f"pss-{method}"
+    return str(cfg["arm"])
+
+
 def summarise(run: dict[str, Any], after: int = 0) -> dict[str, Any]:
     cfg = run["config"]
     warmup = cfg["warmup_steps"]
@@ -82,7 +91,7 @@ def summarise(run: dict[str, Any], after: int = 0) -> dict[str, Any]:
     last = run["spectra"][-1] if run["spectra"] else None
     mats = last["matrices"] if last else {}
     return {
-        "arm": cfg["arm"],
+        "arm": arm_label(cfg),
         "lr": cfg["lr"],
         "seed": cfg["seed"],
         "final_val": fv,

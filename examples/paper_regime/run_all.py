@@ -32,6 +32,9 @@ REGIME_BEST = 2.2
 REGIME_RATIO = 16.0
 REGIME_LEARNT = 2.5
 ARM_ORDER = ("baseline", "pss", "skip", "clip", "qknorm", "zloss")
+# The guard's other smoothing methods, "at fewer LRs only if time is left" (the rules): arm
+# "pss-<method>" is arm "pss" with that method; --method-grid picks their LRs.
+METHOD_ARMS = ("pss-cap", "pss-softmax", "pss-clip")
 SEEDS = (0, 1, 2)
 REPAIR_ARMS = ("unchanged", "smooth", "smooth+lr/2", "lr/2", "skip50", "clip")
 SAVE_EVERY = 25
@@ -120,11 +123,17 @@ def arm_jobs(
     # The most informative runs first (the top LR, every arm, seed by seed): on a shared machine
     # an experiment cut short by its deadline still has paired arms where they differ.
     return [
-        (replace(cfg, arm=arm, lr=lr, seed=s), mcfg)
+        (_arm(replace(cfg, lr=lr, seed=s), arm), mcfg)
         for lr in sorted(grid, reverse=True)
         for s in seeds
         for arm in arms
     ]
+
+
+def _arm(cfg: RunConfig, arm: str) -> RunConfig:
+    if arm.startswith("pss-"):  # another smoothing method of the online guard
+        return replace(cfg, arm="pss", guard_method=arm.removeprefix("pss-"))
+    return replace(cfg, arm=arm)
 
 
 def pss_smooth(src: Path, dst: Path) -> None:
@@ -219,6 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--grid", default="0.25,0.5,1,2,4", help="arm LRs as multiples of D")
     parser.add_argument("--arms", default=",".join(ARM_ORDER))
+    parser.add_argument(
+        "--method-arms",
+        default="",
+        help=f"other guard methods to run as extra arms (e.g. {','.join(METHOD_ARMS)})",
+    )
+    parser.add_argument(
+        "--method-grid", default="1,2", help="the LRs of --method-arms, as multiples of D"
+    )
     parser.add_argument("--stop-after", choices=("pilot", "arms", "repair"), default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny slice for CI")
     parser.add_argument(
@@ -251,12 +268,13 @@ def main(argv: list[str] | None = None) -> None:
         if not guard_available():
             arms = tuple(a for a in arms if a not in ("pss", "skip"))
             results["guard"] = "not available: guard arms not run"
-        runs = run_grid(
-            arm_jobs(setting, base, mbase, grid, arms, seeds),
-            args.out / "arms",
-            args.workers,
-            cached_only=args.cached_only,
-        )
+        jobs = arm_jobs(setting, base, mbase, grid, arms, seeds)
+        method_arms = tuple(a for a in args.method_arms.split(",") if a)
+        if method_arms and guard_available():
+            method_grid = [d * float(m) for m in args.method_grid.split(",")]
+            jobs += arm_jobs(setting, base, mbase, method_grid, method_arms, seeds)
+            arms += method_arms
+        runs = run_grid(jobs, args.out / "arms", args.workers, cached_only=args.cached_only)
         rows = [analysis.summarise(r) for r in runs]
         ran = [a for a in arms if any(r["arm"] == a for r in rows)]
         tables = {a: analysis.arm_table([r for r in rows if r["arm"] == a]) for a in ran}
