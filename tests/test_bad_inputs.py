@@ -1014,6 +1014,19 @@ def test_smooth_file_out_inside_a_checkpoint_folder(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "second weights file" in result.stderr
 
 
+def test_smooth_out_names_a_file_of_another_format(tmp_path: Path) -> None:
+    source = _spiked_file(tmp_path)
+    for name in ("o.pt", "o.bin", "o.ckpt"):
+        result = _invoke("smooth", source, "--out", tmp_path / name)
+        assert result.exit_code == 2 and "keeps the input's format" in result.stderr, name
+        assert "'o.safetensors'" in result.stderr and not (tmp_path / name).exists()
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    source.rename(folder / "model.safetensors")
+    result = _invoke("smooth", folder, "--out", tmp_path / "o.safetensors")
+    assert result.exit_code == 2 and "names a .safetensors file" in result.stderr
+
+
 def test_stale_staging_from_a_killed_smooth(tmp_path: Path) -> None:
     stale = tmp_path / ".old.pss-tmp-x"  # no live PID: a killed run's (or an old version's)
     stale.mkdir()
@@ -1089,6 +1102,10 @@ HANDLED_ROWS = {
     "`smooth --out FILE` beside a one-file input inside a checkpoint folder": (
         "2",
         test_smooth_file_out_inside_a_checkpoint_folder,
+    ),
+    "`smooth --out` naming a file of another format, or a file for a folder input": (
+        "2",
+        test_smooth_out_names_a_file_of_another_format,
     ),
     "staging entries left by a killed `smooth` (`.*.pss-tmp-*`)": (
         "0",
