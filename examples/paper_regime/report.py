@@ -64,9 +64,13 @@ def tables(results: dict[str, Any]) -> str:
                 )
         out.append("\n| arm | max stable LR | best loss (mean of 3 seeds, best LR) |")
         out.append("|---|---|---|")
-        for arm in results["tables"]:
+        grid = {float(x) for x in results.get("grid", [])}
+        for arm, table in results["tables"].items():
             msl = results["msl"][arm]
             shown = "below the grid" if msl is None else f"{msl:g}"
+            ran = {float(x) for x in table}
+            if grid and ran != grid:  # an arm run at a few LRs only (the other guard methods)
+                shown = "n/a (run at " + ", ".join(f"{x:g}" for x in sorted(ran)) + " only)"
             out.append(f"| {arm} | {shown} | {_f(results['best_loss'][arm])} |")
     rep = results.get("repair")
     if rep and rep["cases"]:
