@@ -95,12 +95,17 @@ def draw_all(
         plt.close(fig)
 
     # 3. one-shot repairs: train loss (20-step mean) of each resume, per explosion.
-    rep = results.get("repair")
+    # The pooled repairs (with the extra seeds' explosions) include the pre-registered ones.
+    rep = results.get("repair_pooled") or results.get("repair")
     if rep and rep["cases"]:
         n = len(rep["cases"])
-        fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+        cols = min(n, 3)
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+        for j in range(n, rows * cols):
+            axes[j // cols][j % cols].axis("off")
         for i, case in enumerate(rep["cases"]):
-            ax = axes[0][i]
+            ax = axes[i // cols][i % cols]
             for arm, resumes in rep["resumes"].items():
                 steps, loss = resumes[i]["curve"]
                 ax.plot(

@@ -72,9 +72,20 @@ def tables(results: dict[str, Any]) -> str:
             if grid and ran != grid:  # an arm run at a few LRs only (the other guard methods)
                 shown = "n/a (run at " + ", ".join(f"{x:g}" for x in sorted(ran)) + " only)"
             out.append(f"| {arm} | {shown} | {_f(results['best_loss'][arm])} |")
-    rep = results.get("repair")
+    for key, title in (
+        ("repair", "One-shot repairs"),
+        ("repair_pooled", "One-shot repairs, pooled with the extra seeds' explosions"),
+    ):
+        _repair_table(out, results.get(key), title)
+    for claim in ("claim_b", "claim_a", "claim_a_pooled"):
+        if claim in results:
+            out.append(f"\n{claim}: `{json.dumps(results[claim])}`")
+    return "\n".join(out) + "\n"
+
+
+def _repair_table(out: list[str], rep: dict[str, Any] | None, title: str) -> None:
     if rep and rep["cases"]:
-        out.append("\n#### One-shot repairs (final val loss; R = re-exploded)\n")
+        out.append(f"\n#### {title} (final val loss; R = re-exploded)\n")
         cases = rep["cases"]
         out.append(
             "| resume | "
@@ -90,10 +101,6 @@ def tables(results: dict[str, Any]) -> str:
                 )
                 + " |"
             )
-    for claim in ("claim_b", "claim_a"):
-        if claim in results:
-            out.append(f"\n{claim}: `{json.dumps(results[claim])}`")
-    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
