@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from cpu_info import cpu_name
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pss_cli.guard import Guard, GuardConfig, TriggerAction
@@ -183,39 +183,6 @@ def syncs_per_step(v: Variant, tokens: list[torch.Tensor]) -> list[int]:
         v.optimizer.zero_grad(set_to_none=True)
         counts.append(len(calls))
     return counts
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in info.splitlines()
-                if ln.startswith("model name")
-            ),
-            "?",
-        )
-        family = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in info.splitlines()
-                if ln.startswith("cpu family")
-            ),
-            "?",
-        )
-        number = next(
-            (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model\t")),
-            "?",
-        )
-        flags_line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-        flags = [
-            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags_line.split()
-        ]
-        shown = " ".join(flags) or "none of avx2/avx512"
-        return f"{model} (family {family} model {number}), flags {shown}"
-    return platform.processor() or "?"
 
 
 def main() -> None:

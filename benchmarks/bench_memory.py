@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cpu_info import cpu_flags, cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import MatrixSpec, build_matrix  # a sibling script, not a package
@@ -174,8 +175,9 @@ def method_read(folder: Path) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "bytes": total}
 
 
-def method_compute(folder: Path, device_spec: str) -> dict[str, Any]:
-    """pss's own solver on each matrix, from memory; reading and the fp32 copy are untimed."""
+def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, Any]:
+    """pss's own solver on each matrix, from memory; reading and the fp32 copy are untimed.
+    ``products`` (fp32 | bf16): the Krylov products' dtype, the one the scan uses."""
     from safetensors import safe_open
 
     from pss_cli.config import DEFAULT_TOP_K
@@ -183,7 +185,7 @@ def method_compute(folder: Path, device_spec: str) -> dict[str, Any]:
     from pss_cli.pipeline import matrix_seed, resolve_device
 
     device = resolve_device(device_spec)
-    settings = KrylovSettings()
+    settings = KrylovSettings(bf16_products=products == "bf16")
     solve = 0.0
     solve_cpu = 0.0
     matrices = 0
@@ -226,12 +228,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def method_scan(folder: Path, device: str, report: Path) -> dict[str, Any]:
+def method_scan(folder: Path, device: str, report: Path, products: str) -> dict[str, Any]:
     """The CLI in this process, exactly as `pss scan` runs it (typer app, rendering, -o FILE)."""
     from pss_cli.app import main as pss_main
 
     sys.argv = ["pss", "scan", str(folder), "--format", "json", "-o", str(report)]
-    sys.argv += ["--device", device, "-q"]
+    sys.argv += ["--device", device, "--precision", products, "-q"]
     stdout = sys.stdout
     code = 0
     try:
@@ -245,17 +247,17 @@ def method_scan(folder: Path, device: str, report: Path) -> dict[str, Any]:
     return {"exit": code}
 
 
-def run_method(method: str, folder: Path, device: str) -> dict[str, Any]:
+def run_method(method: str, folder: Path, device: str, products: str) -> dict[str, Any]:
     command = [sys.executable, __file__, "--method", method, "--dir", str(folder)]
-    command += ["--device", device]
+    command += ["--device", device, "--precision", products]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def run_scan(folder: Path, device: str, report: Path) -> dict[str, Any]:
+def run_scan(folder: Path, device: str, report: Path, products: str) -> dict[str, Any]:
     """`pss scan` in a fresh process; wall time from spawn to exit (imports included)."""
     command = [sys.executable, __file__, "--method", "scan", "--dir", str(folder)]
-    command += ["--device", device, "--report", str(report)]
+    command += ["--device", device, "--report", str(report), "--precision", products]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -305,6 +307,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="pss --device for scan and floor")
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm")
     parser.add_argument("--out", type=Path, help="also write the table as Markdown")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="Krylov products of both the scan and the compute floor (auto: measured once here, "
+        "as pss scan --precision auto does, then pinned for both)",
+    )
     parser.add_argument("--method", choices=("read", "compute", "scan"), help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -313,9 +322,9 @@ def main() -> None:
         if args.method == "read":
             result = method_read(args.dir)
         elif args.method == "compute":
-            result = method_compute(args.dir, args.device)
+            result = method_compute(args.dir, args.device, args.precision)
         else:
-            result = method_scan(args.dir, args.device, args.report)
+            result = method_scan(args.dir, args.device, args.report, args.precision)
         result["peak_rss"] = peak_rss_bytes()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         # The compute floor counts the solver's CPU time only (its reads are not part of it).
@@ -347,13 +356,23 @@ def measure(args: argparse.Namespace, total: int) -> None:
             method_read(args.dir)  # warm the page cache
 
     load_before = os.getloadavg()[0]
+    from pss_cli.config import BF16_MIN_SPEEDUP
+    from pss_cli.core.precision import choose_precision
+    from pss_cli.pipeline import resolve_device
+
+    # One choice for both the scan and the compute floor: two processes calibrating apart
+    # could pick different products on a loaded machine, and the ratio would compare unlike.
+    choice = choose_precision(
+        args.precision, resolve_device(args.device), torch.float32, BF16_MIN_SPEEDUP
+    )
+    products = choice.products
     prepare()
-    read = run_method("read", args.dir, args.device)
+    read = run_method("read", args.dir, args.device, products)
     prepare()
     with tempfile.TemporaryDirectory() as tmp:
-        scan = run_scan(args.dir, args.device, Path(tmp) / "report.json")
+        scan = run_scan(args.dir, args.device, Path(tmp) / "report.json", products)
     prepare()
-    compute = run_method("compute", args.dir, args.device)
+    compute = run_method("compute", args.dir, args.device, products)
     base = baseline_rss()
     floor = max(read["seconds"], compute["seconds"])
     gib = 2**30
@@ -364,12 +383,14 @@ def measure(args: argparse.Namespace, total: int) -> None:
     ]
     lines = [
         f"- Date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"- CPU: {cpu_name()}, flags {cpu_flags()}; {os.cpu_count()} logical CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python "
         f"{platform.python_version()}",
         f"- Checkpoint: {args.blocks} Llama-7B-shaped blocks + embedding + lm_head, BF16, "
         f"{len(shard_files(args.dir))} shards, {total / 1e9:.2f} GB ({total / gib:.2f} GiB), "
         f"{scan['matrices']} matrices",
+        f"- Krylov products: {products} (--precision {args.precision}, basis {choice.basis}; "
+        f"measured bf16/fp32 time ratio {choice.bf16_time_ratio})",
         f"- Device: {args.device}; page cache: {args.cache}; 1-minute load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared: "
         "figures under load are slower and the ratio noisier)",

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cpu_info import cpu_flags, cpu_name
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -67,8 +68,6 @@ GOAL_PROCESS_VS_EXACT = 12.0
 GOAL_SPEEDUP_VS_WW = 40.0
 GOAL_SPEEDUP_VS_SVDS = 5.0
 GOAL_FLOOR_RATIO = 1.3
-# CPU flags that decide what a bf16 product costs (see pss_cli.core.precision).
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 GOAL_SIGMA_MAX_ERR = 1e-3
 GOAL_TOP_K_ERR = 1e-2
 
@@ -961,18 +960,7 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
 
 
 def machine_info() -> str:
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())  # the first CPU's
-    except OSError:
-        pass
-    cpu = fields.get("model name") or platform.processor() or "unknown"
-    if "cpu family" in fields:
-        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
-    flags = set(fields.get("flags", "").split())
-    present = ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    cpu, present = cpu_name(), cpu_flags()
     config = torch.__config__.show()
     blas = "MKL" if "BLAS_INFO=mkl" in config else "other (see torch.__config__.show())"
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

@@ -1,0 +1,41 @@
+"""The CPU a benchmark ran on, named the same way by every script in this folder.
+
+The CPU under this project's machines changes between sessions (docs/BENCHMARKS.md), and what a
+figure means depends on it: bf16 products are 50-300x slower than fp32 on an AVX2-only AMD EPYC
+and several times faster on a CPU with AVX512_BF16 or AMX. So every table names the model, the
+family/model numbers and the flags that decide the product precision."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+# CPU flags that decide what a bf16 product costs (see pss_cli.core.precision).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_fields() -> dict[str, str]:
+    """/proc/cpuinfo's fields of the first CPU (empty where there is no /proc)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_name() -> str:
+    """E.g. "AMD EPYC (family 25 model 17)"."""
+    fields = cpu_fields()
+    cpu = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    return cpu
+
+
+def cpu_flags() -> str:
+    """E.g. "avx2: yes, avx512f: yes, avx512_bf16: yes, amx_bf16: no, amx_tile: no"."""
+    flags = set(cpu_fields().get("flags", "").split())
+    return ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
