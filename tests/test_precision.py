@@ -85,6 +85,24 @@ def test_bf16_and_fp32_products_agree_on_a_batch() -> None:
     assert _errors(low, high).max() <= 2 * TOP_K_TOL
 
 
+def test_bf16_batched_equals_looped() -> None:
+    # Matrices that converge at different iterations: once one is done, the others' products
+    # run on views of their own rows (nothing is compacted), and each result is its own.
+    matrices = torch.stack(
+        [
+            _unit(with_spectrum(800, 700, f(700), seed=i).to(torch.bfloat16).float())
+            for i, f in enumerate(SPECTRA.values())
+        ]
+    )
+    seeds = list(range(len(matrices)))
+    batched = top_singular_values(matrices, 16, gaussian_start(seeds, 700, 32), BF16)
+    assert len(set(batched.iterations)) > 1  # the partial-batch path ran
+    for i in seeds:
+        alone = top_singular_values(matrices[i : i + 1], 16, gaussian_start([i], 700, 32), BF16)
+        torch.testing.assert_close(batched.values[i], alone.values[0], rtol=1e-6, atol=0.0)
+        assert batched.iterations[i] == alone.iterations[0]
+
+
 def test_noise_beyond_the_tolerance_is_never_reported() -> None:
     # Tolerances far below bf16's rounding: the bf16 test cannot pass, so the matrix is solved
     # again with fp32 products, which cannot either within 6 iterations: a full SVD answers.

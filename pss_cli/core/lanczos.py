@@ -47,8 +47,7 @@ def block_lanczos(
     retry: list[int] = []  # bf16 could not vouch for these: solved again with fp32 products
 
     active = torch.arange(batch, device=tall.device)
-    a = tall
-    ops = Products(a, low)
+    ops = Products(tall, low)
     with deterministic_lapack(start):
         v_first = torch.linalg.qr(start).Q
     v_last = v_first  # (B, n, b) the newest right block V_{j+1}
@@ -101,7 +100,7 @@ def block_lanczos(
             # Reported values: the fp32 Rayleigh-Ritz of the true matrix (module docstring).
             chosen = torch.nonzero(done).flatten()
             refined, agrees = rayleigh_ritz(
-                a[chosen],
+                [ops.matrix(local) for local in chosen.tolist()],
                 v_basis.buffer[chosen, :, : u_basis.used],
                 bidiagonal[chosen],
                 history[-1][chosen],
@@ -144,7 +143,7 @@ def block_lanczos(
                 )
                 for local in torch.nonzero(not_converged.cpu()).flatten().tolist():
                     global_index = int(active[local])
-                    values[global_index] = exact_top(a[local], k, vectors, global_index)
+                    values[global_index] = exact_top(ops.matrix(local), k, vectors, global_index)
                     exact[global_index] = True
                 break
         keep = torch.nonzero(~done).flatten()
@@ -153,7 +152,6 @@ def block_lanczos(
         # Drop converged matrices from every piece of Krylov state, so that a spiky matrix that
         # converged in 3 iterations does not pay for a flat one that needs 15.
         active = active[keep]
-        a = a[keep]
         ops.select(keep)
         u_basis.select(keep)
         v_basis.select(keep)
@@ -166,7 +164,7 @@ def block_lanczos(
     # SVD rather than zeros.
     for local, global_index in enumerate(active.tolist()):
         if iterations[global_index] == 0 and not exact[global_index]:
-            values[global_index] = exact_top(a[local], k, vectors, global_index)
+            values[global_index] = exact_top(ops.matrix(local), k, vectors, global_index)
             exact[global_index] = True
             iterations[global_index] = max_iterations
     if retry:
