@@ -137,6 +137,36 @@ def test_claim_a_verdicts() -> None:
     )
 
 
+def test_sign_test_p_is_the_exact_binomial_tail() -> None:
+    assert analysis.sign_test_p(5, 0) == 1 / 32
+    assert analysis.sign_test_p(0, 0) == 1.0
+    assert math.isclose(analysis.sign_test_p(6, 1), 8 / 128)  # P(X >= 6), n = 7
+
+
+def _confirm_rows(arm_diverged: list[bool], control_diverged: list[bool]) -> list[dict]:
+    rows = []
+    for seed, (a, c) in enumerate(zip(arm_diverged, control_diverged, strict=True)):
+        rows.append(
+            {"arm": "pss-clip", "seed": seed, "diverged": a, "final_val": 3.4 if a else 2.2}
+        )
+        for control in ("baseline", "skip"):
+            rows.append(
+                {"arm": control, "seed": seed, "diverged": c, "final_val": 3.4 if c else 2.2}
+            )
+    return rows
+
+
+def test_confirm_verdicts() -> None:
+    controls = ("baseline", "skip")
+    five_wins = _confirm_rows([False] * 12, [True] * 5 + [False] * 7)
+    assert analysis.verdict_confirm(five_wins, "pss-clip", controls)["verdict"] == "supported"
+    # 4 wins, 0 losses: p = 1/16 > 0.05
+    four_wins = _confirm_rows([False] * 12, [True] * 4 + [False] * 8)
+    assert analysis.verdict_confirm(four_wins, "pss-clip", controls)["verdict"] == "weak"
+    worse = _confirm_rows([True] * 3 + [False] * 9, [False] * 12)
+    assert analysis.verdict_confirm(worse, "pss-clip", controls)["verdict"] == "not supported"
+
+
 def test_a_diverged_run_never_counts_better_than_the_unigram_line() -> None:
     assert analysis.capped(math.inf) == analysis.UNIGRAM_NATS
     assert analysis.compare(_resume(True, 50.0), _resume(True, 4.0)) == 0

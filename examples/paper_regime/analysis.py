@@ -217,3 +217,50 @@ def verdict_a(resumes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     else:
         verdict = "not supported"
     return {"verdict": verdict, "smooth_vs_unchanged": t1, "smooth_lr2_vs_lr2": t2}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test: P(X >= wins) for X ~ Binomial(wins + losses, 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n
+
+
+def verdict_confirm(
+    rows: Sequence[dict[str, Any]], arm: str, controls: Sequence[str]
+) -> dict[str, Any]:
+    """docs/EXPERIMENTS.md v2.1: `arm` against each control on paired seeds at one LR."""
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["arm"] == arm})
+    out: dict[str, Any] = {"arm": arm, "seeds": seeds, "controls": {}}
+
+    def mean_capped(name: str) -> float:
+        return statistics.fmean(capped(by[(name, s)]["final_val"]) for s in seeds)
+
+    n_arm = sum(by[(arm, s)]["diverged"] for s in seeds)
+    passes, fewer = [], []
+    for control in controls:
+        wins = sum(by[(control, s)]["diverged"] and not by[(arm, s)]["diverged"] for s in seeds)
+        losses = sum(by[(arm, s)]["diverged"] and not by[(control, s)]["diverged"] for s in seeds)
+        p = sign_test_p(wins, losses)
+        n_control = sum(by[(control, s)]["diverged"] for s in seeds)
+        loss_ok = mean_capped(arm) <= mean_capped(control) + 0.02
+        out["controls"][control] = {
+            "diverged": n_control,
+            "wins": wins,
+            "losses": losses,
+            "p": p,
+            "mean_capped": mean_capped(control),
+        }
+        passes.append(wins - losses >= 4 and p <= 0.05 and loss_ok)
+        fewer.append(n_arm < n_control)
+    out["diverged"] = n_arm
+    out["mean_capped"] = mean_capped(arm)
+    if all(passes):
+        out["verdict"] = "supported"
+    elif all(fewer):
+        out["verdict"] = "weak"
+    else:
+        out["verdict"] = "not supported"
+    return out

@@ -237,6 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         "--method-grid", default="0.5,1", help="the LRs of --method-arms, as multiples of D"
     )
     parser.add_argument(
+        "--confirm-seeds",
+        default="",
+        help="v2.1: new seeds at D for the confirmatory test of --confirm-arm (e.g. 15,...,26)",
+    )
+    parser.add_argument("--confirm-arm", default="pss-clip")
+    parser.add_argument("--confirm-controls", default="baseline,skip")
+    parser.add_argument("--confirm-context", default="pss", help="arms run beside, no verdict")
+    parser.add_argument(
         "--repair-seeds",
         default="",
         help="extra baseline seeds run at D only to find more explosions for claim (a) "
@@ -327,6 +335,23 @@ def main(argv: list[str] | None = None) -> None:
                 results["repair_pooled"] = pooled
                 if len(pooled["cases"]):
                     results["claim_a_pooled"] = analysis.verdict_a(pooled["resumes"])
+    confirm_seeds = tuple(int(x) for x in args.confirm_seeds.split(",") if x)
+    if confirm_seeds and args.stop_after != "pilot" and guard_available():
+        controls = tuple(a for a in args.confirm_controls.split(",") if a)
+        context = tuple(a for a in args.confirm_context.split(",") if a)
+        confirm_arms = (*controls, args.confirm_arm, *context)
+        d = pilots[setting]["divergence_lr"] or max(lrs)
+        confirm = run_grid(
+            arm_jobs(setting, base, mbase, [d], confirm_arms, confirm_seeds),
+            args.out / "arms",
+            args.workers,
+            cached_only=args.cached_only,
+        )
+        confirm_rows = [analysis.summarise(r) for r in confirm]
+        results["confirm_rows"] = confirm_rows
+        results["claim_confirm"] = analysis.verdict_confirm(
+            confirm_rows, args.confirm_arm, controls
+        )
     results["wall_seconds"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(analysis_json(results), indent=1))
     import report
@@ -348,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                     "claim_b",
                     "claim_a",
                     "claim_a_pooled",
+                    "claim_confirm",
                     "wall_seconds",
                 )
             },
