@@ -169,8 +169,24 @@ def _stable_rank(matrix: torch.Tensor) -> float:
     return float((s**2).sum() / s[0] ** 2)
 
 
+def test_default_smoothing_sets_sigma_1_to_sigma_2() -> None:
+    # The default follows docs/EXPERIMENTS.md v2.1 (clip, one value).
+    assert GuardConfig().smooth_method is SmoothingMethod.CLIP and GuardConfig().clip_count == 1
+    model, guard = guarded(GuardConfig(**FIRE_AT_ONCE))
+    run(model, guard, 1)
+    fc = model.h[1].c_fc.weight.detach().clone()  # type: ignore[union-attr]
+    loss_of(model, 1).backward()
+    decision = guard.step()
+    assert decision.skipped and "h.1.c_fc.weight" in decision.smoothed
+    s = torch.linalg.svdvals(fc.double())
+    new_s = torch.linalg.svdvals(model.h[1].c_fc.weight.detach().double())  # type: ignore[union-attr]
+    assert float(new_s[0]) == pytest.approx(float(s[1]), rel=1e-5)
+    torch.testing.assert_close(new_s[1:8], s[1:8], rtol=1e-5, atol=0.0)
+
+
 def test_smooth_applies_conv_to_monitored_matrices_and_skips() -> None:
-    model, guard = guarded(GuardConfig(**FIRE_AT_ONCE))  # spike_action: smooth (the paper)
+    # spike_action: smooth (the paper), with the paper's conv (the default is clip, below)
+    model, guard = guarded(GuardConfig(**FIRE_AT_ONCE, smooth_method=SmoothingMethod.CONV))
     run(model, guard, 1)
     before = snapshot(model, guard.optimizer)
     c_attn = model.h[0].c_attn.weight.detach().clone()  # type: ignore[union-attr]

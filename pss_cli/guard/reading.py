@@ -119,9 +119,13 @@ def squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torc
             norm = torch.linalg.vector_norm(local, dtype=torch.float32)
             squared[i] = norm.to(device=device, dtype=VECTOR_DTYPE).square()
     for members in groups.values():
-        norms = torch._foreach_norm([t for _, t in members])
-        for (i, _), norm in zip(members, norms, strict=True):
-            squared[i] = norm.to(device=device, dtype=VECTOR_DTYPE).square()
+        # One conversion and one square per group, then views (unbind): per-parameter .to() and
+        # .square() were two small ops per parameter, most of the guard's own time per step on
+        # a small model (AMD EPYC Zen 4: 1.13 ms of a 50 ms step for a 4-layer GPT-2 shape).
+        norms = torch.stack(torch._foreach_norm([t for _, t in members]))
+        group_sq = norms.to(device=device, dtype=VECTOR_DTYPE).square()
+        for (i, _), sq in zip(members, group_sq.unbind(0), strict=True):
+            squared[i] = sq
     zero = torch.zeros((), dtype=VECTOR_DTYPE, device=device)
     return torch.stack([zero if sq is None else sq for sq in squared])
 
