@@ -53,3 +53,14 @@ class CheckpointLayout:
     # The user named one weights file: a repaired copy is one file too, and the files beside it
     # (optimizer.pt, ZeRO state) are not part of the checkpoint.
     one_file: bool = False
+
+    @property
+    def folder(self) -> Path:
+        """The folder the checkpoint lives in, whose other files (optimizer.pt, config.json,
+        trainer_state.json) travel with it: a one-file input's parent (that file alone is
+        the checkpoint), an index's folder, else the folder the user named."""
+        if self.one_file:
+            return self.root.parent
+        if self.index_file is not None:
+            return self.index_file.parent
+        return self.root

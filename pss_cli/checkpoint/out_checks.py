@@ -25,7 +25,6 @@ from pathlib import Path
 
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.staging import exists_error, file_output_error
-from pss_cli.checkpoint.staging import input_folder as input_folder_of
 from pss_cli.errors import UsageError
 
 TMP_TAG = ".pss-tmp-"  # the writers' staging tag (checkpoint/staging.py), followed by the PID
@@ -166,7 +165,7 @@ def check_output_path(layout: CheckpointLayout, out: Path, *, force: bool = Fals
     """The refusals of `write_repaired_checkpoint` about `out`, for callers that want them
     before doing the (long) work that precedes writing."""
     _check_file_suffix(layout, out)
-    _check_out_path(layout, input_folder_of(layout), out, force=force)
+    _check_out_path(layout, layout.folder, out, force=force)
 
 
 def _check_file_suffix(layout: CheckpointLayout, out: Path) -> None:

@@ -26,16 +26,6 @@ TMP_TAG = ".pss-tmp-"
 _OLD_TAG = ".pss-old-"
 
 
-def input_folder(layout: CheckpointLayout) -> Path:
-    """The folder whose other files travel with the checkpoint (the file's parent for a single
-    file, which is NOT copied: the user named one file)."""
-    if layout.one_file:
-        return layout.root.parent
-    if layout.index_file is not None:
-        return layout.index_file.parent
-    return layout.root
-
-
 @contextlib.contextmanager
 def staged_folder(out: Path, like: Path) -> Iterator[Path]:
     """A fresh hidden folder beside ``out`` (same filesystem), removed on any failure."""

@@ -184,7 +184,7 @@ def plan_scan(path: Path, config: ScanConfig, device: torch.device | None = None
 
 
 def relative_file(layout: CheckpointLayout, file: Path) -> str:
-    base = layout.root if layout.root.is_dir() else layout.root.parent
+    base = layout.folder
     try:
         return str(file.relative_to(base))
     except ValueError:

@@ -53,7 +53,7 @@ def smooth_checkpoint(
     if out is None and not config.dry_run:
         raise UsageError("--out is required unless --dry-run is given")
     layout = open_checkpoint(source)
-    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    folder = layout.folder
     # A one-file input has no folder around it to carry (optimizer.pt, ZeRO state).
     master = detect_master_weights(folder) if not layout.one_file else []
     if master and not config.allow_master_weights and not config.dry_run:

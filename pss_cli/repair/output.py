@@ -22,7 +22,7 @@ def check_output(layout: CheckpointLayout, out: Path, force: bool) -> None:
     out_checks.check_output_path(layout, out, force=force)
     out_checks.probe_writable(out.parent, out)
     out_checks.refuse_file_in_checkpoint_folder(layout.root, out)
-    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    folder = layout.folder
     format_of(layout.kind).check_output(layout, out)
     if not layout.one_file:
         nested = [f for f in layout.files if f.parent.resolve() != folder.resolve()]

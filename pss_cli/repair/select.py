@@ -37,7 +37,7 @@ def _tied_to(pattern: str, scan: ScanReport, layout: CheckpointLayout) -> str | 
         pattern.endswith(name) for name in _LM_HEAD_NAMES
     ):
         return None
-    folder = layout.root if layout.root.is_dir() else layout.root.parent
+    folder = layout.folder
     config_file = folder / "config.json"
     if config_file.is_file():
         import json

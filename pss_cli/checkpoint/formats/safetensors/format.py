@@ -120,7 +120,7 @@ class SafetensorsFormat:
             return None
         from pss_cli.checkpoint.optimizer import find_optimizer_file
 
-        return find_optimizer_file(layout.root if layout.root.is_dir() else layout.root.parent)
+        return find_optimizer_file(layout.folder)
 
     def lr_plan(
         self, layout: CheckpointLayout, factor: float, keep_optimizer: bool
@@ -129,9 +129,7 @@ class SafetensorsFormat:
             return None
         from pss_cli.checkpoint.lr_files import LrScalePlan
 
-        return LrScalePlan.for_folder(
-            factor, layout.root if layout.root.is_dir() else layout.root.parent
-        )
+        return LrScalePlan.for_folder(factor, layout.folder)
 
     def write(self, request: WriteRequest) -> WriteResult:
         from pss_cli.checkpoint.formats.safetensors.writer import write_repaired_checkpoint

@@ -43,7 +43,6 @@ from pss_cli.checkpoint.staging import (
     staged_file,
     staged_folder,
 )
-from pss_cli.checkpoint.staging import input_folder as input_folder_of
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError
 
@@ -93,7 +92,7 @@ def write_repaired_checkpoint(
     to_file = out.name.endswith(SAFETENSORS_SUFFIX)
     if to_file and extra_files is not None:
         raise ValueError("extra_files needs a folder output, not a single .safetensors file")
-    input_folder = input_folder_of(layout)
+    input_folder = layout.folder
 
     replaced = tuple(sorted(replacements))
     try:

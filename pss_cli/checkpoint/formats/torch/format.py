@@ -99,7 +99,7 @@ class TorchFormat:
             return None  # its optimizer state, if any, is inside the file (edit_object)
         from pss_cli.checkpoint.optimizer import find_optimizer_file
 
-        return find_optimizer_file(layout.root if layout.root.is_dir() else layout.root.parent)
+        return find_optimizer_file(layout.folder)
 
     def lr_plan(
         self, layout: CheckpointLayout, factor: float, keep_optimizer: bool
@@ -110,9 +110,7 @@ class TorchFormat:
             from pss_cli.checkpoint.formats.torch.torch_file import load
 
             return LrScalePlan.for_file(factor, layout.root, load(layout.root))
-        return LrScalePlan.for_folder(
-            factor, layout.root if layout.root.is_dir() else layout.root.parent
-        )
+        return LrScalePlan.for_folder(factor, layout.folder)
 
     def write(self, request: WriteRequest) -> WriteResult:
         from pss_cli.checkpoint.formats.torch.torch_writer import write_torch_checkpoint

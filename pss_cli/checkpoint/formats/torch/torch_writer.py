@@ -64,8 +64,7 @@ def write_torch_checkpoint(
                 st.write_provenance(sidecar, provenance)
                 st.commit_file(tmp, out, force)
             return out
-        source = st.input_folder(layout) if not layout.one_file else None
-        with st.staged_folder(out, source or layout.root.parent) as staging:
+        with st.staged_folder(out, layout.folder) as staging:
             written: set[str] = set()
             for file in layout.files:
                 _write_one(file, staging / file.name, layout, replacements, edit_object)
@@ -73,11 +72,11 @@ def write_torch_checkpoint(
             if layout.index_file is not None:
                 _write_index(layout.index_file, staging / layout.index_file.name, provenance)
                 written.add(layout.index_file.name)
-            if source is not None:
+            if not layout.one_file:  # a one-file input's neighbours are not part of it
                 written.add(provenance_sidecar(staging).name)
-                st.copy_others(source, staging, written, skip_copy)
+                st.copy_others(layout.folder, staging, written, skip_copy)
             if extra_files is not None:
-                extra_files(source or layout.root.parent, staging)
+                extra_files(layout.folder, staging)
             provenance_sidecar(staging).unlink(missing_ok=True)
             st.write_provenance(provenance_sidecar(staging), provenance)
             if before_commit is not None:
