@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ class ToyFormat:
                 continue
             shape = tuple(int(d) for d in item["shape"])
             size = 4 if item["dtype"] == "F32" else 8
-            nbytes = size * int(torch.tensor(shape).prod().item()) if shape else size
+            nbytes = size * math.prod(shape)
             entries.append(TensorEntry(name, path, item["dtype"], shape, (0, nbytes)))
         return CheckpointLayout(
             root=path,

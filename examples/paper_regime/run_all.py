@@ -340,7 +340,6 @@ def main(argv: list[str] | None = None) -> None:
         controls = tuple(a for a in args.confirm_controls.split(",") if a)
         context = tuple(a for a in args.confirm_context.split(",") if a)
         confirm_arms = (*controls, args.confirm_arm, *context)
-        d = pilots[setting]["divergence_lr"] or max(lrs)
         confirm = run_grid(
             arm_jobs(setting, base, mbase, [d], confirm_arms, confirm_seeds),
             args.out / "arms",
