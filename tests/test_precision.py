@@ -24,6 +24,7 @@ from pss_cli.core.spectra import (
     KrylovSettings,
     exact_singular_values,
     gaussian_start,
+    top_singular_triplets,
     top_singular_values,
 )
 from pss_cli.pipeline import scan_checkpoint
@@ -221,3 +222,92 @@ def test_cuda_auto_measures_on_the_gpu(bf16_checkpoint: Path) -> None:
     assert report.settings.precision_basis == "measured"
     assert report.timings["bf16_time_ratio"] > 0
     assert "cuda" in precision_module._CACHE or "cuda:0" in precision_module._CACHE
+
+
+def test_a_bf16_matrix_is_multiplied_as_stored() -> None:
+    # A BF16 checkpoint's batch arrives as bf16 (pss_cli/pipeline/loader.py): the solver
+    # multiplies it as it is. Its Krylov products are the same as those of the bf16 copy of the
+    # float32 buffer (same values), so the iterations match, and the Rayleigh-Ritz product
+    # (float32, converted a slab at a time) differs only in its rounding order.
+    truth = flat_bulk(700)
+    stored = _unit(with_spectrum(900, 700, truth, seed=8).to(torch.bfloat16).float())
+    start = gaussian_start([4], 700, 32)
+    native = top_singular_values(stored.to(torch.bfloat16)[None], 16, start, BF16)
+    copied = top_singular_values(stored[None], 16, start, BF16)
+    assert native.iterations == copied.iterations and native.exact == (False,)
+    torch.testing.assert_close(native.values, copied.values, rtol=1e-6, atol=0.0)
+    reference = exact_singular_values(stored.double()[None])[0, :16]
+    errors = _errors(native.values[0], reference)
+    assert errors[0] <= SIGMA_MAX_TOL and errors.max() <= TOP_K_TOL
+    # bf16 values have only bf16 products to offer, whatever the settings ask.
+    assert top_singular_values(stored.to(torch.bfloat16)[None], 16, start, FP32).iterations == (
+        native.iterations
+    )
+
+
+def test_a_bf16_matrix_that_cannot_be_vouched_for_is_converted() -> None:
+    # The retry (fp32 products) and the full-SVD fallback need the float32 matrix: converted
+    # from the bf16 values, which are exact, so the answer is the exact one.
+    settings = KrylovSettings(
+        exact_max_dim=0, bf16_products=True, tol_sigma_max=1e-12, tol_top_k=1e-12, max_iterations=6
+    )
+    stored = _unit(with_spectrum(800, 700, flat_bulk(700), seed=9).to(torch.bfloat16).float())
+    result = top_singular_values(
+        stored.to(torch.bfloat16)[None], 16, gaussian_start([5], 700, 32), settings
+    )
+    assert result.exact == (True,) and result.iterations[0] == 12
+    torch.testing.assert_close(
+        result.values[0], exact_singular_values(stored.double()[None])[0, :16], rtol=1e-5, atol=0
+    )
+
+
+def test_a_bf16_matrix_has_no_singular_vectors() -> None:
+    # Smoothing edits along the vectors: it needs compute-dtype products, never bf16 ones.
+    matrix = torch.randn(800, 700).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        top_singular_triplets(matrix, 16, gaussian_start([0], 700, 32)[0], FP32)
+
+
+@pytest.mark.parametrize(
+    ("stored", "precision", "expected"),
+    [
+        (torch.bfloat16, ProductPrecision.BF16, torch.bfloat16),
+        (torch.bfloat16, ProductPrecision.FP32, torch.float32),
+        (torch.float16, ProductPrecision.BF16, torch.float32),  # fp16 values are not bf16 values
+        (torch.float32, ProductPrecision.BF16, torch.float32),
+    ],
+    ids=["BF16-bf16", "BF16-fp32", "F16-bf16", "F32-bf16"],
+)
+def test_the_loader_keeps_bf16_only_where_it_is_exact(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stored: torch.dtype,
+    precision: ProductPrecision,
+    expected: torch.dtype,
+) -> None:
+    import pss_cli.pipeline.solve as solve_module
+
+    seen: list[torch.dtype] = []
+    original = solve_module.top_singular_values
+
+    def spy(matrices: torch.Tensor, *args: object, **kwargs: object) -> object:
+        seen.append(matrices.dtype)
+        return original(matrices, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(solve_module, "top_singular_values", spy)
+    tensors = {
+        "wide.weight": with_spectrum(700, 900, spiky(700), seed=1).to(stored),
+        "tall.weight": with_spectrum(900, 700, flat_bulk(700), seed=2).to(stored),
+    }
+    path = write_tensors(tmp_path / "m.safetensors", tensors)
+    report = scan_checkpoint(path, ScanConfig(exact_max_dim=0, precision=precision))
+    assert seen and set(seen) == {expected}
+    exact = scan_checkpoint(path, ScanConfig(exact=True))
+    for layer, reference in zip(report.layers, exact.layers, strict=True):
+        assert layer.solver == "krylov"
+        assert layer.frobenius_norm == reference.frobenius_norm  # the norm of the stored values
+        errors = _errors(
+            torch.tensor(layer.top_singular_values, dtype=torch.float64),
+            torch.tensor(reference.top_singular_values, dtype=torch.float64),
+        )
+        assert errors[0] <= SIGMA_MAX_TOL and errors.max() <= TOP_K_TOL, layer.name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pss_cli.core.krylov_basis import block_bidiagonal, ritz_values
 from pss_cli.core.spectra import (
     KrylovSettings,
     exact_singular_values,
@@ -187,3 +188,28 @@ def test_large_k_on_the_krylov_path() -> None:
     errors = _relative_errors(result.values[0], truth[:250])
     assert errors[0] <= SIGMA_MAX_TOL and errors[:16].max() <= TOP_K_TOL
     assert (result.values[0] > 0).all()
+
+
+@pytest.mark.parametrize("count", [1, 2, 7])
+def test_banded_ritz_values_match_the_dense_bidiagonal(count: int) -> None:
+    # The convergence test's Ritz values come from the banded T^T T (krylov_basis.ritz_values);
+    # the reference is float64 svdvals of the dense block bidiagonal T. Rank-deficient blocks
+    # (a zero column in R, as after an exhausted Krylov space) included.
+    generator = torch.Generator().manual_seed(count)
+
+    def triangle() -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(3, 200, 32, generator=generator)).R
+
+    r_blocks = [triangle() for _ in range(count)]
+    s_blocks = [triangle() * 0.6 for _ in range(count)]
+    r_blocks[-1][1, :, -1] = 0.0
+    dense = block_bidiagonal(r_blocks, s_blocks).double()
+    k = min(16, 32 * count)
+    reference = torch.linalg.svdvals(dense)[:, :k]
+    values = ritz_values(r_blocks, s_blocks, k)
+    assert values.dtype == torch.float64 and values.shape == (3, k)
+    # 1e-12 of sigma_1: float64 eigenvalues of the Gram matrix (docstring's error bound).
+    torch.testing.assert_close(values, reference, rtol=0.0, atol=1e-12 * float(reference.max()))
+    # A matrix's values do not depend on its batch-mates, to the last bit.
+    alone = ritz_values([r[1:2] for r in r_blocks], [s[1:2] for s in s_blocks], k)
+    assert torch.equal(alone[0], values[1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from pss_cli.core.krylov_settings import RELATIVE_FLOOR
+from pss_cli.core.lapack import deterministic_lapack
 
 
 class Basis:
@@ -65,6 +66,70 @@ def block_bidiagonal(r_blocks: list[torch.Tensor], s_blocks: list[torch.Tensor])
         if j + 1 < count:
             t[:, rows, (j + 1) * block : (j + 2) * block] = s_blocks[j].mT
     return t
+
+
+def ritz_values(r_blocks: list[torch.Tensor], s_blocks: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Top-k singular values of the block bidiagonal T (`block_bidiagonal`): (B, k) float64 on
+    the CPU, descending, as the square roots of the top eigenvalues of the banded T^T T.
+
+    Why not svdvals(T): it treats T as dense and costs O(n^3) per iteration, 0.6 s of a 3.6 s
+    Llama-block scan (AMD EPYC Zen 4, 2 threads); T is upper triangular with bandwidth b
+    (R_j upper triangular, S_j^T lower triangular), so T^T T is symmetric with bandwidth b and
+    LAPACK's dsbevx reduces the band in O(n^2 b) and bisects only the k wanted values: 2.1x
+    less over a 15-iteration solve, 2.6x at n = 448 (same CPU, one thread).
+    Precision: T^T T is formed in float64 from the blocks; an eigenvalue's absolute error is
+    ~eps64 * sigma_1^2, so sigma_i's relative error is ~1e-16 (sigma_1 / sigma_i)^2, below
+    1e-10 for every value the convergence test resolves (>= RELATIVE_FLOOR * sigma_1), and
+    below the fp32 svdvals this replaces.
+    Column block j of T holds S_{j-1}^T (row block j-1) and R_j (row block j), so
+    (T^T T)_{jj} = R_j^T R_j + S_{j-1} S_{j-1}^T and (T^T T)_{j,j+1} = R_j^T S_j^T.
+    """
+    count = len(r_blocks)
+    block = r_blocks[0].shape[-1]
+    n = count * block
+    wanted = min(k, n)
+    r_all = torch.stack(r_blocks, dim=1).to("cpu", torch.float64)  # (B, J, b, b)
+    s_all = (
+        torch.stack(s_blocks[: count - 1], dim=1).to("cpu", torch.float64) if count > 1 else None
+    )
+    values = torch.zeros(r_all.shape[0], wanted, dtype=torch.float64)
+    # One matrix at a time: a batched product's blocking (hence its last bits) may depend on the
+    # batch size, and a matrix's result must not depend on its batch-mates. On one thread: the
+    # (J, b, b) float64 products gave other last bits under 1 and 2 threads (AMD EPYC Zen 4).
+    with deterministic_lapack(r_all):
+        for i in range(r_all.shape[0]):
+            values[i] = _band_top_values(r_all[i], None if s_all is None else s_all[i], wanted)
+    return values
+
+
+def _band_top_values(r: torch.Tensor, s: torch.Tensor | None, wanted: int) -> torch.Tensor:
+    """`ritz_values` of one matrix: r (J, b, b) float64, s (J-1, b, b) or None."""
+    from scipy.linalg import eigvals_banded  # lazy: scipy.linalg costs ~0.17 s to import
+
+    count, block, _ = r.shape
+    n = count * block
+    # Column strip j of the upper triangle of T^T T: rows of block j-1 (the block above the
+    # diagonal, lower triangular) over rows of block j (the diagonal block, of which only
+    # the upper triangle is read). (J, 2b, b)
+    strips = r.new_zeros(count, 2 * block, block)
+    strips[:, block:] = r.mT @ r
+    if s is not None:  # S_0..S_{J-2}
+        strips[1:, block:] += s @ s.mT
+        strips[1:, :block] = r[:-1].mT @ s.mT
+    # LAPACK upper band storage: band[b + row - col, col] = G[row, col]. Within strip j the
+    # band's column q is strip rows q..q+b, a constant-stride walk (stride b + 1).
+    size = (count, block + 1, block)
+    stride = (2 * block * block, block, block + 1)
+    band = strips.as_strided(size, stride).permute(1, 0, 2).reshape(block + 1, n)
+    eigen = eigvals_banded(
+        band.numpy(),
+        lower=False,
+        select="i",
+        select_range=(n - wanted, n - 1),
+        check_finite=False,
+    )
+    # Ascending eigenvalues of a Gram matrix; rounding may leave a zero one slightly below 0.
+    return torch.from_numpy(eigen.copy()).flip(0).clamp_min(0.0).sqrt()
 
 
 def remaining_error(

@@ -12,6 +12,7 @@ from pss_cli.core.krylov_basis import (
     block_bidiagonal,
     remaining_error,
     reorthogonalise,
+    ritz_values,
 )
 from pss_cli.core.krylov_settings import (
     MIN_ITERATIONS,
@@ -43,7 +44,10 @@ def block_lanczos(
     block = start.shape[-1]
     max_iterations = iteration_budget(n, replace(settings, block_size=block))
     # Triplets for smoothing keep compute-dtype products: `pss smooth` edits along the vectors.
-    low = settings.bf16_products and vectors is None
+    # A bf16 batch (a BF16 checkpoint loaded as stored) has only bf16 products to offer.
+    low = (settings.bf16_products and vectors is None) or tall.dtype == torch.bfloat16
+    if tall.dtype == torch.bfloat16 and vectors is not None:
+        raise ValueError("singular vectors need a float32/float64 matrix, not bfloat16")
     retry: list[int] = []  # bf16 could not vouch for these: solved again with fp32 products
 
     active = torch.arange(batch, device=tall.device)
@@ -52,8 +56,9 @@ def block_lanczos(
         v_first = torch.linalg.qr(start).Q
     v_last = v_first  # (B, n, b) the newest right block V_{j+1}
     u_last: torch.Tensor | None = None  # (B, m, b) the newest left block U_j
-    u_basis = Basis(batch, tall.shape[1], max_iterations * block, tall)
-    v_basis = Basis(batch, n, (max_iterations + 1) * block, tall)
+    # The Krylov vectors are in the compute dtype: the start block's (top_singular_values).
+    u_basis = Basis(batch, tall.shape[1], max_iterations * block, start)
+    v_basis = Basis(batch, n, (max_iterations + 1) * block, start)
     v_basis.append(v_first)
     r_blocks: list[torch.Tensor] = []
     s_blocks: list[torch.Tensor] = []
@@ -80,12 +85,9 @@ def block_lanczos(
         v_basis.append(v_last)
         s_blocks.append(s)
 
-        bidiagonal = block_bidiagonal(r_blocks, s_blocks)
-        with deterministic_lapack(bidiagonal):
-            ritz = torch.linalg.svdvals(bidiagonal)
-        if ritz.shape[-1] < k:
+        if len(r_blocks) * block < k:
             continue
-        history.append(ritz[:, :k])
+        history.append(ritz_values(r_blocks, s_blocks, k))
         if iteration < MIN_ITERATIONS or len(history) < 3:
             continue
         remaining = remaining_error(history[-3], history[-2], history[-1], noisy=low)
@@ -96,11 +98,13 @@ def block_lanczos(
         if not bool(done.any()):
             continue
         done_cpu = done.cpu()
+        bidiagonal = block_bidiagonal(r_blocks, s_blocks)
         if low:
             # Reported values: the fp32 Rayleigh-Ritz of the true matrix (module docstring).
             chosen = torch.nonzero(done).flatten()
             refined, agrees = rayleigh_ritz(
-                [ops.matrix(local) for local in chosen.tolist()],
+                ops,
+                chosen.tolist(),
                 v_basis.buffer[chosen, :, : u_basis.used],
                 bidiagonal[chosen],
                 history[-1][chosen],
@@ -173,7 +177,7 @@ def block_lanczos(
         # back to a full SVD when needed). Never a value the test could not vouch for.
         chosen = torch.tensor(sorted(retry), device=tall.device)
         again = block_lanczos(
-            tall[chosen], k, start[chosen], replace(settings, bf16_products=False)
+            tall[chosen].to(start.dtype), k, start[chosen], replace(settings, bf16_products=False)
         )
         for row, global_index in enumerate(chosen.tolist()):
             values[global_index] = again.values[row]

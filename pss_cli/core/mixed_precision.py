@@ -10,6 +10,9 @@ import torch
 from pss_cli.core.krylov_settings import RELATIVE_FLOOR, KrylovSettings
 from pss_cli.core.lapack import deterministic_lapack
 
+# Rows converted per slab in `_upcast_product`: 16 MiB of float32 scratch.
+_UPCAST_CHUNK_ENTRIES = 2**22
+
 
 class Products:
     """A V and A^T U, in the matrix's dtype or in bf16 (fp32 accumulation, bf16 result).
@@ -26,7 +29,14 @@ class Products:
 
     def __init__(self, a: torch.Tensor, low: bool) -> None:
         self.a = a
-        self.low: torch.Tensor | None = a.to(torch.bfloat16) if low else None
+        if a.dtype == torch.bfloat16:
+            # A BF16 checkpoint loaded as stored (pss_cli/pipeline/loader.py): the matrix is its
+            # own bf16 copy, and the compute-dtype products convert it a slab at a time.
+            self.low: torch.Tensor | None = a
+            self.compute = torch.float32
+        else:
+            self.low = a.to(torch.bfloat16) if low else None
+            self.compute = a.dtype
         # The batch rows still iterating. Converged matrices are dropped from this list, never
         # from `a`: compacting a (B, m, n) batch copied every remaining matrix (fp32 and bf16)
         # each time one converged, 50 ms per 11008 x 4096 matrix (AMD EPYC Zen 4, 2 threads),
@@ -34,8 +44,18 @@ class Products:
         self.rows = list(range(a.shape[0]))
 
     def matrix(self, local: int) -> torch.Tensor:
-        """The compute-dtype matrix of active row ``local`` (a view)."""
-        return self.a[self.rows[local]]
+        """The compute-dtype matrix of active row ``local``: a view, or for a bf16 batch a
+        converted copy (only the rare full-SVD fallback asks for it)."""
+        matrix = self.a[self.rows[local]]
+        return matrix if matrix.dtype == self.compute else matrix.to(self.compute)
+
+    def exact_product(self, local: int, right: torch.Tensor) -> torch.Tensor:
+        """A @ right for active row ``local`` with compute-dtype products (the Rayleigh-Ritz
+        step's one product per matrix)."""
+        matrix = self.a[self.rows[local]]
+        if matrix.dtype == self.compute:
+            return matrix @ right
+        return _upcast_product(matrix, right, self.compute)
 
     def _batched(self, source: torch.Tensor, block: torch.Tensor, adjoint: bool) -> torch.Tensor:
         if len(self.rows) == source.shape[0]:
@@ -68,8 +88,25 @@ def _product(a: torch.Tensor, block: torch.Tensor, adjoint: bool) -> torch.Tenso
     return a.mT @ block
 
 
+def _upcast_product(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """matrix @ right in `dtype` for a bf16 matrix, converting ~4M entries at a time into one
+    reused scratch buffer: the product of a compute-dtype GEMM without a compute-dtype copy of
+    the matrix (torch's CPU bf16 GEMM returns bf16, rounding the product to 8 bits)."""
+    m, n = matrix.shape
+    rows = max(1, _UPCAST_CHUNK_ENTRIES // n)
+    out = torch.empty(m, right.shape[-1], dtype=dtype, device=matrix.device)
+    scratch = torch.empty(min(rows, m), n, dtype=dtype, device=matrix.device)
+    for first in range(0, m, rows):
+        last = min(m, first + rows)
+        part = scratch[: last - first]
+        part.copy_(matrix[first:last])
+        torch.mm(part, right, out=out[first:last])
+    return out
+
+
 def rayleigh_ritz(
-    a: list[torch.Tensor],
+    ops: Products,
+    chosen: list[int],
     v_all: torch.Tensor,
     bidiagonal: torch.Tensor,
     ritz: torch.Tensor,
@@ -80,23 +117,26 @@ def rayleigh_ritz(
     """Values of A on the top right Ritz vectors, with compute-dtype products; and per matrix
     whether they agree with the bf16 Ritz values `ritz` within the tolerances.
 
-    a: D matrices (m, n); v_all: (D, n, J*b) the right Krylov basis; bidiagonal: (D, J*b, J*b).
-    The top `width` right Ritz vectors V_k = V X_k (width: k rounded up to whole blocks, so the
-    one fp32 product runs at a Krylov step's width) give sigma_i(A V_k) <= sigma_i(A): Ritz
-    values of the true matrix. Costs one compute-dtype product per matrix (a Krylov step of
-    ~2 bf16 products costs about as much on a CPU where bf16 is 2.5x faster).
+    chosen: D active rows of `ops`; v_all: (D, n, J*b) their right Krylov bases; bidiagonal:
+    (D, J*b, J*b). The top `width` right Ritz vectors V_k = V X_k (width: k rounded up to whole
+    blocks, so the one compute-dtype product runs at a Krylov step's width) give
+    sigma_i(A V_k) <= sigma_i(A): Ritz values of the true matrix. Costs one compute-dtype product
+    per matrix (a Krylov step of ~2 bf16 products costs about as much on a CPU where bf16 is
+    2.5x faster).
     """
     width = min(bidiagonal.shape[-1], block * math.ceil(k / block))
     with deterministic_lapack(bidiagonal):
         _, _, xh = torch.linalg.svd(bidiagonal, full_matrices=False)
     right = v_all @ xh[:, :width].mT
-    product = torch.stack([matrix @ right[i] for i, matrix in enumerate(a)])
+    product = torch.stack([ops.exact_product(local, right[i]) for i, local in enumerate(chosen)])
     with deterministic_lapack(right):
         refined = torch.linalg.svdvals(product)[:, :k]
     # The bf16 values carry rounding the fp32 ones do not: a gap beyond the tolerance means the
     # bf16 recurrence's convergence test was judging noise.
-    floor = refined[:, :1] * RELATIVE_FLOOR
-    scale = torch.maximum(refined, floor).clamp_min(torch.finfo(refined.dtype).tiny)
-    gap = (ritz - refined).abs() / scale
+    # Compared in float64 on the CPU, where the Ritz values are (krylov_basis.ritz_values).
+    exact = refined.to("cpu", torch.float64)
+    floor = exact[:, :1] * RELATIVE_FLOOR
+    scale = torch.maximum(exact, floor).clamp_min(torch.finfo(exact.dtype).tiny)
+    gap = (ritz.to("cpu", torch.float64) - exact).abs() / scale
     agrees = (gap[:, 0] <= settings.tol_sigma_max) & (gap.amax(dim=1) <= settings.tol_top_k)
     return refined, agrees

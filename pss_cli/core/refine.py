@@ -23,15 +23,18 @@ def refine_float64(matrix: torch.Tensor, triplets: Triplets) -> Triplets:
     Returns top-k triplets (left (m, k), values (k,), right (n, k)), all float64 CPU.
     """
     right = triplets.right.to("cpu", torch.float64)  # (n, k)
-    product = matrix @ right  # (m, k)
-    # LAPACK on one thread: its last bits depend on the thread count (spectra.py)
-    with deterministic_lapack(product):
+    # All of it on one thread: LAPACK's last bits depend on the thread count (lapack.py), and
+    # so do MKL's float64 GEMMs with a transposed operand even under MKL_CBWR=AUTO,STRICT
+    # (measured: (64 x 600) @ (600 x 700) gave other bits under 1 and 2 threads on an AMD EPYC
+    # Zen 4, where float32 gave the same). These are (m, n) x (n, k) products with k <= ~64.
+    with deterministic_lapack(matrix):
+        product = matrix @ right  # (m, k)
         basis, _ = torch.linalg.qr(product)  # (m, k) orthonormal range of W V
-    small = basis.T @ matrix  # (k, n): W restricted to that range
-    with deterministic_lapack(small):
+        small = basis.T @ matrix  # (k, n): W restricted to that range
         u_small, values, vh = torch.linalg.svd(small, full_matrices=False)  # (k,k), (k,), (k,n)
+        left = basis @ u_small
     return Triplets(
-        left=basis @ u_small,
+        left=left,
         values=values,
         right=vh.T.contiguous(),
         exact=triplets.exact,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pss_cli.config import DEFAULT_SOFTMAX_TEMPERATURE, SmoothingMethod
+from pss_cli.core.lapack import deterministic_lapack
 
 
 class NeedMoreValues(Exception):
@@ -233,4 +234,8 @@ def apply_spectrum_change(
         return matrix.clone()
     u = left[:, changed].to(matrix.dtype)
     v = right[:, changed].to(matrix.dtype)
-    return matrix + (u * delta[changed]) @ v.T
+    # One thread: MKL's float64 GEMM with a transposed operand rounds differently under 1 and
+    # 2 threads even with MKL_CBWR set (core/refine.py), and a repaired file must not depend
+    # on the machine's thread count.
+    with deterministic_lapack(matrix):
+        return matrix + (u * delta[changed]) @ v.T

@@ -92,14 +92,17 @@ def top_singular_values(
 ) -> BatchSpectrum:
     """Top-k singular values of each matrix of a batch.
 
-    matrices: (B, m, n) finite values, float32 or float64, on the compute device.
+    matrices: (B, m, n) finite values, float32 or float64, on the compute device; or bfloat16
+        values exactly as a BF16 checkpoint stores them, whose Krylov products are then bf16
+        whatever `settings` says, with float32 for everything else (module docstring).
     start: (B, min(m, n), block_size) Gaussian start blocks (see `gaussian_start`); may be None
         only when the exact path is certain to be taken (`uses_exact_path`).
     """
     batch, m, n = matrices.shape
     k = min(k, m, n)
+    compute = torch.float32 if matrices.dtype == torch.bfloat16 else matrices.dtype
     if uses_exact_path(m, n, k, settings):
-        values = exact_singular_values(matrices)[:, :k]
+        values = exact_singular_values(matrices.to(compute))[:, :k]
         return BatchSpectrum(
             values=values.detach().to("cpu", torch.float64),
             iterations=(0,) * batch,
@@ -109,9 +112,7 @@ def top_singular_values(
         raise ValueError("the Krylov path needs start blocks")
     # Work on the tall orientation: the Krylov vectors of the short side are cheaper to keep.
     tall = matrices if m >= n else matrices.mT
-    result = block_lanczos(
-        tall, k, start.to(device=matrices.device, dtype=matrices.dtype), settings
-    )
+    result = block_lanczos(tall, k, start.to(device=matrices.device, dtype=compute), settings)
     return result
 
 
