@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pss_cli.core.krylov_basis import block_bidiagonal, ritz_values
+from pss_cli.core.krylov_basis import block_bidiagonal, ritz_values, top_right_vectors
 from pss_cli.core.spectra import (
     KrylovSettings,
     exact_singular_values,
@@ -213,3 +213,25 @@ def test_banded_ritz_values_match_the_dense_bidiagonal(count: int) -> None:
     # A matrix's values do not depend on its batch-mates, to the last bit.
     alone = ritz_values([r[1:2] for r in r_blocks], [s[1:2] for s in s_blocks], k)
     assert torch.equal(alone[0], values[1])
+
+
+def test_gram_right_vectors_span_the_svd_ones() -> None:
+    # The bf16 path's Rayleigh-Ritz step takes the top right singular vectors of T from the
+    # eigenvectors of T^T T (krylov_basis.top_right_vectors): the same subspace as the SVD's.
+    generator = torch.Generator().manual_seed(11)
+
+    def triangle() -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(2, 200, 32, generator=generator)).R
+
+    r_blocks = [triangle() for _ in range(5)]
+    s_blocks = [triangle() * 0.6 for _ in range(5)]
+    dense = block_bidiagonal(r_blocks, s_blocks).double()
+    _, values, vh = torch.linalg.svd(dense)
+    assert (values[:, 31] / values[:, 32]).min() > 1.001  # a gap: the subspace is defined
+    reference = vh[:, :32].mT
+    vectors = top_right_vectors(r_blocks, s_blocks, 32)
+    assert vectors.shape == (2, 160, 32) and vectors.dtype == torch.float64
+    torch.testing.assert_close(vectors @ vectors.mT, reference @ reference.mT, rtol=0.0, atol=1e-8)
+    # Descending order: the first column is the top singular vector (up to sign).
+    alignment = (vectors[:, :, 0] * reference[:, :, 0]).sum(-1).abs()
+    torch.testing.assert_close(alignment, torch.ones(2, dtype=torch.float64))

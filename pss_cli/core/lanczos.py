@@ -3,6 +3,7 @@ reasons are in that module's docstring), with its full-SVD fallback."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -13,6 +14,7 @@ from pss_cli.core.krylov_basis import (
     remaining_error,
     reorthogonalise,
     ritz_values,
+    top_right_vectors,
 )
 from pss_cli.core.krylov_settings import (
     MIN_ITERATIONS,
@@ -71,13 +73,14 @@ def block_lanczos(
     for iteration in range(1, max_iterations + 1):
         w = ops.forward(v_last)
         if u_last is not None:
-            w = w - u_last @ s_blocks[-1].mT  # the recurrence term U_{j-1} S_{j-1}^T
+            # minus the recurrence term U_{j-1} S_{j-1}^T, fused into one GEMM
+            w = torch.baddbmm(w, u_last, s_blocks[-1].mT, alpha=-1.0)
         w = reorthogonalise(w, u_basis.view())
         with deterministic_lapack(w):
             u, r = torch.linalg.qr(w)
         u_basis.append(u)
         r_blocks.append(r)
-        z = ops.adjoint(u) - v_last @ r.mT  # minus the recurrence term V_j R_j^T
+        z = torch.baddbmm(ops.adjoint(u), v_last, r.mT, alpha=-1.0)  # minus V_j R_j^T
         z = reorthogonalise(z, v_basis.view())
         with deterministic_lapack(z):
             v_last, s = torch.linalg.qr(z)
@@ -98,18 +101,19 @@ def block_lanczos(
         if not bool(done.any()):
             continue
         done_cpu = done.cpu()
-        bidiagonal = block_bidiagonal(r_blocks, s_blocks)
         if low:
             # Reported values: the fp32 Rayleigh-Ritz of the true matrix (module docstring).
             chosen = torch.nonzero(done).flatten()
+            width = min(len(r_blocks) * block, block * math.ceil(k / block))
             refined, agrees = rayleigh_ritz(
                 ops,
                 chosen.tolist(),
-                v_basis.buffer[chosen, :, : u_basis.used],
-                bidiagonal[chosen],
+                v_basis.columns(u_basis.used)[chosen],
+                top_right_vectors(
+                    [x[chosen] for x in r_blocks], [x[chosen] for x in s_blocks], width
+                ),
                 history[-1][chosen],
                 k,
-                block,
                 settings,
             )
             accepted = converged.clone()
@@ -125,10 +129,11 @@ def block_lanczos(
                 break
         else:
             if vectors is not None:
+                bidiagonal = block_bidiagonal(r_blocks, s_blocks)
                 with deterministic_lapack(bidiagonal):
                     y, _, xh = torch.linalg.svd(bidiagonal)
-                u_all = u_basis.buffer[:, :, : u_basis.used]
-                v_all = v_basis.buffer[:, :, : u_basis.used]  # V_1..V_J, without V_{J+1}
+                u_all = u_basis.columns(u_basis.used)
+                v_all = v_basis.columns(u_basis.used)  # V_1..V_J, without V_{J+1}
             for local in torch.nonzero(done_cpu).flatten().tolist():
                 global_index = int(active[local])
                 values[global_index] = history[-1][local].to("cpu", torch.float64)

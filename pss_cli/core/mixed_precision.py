@@ -3,8 +3,6 @@ for their values (pss_cli/core/spectra.py's docstring gives the reasoning)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pss_cli.core.krylov_settings import RELATIVE_FLOOR, KrylovSettings
@@ -108,26 +106,23 @@ def rayleigh_ritz(
     ops: Products,
     chosen: list[int],
     v_all: torch.Tensor,
-    bidiagonal: torch.Tensor,
+    ritz_vectors: torch.Tensor,
     ritz: torch.Tensor,
     k: int,
-    block: int,
     settings: KrylovSettings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Values of A on the top right Ritz vectors, with compute-dtype products; and per matrix
     whether they agree with the bf16 Ritz values `ritz` within the tolerances.
 
-    chosen: D active rows of `ops`; v_all: (D, n, J*b) their right Krylov bases; bidiagonal:
-    (D, J*b, J*b). The top `width` right Ritz vectors V_k = V X_k (width: k rounded up to whole
-    blocks, so the one compute-dtype product runs at a Krylov step's width) give
-    sigma_i(A V_k) <= sigma_i(A): Ritz values of the true matrix. Costs one compute-dtype product
-    per matrix (a Krylov step of ~2 bf16 products costs about as much on a CPU where bf16 is
-    2.5x faster).
+    chosen: D active rows of `ops`; v_all: (D, n, J*b) their right Krylov bases; ritz_vectors:
+    (D, J*b, width) the top right singular vectors X_k of the block bidiagonal
+    (krylov_basis.top_right_vectors; width: k rounded up to whole blocks, so the one
+    compute-dtype product runs at a Krylov step's width). V_k = V X_k gives
+    sigma_i(A V_k) <= sigma_i(A): Ritz values of the true matrix. Costs one compute-dtype
+    product per matrix (a Krylov step of ~2 bf16 products costs about as much on a CPU where
+    bf16 is 2.5x faster).
     """
-    width = min(bidiagonal.shape[-1], block * math.ceil(k / block))
-    with deterministic_lapack(bidiagonal):
-        _, _, xh = torch.linalg.svd(bidiagonal, full_matrices=False)
-    right = v_all @ xh[:, :width].mT
+    right = v_all @ ritz_vectors.to(device=v_all.device, dtype=v_all.dtype)
     product = torch.stack([ops.exact_product(local, right[i]) for i, local in enumerate(chosen)])
     with deterministic_lapack(right):
         refined = torch.linalg.svdvals(product)[:, :k]
