@@ -22,6 +22,13 @@ Ritz values jitter, and a jitter that reads as a negative increment must not pas
 convergence (see `remaining_error`); if the bf16 Ritz values and the fp32 Rayleigh-Ritz values
 disagree by more than the tolerance, the matrix is solved again with compute-dtype products.
 Where a CPU has no bf16 kernel (AVX2-only: 50-300x slower than fp32) `auto` keeps fp32.
+A BF16 checkpoint's batch may arrive as bf16 (pss_cli/pipeline/loader.py): its values are the
+stored ones, so the products use it as it is and the Rayleigh-Ritz product converts it to fp32 a
+slab at a time; the retry and the full-SVD fallback convert the matrix they need.
+
+The per-iteration Ritz values come from the eigenvalues of the banded T^T T (T the projected
+block bidiagonal, bandwidth b; `krylov_basis.ritz_values`), in float64: O(n^2 b) per iteration
+instead of a dense O(n^3) SVD of T.
 
 The pieces: pss_cli/core/krylov_settings.py (settings, tolerances, result type),
 pss_cli/core/lanczos.py (the iteration), pss_cli/core/krylov_basis.py (basis,

@@ -13,6 +13,7 @@ import torch
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
+from pss_cli.core.krylov_basis import import_lapack_in_background
 from pss_cli.core.metrics import SpectralMetrics, spectral_metrics, stable_rank_floor
 from pss_cli.core.norms import unit_scale
 from pss_cli.core.spectra import (
@@ -50,6 +51,11 @@ def compute_items(
     batches = plan_batches(
         items, itemsize, budget, plan.settings, plan.config.top_k, plan.config.exact
     )
+    if not plan.config.exact and any(
+        not uses_exact_path(*batch.items[0].tall_shape, plan.config.top_k, plan.settings)
+        for batch in batches
+    ):
+        import_lapack_in_background()
     total = len(items)
     bytes_total = sum(item.nbytes for item in items)
     done = 0
