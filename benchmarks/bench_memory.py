@@ -12,7 +12,9 @@ so the solver does the work it does on early-training weights. Then, each in a f
 - read floor: every byte of every shard read with large `readinto` calls into one reused buffer
   (what any scanner must at least do);
 - compute floor: pss's solver (`top_singular_values`, same seeds and settings) on every matrix,
-  one at a time, with the matrix already in memory as float32: reading and converting untimed;
+  one at a time, with the matrix already in memory in the dtype the scan's loader gives the
+  solver (bf16 for BF16 matrices with bf16 products, else float32): reading and converting
+  untimed;
 - `pss scan DIR --format json -o FILE` through the CLI's own entry point in a fresh process,
   wall time from spawn to exit (interpreter start and imports included), peak RSS = the
   process's VmHWM (ru_maxrss would include the parent's size before exec on Linux).
@@ -176,7 +178,7 @@ def method_read(folder: Path) -> dict[str, Any]:
 
 
 def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, Any]:
-    """pss's own solver on each matrix, from memory; reading and the fp32 copy are untimed.
+    """pss's own solver on each matrix, from memory; reading and the copy are untimed.
     ``products`` (fp32 | bf16): the Krylov products' dtype, the one the scan uses."""
     from safetensors import safe_open
 
@@ -197,14 +199,19 @@ def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, A
                 if stored.dim() != 2:
                     continue
                 tall = stored if stored.shape[0] >= stored.shape[1] else stored.mT
-                matrix = torch.empty(tall.shape, dtype=torch.float32, device=device)
+                # The dtype the scan's loader gives the solver (pipeline/loader.py): a BF16
+                # matrix stays bf16 when the products are bf16, else float32.
+                keep_bf16 = products == "bf16" and stored.dtype == torch.bfloat16
+                dtype = torch.bfloat16 if keep_bf16 else torch.float32
+                matrix = torch.empty(tall.shape, dtype=dtype, device=device)
                 matrix.copy_(tall)
                 del stored, tall
                 # Scaled by a power of two, as the scan's loader does (core.norms.unit_scale):
                 # the values stay exact, so bf16 products see the checkpoint's own bf16 values.
                 # Dividing by the norm itself rounded them, and the bf16 solver then fell back
                 # to fp32 products on most matrices (the floor came out slower than the scan).
-                matrix /= unit_scale(float(torch.linalg.vector_norm(matrix)))
+                norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+                matrix /= unit_scale(norm)
                 start = gaussian_start(
                     [matrix_seed(0, name, None)], matrix.shape[1], settings.block_size
                 )
