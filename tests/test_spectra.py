@@ -235,3 +235,25 @@ def test_gram_right_vectors_span_the_svd_ones() -> None:
     # Descending order: the first column is the top singular vector (up to sign).
     alignment = (vectors[:, :, 0] * reference[:, :, 0]).sum(-1).abs()
     torch.testing.assert_close(alignment, torch.ones(2, dtype=torch.float64))
+
+
+def test_a_lapack_failure_falls_back_to_the_dense_bidiagonal(monkeypatch) -> None:
+    # dsbevx / dsyevr report non-convergence with LinAlgError: the dense SVD of T answers.
+    import scipy.linalg
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise scipy.linalg.LinAlgError("did not converge")
+
+    generator = torch.Generator().manual_seed(5)
+    r_blocks = [torch.linalg.qr(torch.randn(1, 200, 32, generator=generator)).R for _ in range(3)]
+    s_blocks = [torch.linalg.qr(torch.randn(1, 200, 32, generator=generator)).R for _ in range(3)]
+    expected_values = ritz_values(r_blocks, s_blocks, 16)
+    expected_vectors = top_right_vectors(r_blocks, s_blocks, 32)
+    monkeypatch.setattr(scipy.linalg, "eigvals_banded", fail)
+    monkeypatch.setattr(scipy.linalg, "eigh", fail)
+    values = ritz_values(r_blocks, s_blocks, 16)
+    vectors = top_right_vectors(r_blocks, s_blocks, 32)
+    torch.testing.assert_close(values, expected_values, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(
+        vectors @ vectors.mT, expected_vectors @ expected_vectors.mT, rtol=0.0, atol=1e-8
+    )

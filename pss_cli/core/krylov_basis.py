@@ -168,7 +168,7 @@ def _gram_strips(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
 
 
 def _band_top_values(r: torch.Tensor, s: torch.Tensor | None, k: int) -> torch.Tensor:
-    from scipy.linalg import eigvals_banded  # lazy: scipy.linalg costs ~0.17 s to import
+    from scipy.linalg import LinAlgError, eigvals_banded  # lazy: ~0.17 s to import
 
     count, block, _ = r.shape
     n = count * block
@@ -179,19 +179,24 @@ def _band_top_values(r: torch.Tensor, s: torch.Tensor | None, k: int) -> torch.T
     size = (count, block + 1, block)
     stride = (2 * block * block, block, block + 1)
     band = strips.as_strided(size, stride).permute(1, 0, 2).reshape(block + 1, n)
-    eigen = eigvals_banded(
-        band.numpy(),
-        lower=False,
-        select="i",
-        select_range=(n - wanted, n - 1),
-        check_finite=False,
-    )
+    try:
+        eigen = eigvals_banded(
+            band.numpy(),
+            lower=False,
+            select="i",
+            select_range=(n - wanted, n - 1),
+            check_finite=False,
+        )
+    except LinAlgError:
+        # LAPACK's bisection did not converge (not seen in practice): the dense SVD of T.
+        dense_values: torch.Tensor = torch.linalg.svdvals(_dense(r, s))
+        return dense_values[:wanted]
     # Ascending eigenvalues of a Gram matrix; rounding may leave a zero one slightly below 0.
     return torch.from_numpy(eigen.copy()).flip(0).clamp_min(0.0).sqrt()
 
 
 def _gram_top_vectors(r: torch.Tensor, s: torch.Tensor | None, width: int) -> torch.Tensor:
-    from scipy.linalg import eigh  # lazy, as above
+    from scipy.linalg import LinAlgError, eigh  # lazy, as above
 
     count, block, _ = r.shape
     n = count * block
@@ -200,14 +205,27 @@ def _gram_top_vectors(r: torch.Tensor, s: torch.Tensor | None, width: int) -> to
     for j in range(count):
         rows = slice(max(0, j - 1) * block, (j + 1) * block)
         gram[rows, j * block : (j + 1) * block] = strips[j, block if j == 0 else 0 :]
-    _, vectors = eigh(
-        gram.numpy(),
-        lower=False,
-        subset_by_index=(n - width, n - 1),
-        driver="evr",
-        check_finite=False,
-    )
+    try:
+        _, vectors = eigh(
+            gram.numpy(),
+            lower=False,
+            subset_by_index=(n - width, n - 1),
+            driver="evr",
+            check_finite=False,
+        )
+    except LinAlgError:
+        # MRRR did not converge (not seen in practice): the right vectors of the dense SVD of T.
+        right: torch.Tensor = torch.linalg.svd(_dense(r, s)).Vh
+        return right[:width].mT
     return torch.from_numpy(vectors.copy()).flip(-1)
+
+
+def _dense(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """The dense (J*b, J*b) T of one matrix's blocks (the fallback of the two solvers above)."""
+    s_blocks = [] if s is None else list(s[:, None])
+    # block_bidiagonal reads S_j only for j + 1 < J: pad to J blocks.
+    s_blocks.append(torch.zeros_like(r[:1]))
+    return block_bidiagonal(list(r[:, None]), s_blocks)[0]
 
 
 def remaining_error(
