@@ -128,9 +128,12 @@ def top_right_vectors(
     float64 on the CPU, columns in descending order of their values.
 
     For the Rayleigh-Ritz step of the bf16 path, which needs only their span (its values come
-    from the true matrix and are checked against the Ritz values): LAPACK's MRRR (dsyevr) on
-    the upper triangle of T^T T for the top `width` pairs took 9.5 ms at n = 448 against
-    24.9 ms for the full SVD of T (AMD EPYC Zen 4, one thread).
+    from the true matrix and are checked against the Ritz values): LAPACK's dsbevx on the band
+    of T^T T for the top `width` pairs, 18 ms at n = 448 against 25 ms for the full SVD of T
+    (AMD EPYC Zen 4, one thread). Not dsyevr on the dense Gram matrix, though it took 9.5 ms:
+    its tridiagonal reduction wakes scipy's OpenBLAS threads, which then spin for tens of
+    milliseconds on the cores torch's next GEMMs need (the next 20 (2048 x 2048) @ (2048 x 32)
+    products ran 3.4x slower; a 768 x 768 bf16 solve took 72 ms instead of 36 ms).
     """
     return _per_matrix(r_blocks, s_blocks, lambda r, s: _gram_top_vectors(r, s, width))
 
@@ -167,21 +170,24 @@ def _gram_strips(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     return strips
 
 
+def _gram_band(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """T^T T in LAPACK's upper band storage, (b + 1, J*b): band[b + row - col, col] = G[row, col].
+    Within strip j the band's column q is strip rows q..q+b, a constant-stride walk (b + 1)."""
+    count, block, _ = r.shape
+    strips = _gram_strips(r, s)
+    size = (count, block + 1, block)
+    stride = (2 * block * block, block, block + 1)
+    return strips.as_strided(size, stride).permute(1, 0, 2).reshape(block + 1, count * block)
+
+
 def _band_top_values(r: torch.Tensor, s: torch.Tensor | None, k: int) -> torch.Tensor:
     from scipy.linalg import LinAlgError, eigvals_banded  # lazy: ~0.17 s to import
 
-    count, block, _ = r.shape
-    n = count * block
+    n = r.shape[0] * r.shape[1]
     wanted = min(k, n)
-    strips = _gram_strips(r, s)
-    # LAPACK upper band storage: band[b + row - col, col] = G[row, col]. Within strip j the
-    # band's column q is strip rows q..q+b, a constant-stride walk (stride b + 1).
-    size = (count, block + 1, block)
-    stride = (2 * block * block, block, block + 1)
-    band = strips.as_strided(size, stride).permute(1, 0, 2).reshape(block + 1, n)
     try:
         eigen = eigvals_banded(
-            band.numpy(),
+            _gram_band(r, s).numpy(),
             lower=False,
             select="i",
             select_range=(n - wanted, n - 1),
@@ -196,25 +202,19 @@ def _band_top_values(r: torch.Tensor, s: torch.Tensor | None, k: int) -> torch.T
 
 
 def _gram_top_vectors(r: torch.Tensor, s: torch.Tensor | None, width: int) -> torch.Tensor:
-    from scipy.linalg import LinAlgError, eigh  # lazy, as above
+    from scipy.linalg import LinAlgError, eig_banded  # lazy, as above
 
-    count, block, _ = r.shape
-    n = count * block
-    strips = _gram_strips(r, s)
-    gram = r.new_zeros(n, n)  # only the upper triangle is filled, and only it is read
-    for j in range(count):
-        rows = slice(max(0, j - 1) * block, (j + 1) * block)
-        gram[rows, j * block : (j + 1) * block] = strips[j, block if j == 0 else 0 :]
+    n = r.shape[0] * r.shape[1]
     try:
-        _, vectors = eigh(
-            gram.numpy(),
+        _, vectors = eig_banded(
+            _gram_band(r, s).numpy(),
             lower=False,
-            subset_by_index=(n - width, n - 1),
-            driver="evr",
+            select="i",
+            select_range=(n - width, n - 1),
             check_finite=False,
         )
     except LinAlgError:
-        # MRRR did not converge (not seen in practice): the right vectors of the dense SVD of T.
+        # dsbevx did not converge (not seen in practice): the right vectors of the dense SVD of T.
         right: torch.Tensor = torch.linalg.svd(_dense(r, s)).Vh
         return right[:width].mT
     return torch.from_numpy(vectors.copy()).flip(-1)
