@@ -116,10 +116,10 @@ def rank_device(spec: str, local_rank: int) -> torch.device:
 
 def item_cost(item: MatrixItem, config: ScanConfig, settings: KrylovSettings) -> int:
     """Work of one matrix, ~ m * n * k: k = min(m, n) for a full SVD, else the Krylov width."""
-    from pss_cli.core.spectra import uses_exact_path
+    from pss_cli.pipeline.plan import krylov_path
 
     m, n = item.tall_shape
-    if config.exact or uses_exact_path(m, n, min(config.top_k, n), settings):
+    if not krylov_path(item.tall_shape, config, settings):
         return m * n * n
     return m * n * min(n, KRYLOV_COST_WIDTH)
 

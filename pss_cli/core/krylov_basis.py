@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from pss_cli.core.krylov_settings import RELATIVE_FLOOR
+from pss_cli.core.krylov_settings import relative_scale
 from pss_cli.core.lapack import deterministic_lapack
 
 
@@ -181,43 +181,44 @@ def _gram_band(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
 
 
 def _band_top_values(r: torch.Tensor, s: torch.Tensor | None, k: int) -> torch.Tensor:
-    from scipy.linalg import LinAlgError, eigvals_banded  # lazy: ~0.17 s to import
-
-    n = r.shape[0] * r.shape[1]
-    wanted = min(k, n)
-    try:
-        eigen = eigvals_banded(
-            _gram_band(r, s).numpy(),
-            lower=False,
-            select="i",
-            select_range=(n - wanted, n - 1),
-            check_finite=False,
-        )
-    except LinAlgError:
-        # LAPACK's bisection did not converge (not seen in practice): the dense SVD of T.
-        dense_values: torch.Tensor = torch.linalg.svdvals(_dense(r, s))
-        return dense_values[:wanted]
-    # Ascending eigenvalues of a Gram matrix; rounding may leave a zero one slightly below 0.
-    return torch.from_numpy(eigen.copy()).flip(0).clamp_min(0.0).sqrt()
+    values, _ = _gram_top(r, s, min(k, r.shape[0] * r.shape[1]), vectors=False)
+    return values
 
 
 def _gram_top_vectors(r: torch.Tensor, s: torch.Tensor | None, width: int) -> torch.Tensor:
-    from scipy.linalg import LinAlgError, eig_banded  # lazy, as above
+    _, vectors = _gram_top(r, s, width, vectors=True)
+    assert vectors is not None
+    return vectors
+
+
+def _gram_top(
+    r: torch.Tensor, s: torch.Tensor | None, count: int, vectors: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top `count` singular values of one matrix's T (descending, float64) from dsbevx on
+    the band of T^T T, and with `vectors` its top right singular vectors ((J*b, count))."""
+    from scipy.linalg import LinAlgError, eig_banded  # lazy: ~0.17 s to import
 
     n = r.shape[0] * r.shape[1]
     try:
-        _, vectors = eig_banded(
+        found = eig_banded(
             _gram_band(r, s).numpy(),
             lower=False,
+            eigvals_only=not vectors,
             select="i",
-            select_range=(n - width, n - 1),
+            select_range=(n - count, n - 1),
             check_finite=False,
         )
     except LinAlgError:
-        # dsbevx did not converge (not seen in practice): the right vectors of the dense SVD of T.
-        right: torch.Tensor = torch.linalg.svd(_dense(r, s)).Vh
-        return right[:width].mT
-    return torch.from_numpy(vectors.copy()).flip(-1)
+        # dsbevx did not converge (not seen in practice): the dense SVD of T answers.
+        if not vectors:
+            dense_values: torch.Tensor = torch.linalg.svdvals(_dense(r, s))
+            return dense_values[:count], None
+        _, dense_all, vh = torch.linalg.svd(_dense(r, s))
+        return dense_all[:count], vh[:count].mT
+    eigen, right = (found, None) if not vectors else found
+    # Ascending eigenvalues of a Gram matrix; rounding may leave a zero one slightly below 0.
+    values = torch.from_numpy(eigen.copy()).flip(0).clamp_min(0.0).sqrt()
+    return values, None if right is None else torch.from_numpy(right.copy()).flip(-1)
 
 
 def _dense(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
@@ -250,9 +251,6 @@ def remaining_error(
     else:
         d1, d0 = d1.clamp_min(0), d0.clamp_min(0)
     rho = (d1 / d0.clamp_min(torch.finfo(latest.dtype).tiny)).clamp(0.0, 0.95)
-    # Each value's error relative to itself (a bulk under large spikes must be right too), but
-    # never relative to less than RELATIVE_FLOOR * sigma_1: values at rounding level (rank-deficient
-    # matrices) cannot be resolved relative to themselves.
-    floor = latest[:, :1] * RELATIVE_FLOOR
-    scale = torch.maximum(latest, floor).clamp_min(torch.finfo(latest.dtype).tiny)
-    return d1 * rho / (1 - rho) / scale
+    # Each value's error relative to itself (a bulk under large spikes must be right too), with
+    # the floor of `relative_scale` for values at rounding level.
+    return d1 * rho / (1 - rho) / relative_scale(latest)

@@ -55,6 +55,14 @@ class BatchSpectrum:
     exact: tuple[bool, ...]
 
 
+def relative_scale(values: torch.Tensor) -> torch.Tensor:
+    """What each of a batch's descending values (B, k) is measured relative to: itself, but
+    never less than RELATIVE_FLOOR * sigma_1 (values at rounding level, as in a rank-deficient
+    matrix, cannot be resolved relative to themselves), nor than the dtype's smallest normal."""
+    floor = values[:, :1] * RELATIVE_FLOOR
+    return torch.maximum(values, floor).clamp_min(torch.finfo(values.dtype).tiny)
+
+
 def uses_exact_path(m: int, n: int, k: int, settings: KrylovSettings) -> bool:
     """True when a full SVD is used: small matrices, or a Krylov space that would not fit."""
     short = min(m, n)

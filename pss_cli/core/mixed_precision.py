@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pss_cli.core.krylov_settings import RELATIVE_FLOOR, KrylovSettings
+from pss_cli.core.krylov_settings import KrylovSettings, relative_scale
 from pss_cli.core.lapack import deterministic_lapack
 
 # Rows converted per slab in `_upcast_product`: 16 MiB of float32 scratch.
@@ -130,8 +130,6 @@ def rayleigh_ritz(
     # bf16 recurrence's convergence test was judging noise.
     # Compared in float64 on the CPU, where the Ritz values are (krylov_basis.ritz_values).
     exact = refined.to("cpu", torch.float64)
-    floor = exact[:, :1] * RELATIVE_FLOOR
-    scale = torch.maximum(exact, floor).clamp_min(torch.finfo(exact.dtype).tiny)
-    gap = (ritz.to("cpu", torch.float64) - exact).abs() / scale
+    gap = (ritz.to("cpu", torch.float64) - exact).abs() / relative_scale(exact)
     agrees = (gap[:, 0] <= settings.tol_sigma_max) & (gap.amax(dim=1) <= settings.tol_top_k)
     return refined, agrees

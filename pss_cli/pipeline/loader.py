@@ -21,9 +21,8 @@ from pss_cli.core.norms import (
     scale_to_unit,
     unit_scale,
 )
-from pss_cli.core.spectra import uses_exact_path
 from pss_cli.pipeline.memory import Batch
-from pss_cli.pipeline.plan import MatrixItem, ScanPlan
+from pss_cli.pipeline.plan import MatrixItem, ScanPlan, krylov_path
 
 # Stored dtypes streamed straight into the compute buffer (a copy_ converts them exactly).
 _STREAMED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -111,10 +110,9 @@ class _Loader:
         for the values converts the matrix a slab at a time (core/mixed_precision.py).
         """
         plan = self.plan
-        if not plan.settings.bf16_products or plan.dtype != torch.float32 or plan.config.exact:
+        if not plan.settings.bf16_products or plan.dtype != torch.float32:
             return plan.dtype
-        m, n = batch.items[0].tall_shape
-        if uses_exact_path(m, n, min(plan.config.top_k, n), plan.settings):
+        if not krylov_path(batch.items[0].tall_shape, plan.config, plan.settings):
             return plan.dtype
         stored_bf16 = all(
             item.target.entry.dtype == "BF16" and self._streamable(item) for item in batch.items

@@ -35,6 +35,13 @@ FLAG_NONFINITE = Flag.NONFINITE
 FLAG_ZERO = Flag.ZERO_MATRIX
 
 
+def krylov_path(tall_shape: tuple[int, int], config: ScanConfig, settings: KrylovSettings) -> bool:
+    """Whether a matrix of this (tall) shape is solved by block Krylov in this scan, rather than
+    by a full SVD (`--exact`, a small matrix, or a --top-k the Krylov space cannot hold)."""
+    m, n = tall_shape
+    return not config.exact and not uses_exact_path(m, n, min(config.top_k, n), settings)
+
+
 @dataclass(frozen=True)
 class MatrixItem:
     """One matrix to analyse: a 2-D tensor, a flattened conv kernel, or one expert of a stack.
@@ -159,10 +166,7 @@ def plan_scan(path: Path, config: ScanConfig, device: torch.device | None = None
     device = device if device is not None else resolve_device(config.device)
     dtype = torch.float64 if config.compute_dtype is ComputeDtype.FLOAT64 else torch.float32
     settings = KrylovSettings(exact_max_dim=config.exact_max_dim)
-    krylov = not config.exact and any(
-        not uses_exact_path(*item.tall_shape, min(config.top_k, item.tall_shape[1]), settings)
-        for item in items
-    )
+    krylov = any(krylov_path(item.tall_shape, config, settings) for item in items)
     if krylov:
         precision = choose_precision(str(config.precision), device, dtype, BF16_MIN_SPEEDUP)
     else:

@@ -32,6 +32,7 @@ from pss_cli.pipeline.plan import (
     MatrixItem,
     ProgressCallback,
     ScanPlan,
+    krylov_path,
     relative_file,
 )
 from pss_cli.results import LayerResult
@@ -51,10 +52,7 @@ def compute_items(
     batches = plan_batches(
         items, itemsize, budget, plan.settings, plan.config.top_k, plan.config.exact
     )
-    if not plan.config.exact and any(
-        not uses_exact_path(*batch.items[0].tall_shape, plan.config.top_k, plan.settings)
-        for batch in batches
-    ):
+    if any(krylov_path(b.items[0].tall_shape, plan.config, plan.settings) for b in batches):
         import_lapack_in_background()
     total = len(items)
     bytes_total = sum(item.nbytes for item in items)
