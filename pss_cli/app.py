@@ -7,6 +7,7 @@ import the library lazily, inside their bodies.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import sys
@@ -138,7 +139,37 @@ def reproducible_blas(environ: MutableMapping[str, str]) -> None:
     environ.setdefault("MKL_CBWR", MKL_CBWR_DEFAULT)
 
 
+# The commands that import torch (every command but --help and --version).
+_COMMANDS = frozenset({"scan", "smooth", "check", "trend"})
+
+
+def runs_a_command(argv: list[str]) -> bool:
+    """True when the command line runs a command (and so imports torch), not just --help."""
+    return bool(argv) and argv[0] in _COMMANDS and "--help" not in argv
+
+
+def settle_imports() -> None:
+    """Import torch, then move every object alive so far out of the garbage collector's sight.
+
+    Why (measured on an AMD EPYC Zen 4, Python 3.11, torch 2.13.0): importing torch leaves
+    ~10^5 objects that every full collection walks: one came during a Llama-block scan (95 ms),
+    and the collections of interpreter shutdown took ~0.45 s of a `python -c "import torch"`
+    that lasted 1.6 s (0.12 s after gc.freeze()). Those module objects live until exit anyway.
+    Only the command-line entry point does this: the library never touches its host
+    process's collector.
+    """
+    import torch  # noqa: F401  (the import every command makes first)
+
+    gc.freeze()
+
+
 def main() -> None:
-    reproducible_blas(os.environ)
+    reproducible_blas(os.environ)  # before torch is imported (see above)
     signal.signal(signal.SIGTERM, _terminated)
-    app()
+    if runs_a_command(sys.argv[1:]):
+        settle_imports()
+    try:
+        app()
+    finally:
+        # The objects of the run, too, need no collection at shutdown: the process is ending.
+        gc.freeze()

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pss_cli import __version__
-from pss_cli.app import app
+from pss_cli.app import app, runs_a_command
 from pss_cli.errors import ExitCode
 from tests.safetensors_factory import write_tensors, write_truncated
 
@@ -44,16 +44,49 @@ def test_version(runner: CliRunner) -> None:
     assert result.stdout.strip() == f"pss {__version__}"
 
 
+@pytest.mark.parametrize("entry", ["app", "main"])
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["scan", "--help"]])
-def test_help_and_version_do_not_import_torch(argv: list[str]) -> None:
+def test_help_and_version_do_not_import_torch(argv: list[str], entry: str) -> None:
+    call = f"app({argv!r})" if entry == "app" else f"sys.argv = ['pss', *{argv!r}]; main()"
     code = (
-        "import sys; from pss_cli.app import app\n"
-        f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass\n"
+        "import sys; from pss_cli.app import app, main\n"
+        f"try:\n    {call}\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'scipy' not in sys.modules, 'scipy imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "runs"),
+    [
+        (["scan", "x.safetensors"], True),
+        (["check", "a", "--max-flagged", "0"], True),
+        (["smooth", "a", "-o", "b"], True),
+        (["trend", "run/"], True),
+        (["scan", "--help"], False),
+        (["--help"], False),
+        (["--version"], False),
+        ([], False),
+    ],
+)
+def test_only_a_command_settles_its_imports(argv: list[str], runs: bool) -> None:
+    assert runs_a_command(argv) is runs
+
+
+def test_the_command_line_keeps_its_imports_from_the_collector() -> None:
+    # `pss scan` imports torch, then freezes the collector's view of those objects (app.py:
+    # settle_imports); the scan's output is unchanged by it.
+    code = (
+        "import gc, sys; from pss_cli.app import main\n"
+        f"sys.argv = ['pss', 'scan', {str(DIVERGED)!r}, '-f', 'json', '-q']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "assert 'torch' in sys.modules and gc.get_freeze_count() > 10000, gc.get_freeze_count()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["summary"]["flagged"] == 3
 
 
 def test_table_on_the_diverged_sample(runner: CliRunner) -> None:

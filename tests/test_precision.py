@@ -24,6 +24,7 @@ from pss_cli.core.spectra import (
     KrylovSettings,
     exact_singular_values,
     gaussian_start,
+    iteration_budget,
     top_singular_triplets,
     top_singular_values,
 )
@@ -59,6 +60,48 @@ def test_bf16_products_meet_the_accuracy_goal(kind: str, stored: torch.dtype) ->
     assert errors[0] <= SIGMA_MAX_TOL, (kind, errors[0].item())
     assert errors.max() <= TOP_K_TOL, (kind, errors.max().item())
     assert result.iterations[0] >= 3  # (a full SVD may answer where the budget ran out)
+
+
+@pytest.mark.parametrize("rank", [5, 40])
+def test_bf16_products_on_a_low_rank_matrix(rank: int) -> None:
+    # Only the right basis is re-orthogonalised with bf16 products (core/lanczos.py). Rank 5:
+    # the Krylov space is invariant after one block and the left block of the next step is
+    # rounding noise; rank 40: it fills up within two blocks. Either way the values are the
+    # true ones, and the zeros are zeros (relative to sigma_1).
+    truth = torch.linspace(5.0, 1.0, rank, dtype=torch.float64)
+    a = _unit(with_spectrum(900, 700, truth, seed=8).to(torch.bfloat16).float())[None]
+    reference = exact_singular_values(a.double())[0, :16]
+    result = top_singular_values(a, 16, gaussian_start([4], 700, 32), BF16)
+    top = min(rank, 16)
+    assert _errors(result.values[0, :top], reference[:top]).max() <= 1e-4
+    if rank < 16:
+        assert result.values[0, rank:].abs().max() <= 1e-3 * reference[0]
+
+
+def test_bf16_products_on_a_cluster_wider_than_k() -> None:
+    # 24 equal values above a flat bulk: k = 16 of them, any 16 directions of the cluster. A
+    # left basis that drifted would show up as Ritz values of T beyond the cluster's value.
+    truth = torch.cat([torch.full((24,), 2.0, dtype=torch.float64), flat_bulk(676)])
+    a = _unit(with_spectrum(900, 700, truth, seed=9).to(torch.bfloat16).float())[None]
+    reference = exact_singular_values(a.double())[0, :16]
+    result = top_singular_values(a, 16, gaussian_start([5], 700, 32), BF16)
+    assert result.exact == (False,)
+    assert _errors(result.values[0], reference).max() <= SIGMA_MAX_TOL
+
+
+@pytest.mark.parametrize("spikes", [(8.0, 5.0), (3.0, 2.0, 1.5)])
+def test_bf16_products_vouch_for_their_own_values(spikes: tuple[float, ...]) -> None:
+    # The bf16 recurrence must reach values its Rayleigh-Ritz check accepts, not lean on the
+    # fp32 retry (iterations beyond the budget) or the full SVD: spikes converge first, and a
+    # right basis that lost them (a basis left unorthogonalised) comes back with ghost copies.
+    n = 1100
+    truth = spiky(n, spikes)
+    a = _unit(with_spectrum(1400, n, truth, seed=6).to(torch.bfloat16).float())[None]
+    reference = exact_singular_values(a.double())[0, :16]
+    result = top_singular_values(a, 16, gaussian_start([2], n, 32), BF16)
+    assert result.exact == (False,)
+    assert result.iterations[0] <= iteration_budget(n, BF16)
+    assert _errors(result.values[0], reference).max() <= TOP_K_TOL
 
 
 def test_bf16_values_never_exceed_the_true_values() -> None:

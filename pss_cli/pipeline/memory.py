@@ -59,6 +59,8 @@ def batch_peak_bytes(
         workspace = matrix + n * n * itemsize
     else:
         columns = (iteration_budget(n, settings) + 1) * settings.block_size
+        # Both bases: the bf16 path keeps no left basis, but a matrix it cannot vouch for is
+        # solved again with compute-dtype products, which keep both.
         workspace = (m + n) * columns * itemsize
         if settings.bf16_products:
             workspace += m * n * 2  # A in bf16 (core/mixed_precision.py: Products)
