@@ -278,3 +278,19 @@ def test_a_newline_in_a_tensor_name_does_not_split_the_table_row(tmp_path: Path)
     assert "\x1b" not in result.stdout
     data = json.loads(CliRunner().invoke(app, ["scan", str(path), "-f", "json", "-q"]).stdout)
     assert data["layers"][0]["name"] == name  # JSON keeps the exact name
+
+
+def test_an_interrupt_while_torch_loads_is_reported_like_one_in_a_command(
+    monkeypatch, capsys
+) -> None:
+    import pss_cli.app as app_module
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_module, "settle_imports", interrupted)
+    monkeypatch.setattr(sys, "argv", ["pss", "scan", str(DIVERGED)])
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "Error: interrupted\n"
