@@ -13,18 +13,18 @@ Stronger and Faster Approximate SVD": Krylov depends on sqrt(gap), power iterati
 
 Mixed precision (`KrylovSettings.bf16_products`, chosen per device by pss_cli.core.precision): the
 Krylov expansion's products A V and A^T U run in bf16 (fp32 accumulation), while the
-re-orthogonalisation, the QR factorisations and the projected bidiagonal problem stay in the
-compute dtype (fp32/fp64). The reported values then come from a final Rayleigh-Ritz step with the
-compute-dtype matrix: the singular values of A V_k, V_k the top Ritz vectors, are Ritz values of
-the true A (lower bounds of the true values), so bf16 rounding can bias the subspace but never
-inflate a reported value. The convergence test is made precision-aware: bf16 rounding makes the
-Ritz values jitter, and a jitter that reads as a negative increment must not pass for
-convergence (see `remaining_error`); if the bf16 Ritz values and the fp32 Rayleigh-Ritz values
-disagree by more than the tolerance, the matrix is solved again with compute-dtype products.
-Where a CPU has no bf16 kernel (AVX2-only: 50-300x slower than fp32) `auto` keeps fp32.
-A BF16 checkpoint's batch may arrive as bf16 (pss_cli/pipeline/loader.py): its values are the
-stored ones, so the products use it as it is and the Rayleigh-Ritz product converts it to fp32 a
-slab at a time; the retry and the full-SVD fallback convert the matrix they need.
+re-orthogonalisation (of the right basis alone: lanczos.py says why), the QR factorisations and the
+projected bidiagonal problem stay in the compute dtype (fp32/fp64). The reported values then come
+from a final Rayleigh-Ritz step with the compute-dtype matrix: the singular values of A V_k, V_k
+the top Ritz vectors, are Ritz values of the true A (lower bounds of the true values), so bf16
+rounding can bias the subspace but never inflate a reported value. The convergence test is made
+precision-aware: bf16 rounding makes the Ritz values jitter, and a jitter that reads as a negative
+increment must not pass for convergence (see `remaining_error`); if the bf16 Ritz values and the
+fp32 Rayleigh-Ritz values disagree by more than the tolerance, the matrix is solved again with
+compute-dtype products. Where a CPU has no bf16 kernel (AVX2-only: 50-300x slower than fp32) `auto`
+keeps fp32. A BF16 checkpoint's batch may arrive as bf16 (pss_cli/pipeline/loader.py): its values
+are the stored ones, so the products use it as it is and the Rayleigh-Ritz product converts it to
+fp32 a slab at a time; the retry and the full-SVD fallback convert the matrix they need.
 
 The per-iteration Ritz values come from the eigenvalues of the banded T^T T (T the projected
 block bidiagonal, bandwidth b; `krylov_basis.ritz_values`), in float64: O(n^2 b) per iteration
