@@ -84,7 +84,17 @@ def _worker(rank: int, out: str, mode: str) -> None:
 def main(out: str, mode: str) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(out, mode), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(out, mode), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as exc:
+        # Once in ~20 FSDP2 runs on a 2-core CPU (2026-12-06), a rank died by SIGABRT with
+        # "terminate called without an active exception": C++ teardown in the process group,
+        # not the guard. When every rank had already written its results, the test checks them
+        # as usual; a rank that died before writing them (or any other death) still fails.
+        written = all(Path(out, f"model{r}.pt").exists() for r in range(WORLD))
+        if exc.signal_name != "SIGABRT" or not written:
+            raise
+        print(f"warning: {exc} after every rank wrote its results", file=sys.stderr)
 
 
 def _reference_grad_norm() -> float:
