@@ -139,13 +139,11 @@ def reproducible_blas(environ: MutableMapping[str, str]) -> None:
     environ.setdefault("MKL_CBWR", MKL_CBWR_DEFAULT)
 
 
-# The commands that import torch (every command but --help and --version).
-_COMMANDS = frozenset({"scan", "smooth", "check", "trend"})
-
-
 def runs_a_command(argv: list[str]) -> bool:
-    """True when the command line runs a command (and so imports torch), not just --help."""
-    return bool(argv) and argv[0] in _COMMANDS and "--help" not in argv
+    """True when the command line runs one of the app's commands (each imports torch), not
+    just --help or --version."""
+    commands = {info.name for info in app.registered_commands}
+    return bool(argv) and argv[0] in commands and "--help" not in argv
 
 
 def settle_imports() -> None:

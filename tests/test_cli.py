@@ -44,6 +44,13 @@ def test_version(runner: CliRunner) -> None:
     assert result.stdout.strip() == f"pss {__version__}"
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter (imports start from nothing); it must exit 0."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize("entry", ["app", "main"])
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["scan", "--help"]])
 def test_help_and_version_do_not_import_torch(argv: list[str], entry: str) -> None:
@@ -54,8 +61,7 @@ def test_help_and_version_do_not_import_torch(argv: list[str], entry: str) -> No
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'scipy' not in sys.modules, 'scipy imported'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    _python(code)
 
 
 @pytest.mark.parametrize(
@@ -84,8 +90,7 @@ def test_the_command_line_keeps_its_imports_from_the_collector() -> None:
         "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "assert 'torch' in sys.modules and gc.get_freeze_count() > 10000, gc.get_freeze_count()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = _python(code)
     assert json.loads(done.stdout)["summary"]["flagged"] == 3
 
 
