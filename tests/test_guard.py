@@ -126,6 +126,96 @@ def test_non_finite_gradients_or_loss_always_skip(where: str) -> None:
         assert event.detail["layers"] == ["h.0.c_fc.weight"]
 
 
+_RULES_OFF = {
+    "spike_action": TriggerAction.OFF,
+    "zscore_action": TriggerAction.OFF,
+    "spectral_action": TriggerAction.OFF,
+}
+
+
+def test_a_parameter_unfrozen_after_construction_is_watched_too() -> None:
+    # Progressive unfreezing: the optimizer holds every parameter, the guard is built while a
+    # block is frozen, and the block is unfrozen later. A NaN in its gradient once went into
+    # the weights on a step the guard called finite.
+    model = make_model()
+    optimizer = make_optimizer(model)
+    for p in model.h[0].parameters():  # type: ignore[index]
+        p.requires_grad_(False)
+    guard = Guard(model, optimizer, GuardConfig(**_RULES_OFF))
+    run(model, guard, 2)
+    for p in model.h[0].parameters():  # type: ignore[index]
+        p.requires_grad_(True)
+    before = snapshot(model, optimizer)
+    loss_of(model, 2).backward()
+    model.h[0].c_fc.weight.grad[0, 0] = float("nan")  # type: ignore[index]
+    decision = guard.step()
+    assert decision.skipped and guard.counters["nonfinite"] == 1
+    assert_bit_identical(before, snapshot(model, optimizer))
+    event = next(e for e in guard.events if e.kind == "nonfinite")
+    assert event.detail["layers"] == ["h.0.c_fc.weight"]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("added", ["at_construction", "by_add_param_group"])
+def test_a_parameter_outside_the_model_is_watched_when_the_optimizer_steps_it(
+    added: str,
+) -> None:
+    model = make_model()
+    temperature = nn.Parameter(torch.ones(()))
+    if added == "at_construction":
+        optimizer = torch.optim.AdamW([*model.parameters(), temperature], lr=3e-3)
+        guard = Guard(model, optimizer, GuardConfig(**_RULES_OFF))
+    else:
+        optimizer = make_optimizer(model)
+        guard = Guard(model, optimizer, GuardConfig(**_RULES_OFF))
+        run(model, guard, 1)
+        optimizer.add_param_group({"params": [temperature]})
+    (loss_of(model, 3) * temperature).backward()
+    temperature.grad = torch.full((), float("nan"))
+    decision = guard.step()
+    assert decision.skipped and guard.counters["nonfinite"] == 1
+    assert float(temperature.detach()) == 1.0
+    event = next(e for e in guard.events if e.kind == "nonfinite")
+    group = 0 if added == "at_construction" else 1
+    index = len(list(model.parameters())) if added == "at_construction" else 0
+    assert event.detail["layers"] == [f"param_groups[{group}].params[{index}]"]
+    # Finite again: the step is taken and the extra parameter counts in the watched norm.
+    optimizer.zero_grad(set_to_none=True)
+    (loss_of(model, 4) * temperature).backward()
+    decision = guard.step()
+    assert not decision.skipped and float(temperature.detach()) != 1.0
+
+
+def test_sparse_gradients_are_read_and_a_nan_in_one_is_caught() -> None:
+    # nn.Embedding(sparse=True) with SGD: torch's norm kernels have no sparse version (the
+    # first guard.step once raised NotImplementedError).
+    torch.manual_seed(0)
+    embedding = nn.Embedding(50, 8, sparse=True)
+    head = nn.Linear(8, 8)
+    model = nn.Sequential(embedding, head)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, optimizer, GuardConfig(**_RULES_OFF, exclude_roles=()))
+    ids = torch.tensor([[1, 2, 2, 7]])  # index 2 twice: coalescing sums its two rows
+    model(ids).square().mean().backward()
+    grad = embedding.weight.grad
+    assert grad is not None and grad.is_sparse
+    dense = grad.to_dense()
+    expected = float(dense.norm()) + float(head.weight.grad.norm()) + float(head.bias.grad.norm())  # type: ignore[union-attr]
+    decision = guard.step()
+    assert not decision.skipped
+    assert decision.grad_norm == pytest.approx(expected, rel=1e-6)
+    optimizer.zero_grad(set_to_none=True)
+    model(ids).square().mean().backward()
+    embedding.weight.grad = torch.sparse_coo_tensor(
+        torch.tensor([[3]]), torch.full((1, 8), float("nan")), (50, 8), check_invariants=True
+    )
+    before = embedding.weight.detach().clone()
+    decision = guard.step()
+    assert decision.skipped and torch.equal(embedding.weight.detach(), before)
+    event = next(e for e in guard.events if e.kind == "nonfinite")
+    assert event.detail["layers"] == ["0.weight"]
+
+
 def test_paper_rule_waits_for_warmup_and_cooldown() -> None:
     # factor 1e-9: every armed, non-cooling step fires. Warm-up 3 finite steps, cooldown 2.
     config = GuardConfig(
@@ -578,11 +668,52 @@ def test_unsupported_sharded_parameters() -> None:
         ("matrices_per_check", 0),
         ("optimizer_policy", OptimizerPolicy.DROP),
         ("check_every", -1),
+        # Values that once passed construction and failed at the first trigger, inside a
+        # training step, with an untyped error (clip_count, softmax_temperature), or were taken
+        # silently (a fractional step count, a NaN fraction, a string iterated as roles).
+        ("clip_count", 0),
+        ("softmax_temperature", 0.0),
+        ("softmax_temperature", -1.0),
+        ("spike_factor", None),
+        ("spike_factor", "2.5x"),
+        ("spike_factor", float("nan")),
+        ("cooldown_steps", float("inf")),
+        ("warmup_steps", 2.7),
+        ("warmup_steps", True),
+        ("smooth_top_k", None),
+        ("min_stable_rank_fraction", -0.5),
+        ("min_stable_rank_fraction", 0.0),
+        ("min_stable_rank_fraction", float("nan")),
+        ("exclude_roles", "embedding"),
+        ("exclude_roles", ("embeddings",)),
+        ("seed", "abc"),
+        ("seed", -1),
+        ("split_fused_qkv", "maybe"),
+        ("spike_action", 3),
     ],
 )
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(GuardConfigError, match=f"GuardConfig.{field}"):
         GuardConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_config_takes_the_strings_of_a_yaml_file_or_command_line_typed() -> None:
+    config = GuardConfig(
+        spike_factor="2.5",  # type: ignore[arg-type]
+        warmup_steps="5",  # type: ignore[arg-type]
+        zscore_threshold="3",  # type: ignore[arg-type]
+        seed=7.0,  # type: ignore[arg-type]
+        split_fused_qkv="false",  # type: ignore[arg-type]
+        exclude_roles=["lm_head"],  # type: ignore[arg-type]
+        spike_action="skip",  # type: ignore[arg-type]
+    )
+    assert (config.spike_factor, config.warmup_steps, config.zscore_threshold) == (2.5, 5, 3.0)
+    assert type(config.warmup_steps) is int and type(config.zscore_threshold) is float
+    assert config.seed == 7 and type(config.seed) is int
+    assert config.split_fused_qkv is False
+    assert config.exclude_roles == ("lm_head",)
+    assert config.spike_action is TriggerAction.SKIP
+    assert GuardConfig(**config.as_dict()) == config  # type: ignore[arg-type]
 
 
 def test_state_dict_of_another_format_is_refused() -> None:

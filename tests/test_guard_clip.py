@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -85,23 +86,31 @@ def test_bad_clip_value_is_refused() -> None:
         ClipThenStep(make_optimizer(model), model.parameters(), 0.0)
 
 
-def test_lightning_scheduler_proxy_keeps_the_scheduler_type_and_waits_after_a_skip() -> None:
+def _lightning_holder() -> Any:
     import lightning.pytorch as pl
-
-    from pss_cli.guard.adapters.lightning import guarded_optimizers
 
     class Holder(pl.LightningModule):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.net = make_model()
 
-    holder = Holder()
+    return Holder()
+
+
+_SKIP_THIRD = GuardConfig(
+    spike_factor=1e-6, warmup_steps=2, cooldown_steps=100, spike_action=TriggerAction.SKIP
+)
+
+
+def test_lightning_plateau_scheduler_keeps_its_type_and_steps_on_its_metric_after_a_skip() -> None:
+    from pss_cli.guard.adapters.lightning import guarded_optimizers
+
+    holder = _lightning_holder()
     optimizer = make_optimizer(holder)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
-    config = GuardConfig(
-        spike_factor=1e-6, warmup_steps=2, cooldown_steps=100, spike_action=TriggerAction.SKIP
+    out = guarded_optimizers(
+        holder, optimizer, plateau, _SKIP_THIRD, interval="epoch", monitor="loss"
     )
-    out = guarded_optimizers(holder, optimizer, plateau, config, interval="epoch", monitor="loss")
     scheduler = out["lr_scheduler"]["scheduler"]
     assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert scheduler.optimizer is out["optimizer"] and out["lr_scheduler"]["monitor"] == "loss"
@@ -111,9 +120,33 @@ def test_lightning_scheduler_proxy_keeps_the_scheduler_type_and_waits_after_a_sk
         loss_of(holder.net, step).backward()
         guarded.step()
         guarded.zero_grad()
-        scheduler.step(1.0 + step)  # a worsening metric: each real step halves the LR
+        scheduler.step(1.0 + step)  # a worsening metric: each evaluation halves the LR
     assert guarded.guard.last_decision.skipped
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr / 2)
+    # The validation metric is real whatever one training step did: both worsenings count.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr / 4)
+
+
+@pytest.mark.parametrize(("interval", "steps_taken"), [("step", 2), ("epoch", 3)])
+def test_lightning_scheduler_waits_after_a_skip_only_when_it_counts_optimizer_steps(
+    interval: str, steps_taken: int
+) -> None:
+    from pss_cli.guard.adapters.lightning import guarded_optimizers
+
+    holder = _lightning_holder()
+    optimizer = make_optimizer(holder)
+    step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    out = guarded_optimizers(holder, optimizer, step_lr, _SKIP_THIRD, interval=interval)
+    scheduler = out["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    guarded = out["optimizer"]
+    for step in range(3):  # with interval="epoch", each loop stands for an epoch's last step
+        loss_of(holder.net, step).backward()
+        guarded.step()
+        guarded.zero_grad()
+        scheduler.step()
+    assert guarded.guard.last_decision.skipped
+    # An epoch schedule loses no epoch to a skipped last batch (it once lost a whole one).
+    assert step_lr.last_epoch == steps_taken
 
 
 def test_the_guard_core_never_imports_a_framework() -> None:

@@ -286,3 +286,38 @@ def test_trainer_clipping_and_unguarded_optimizers_are_refused(tmp_path: Path) -
     )
     with pytest.raises(GuardConfigError, match="not guarded"):
         trainer.train()
+
+
+def test_a_plateau_schedule_steps_on_each_evaluation_whatever_was_skipped(tmp_path: Path) -> None:
+    # Trainer steps a ReduceLROnPlateau with the evaluation metric and every other scheduler
+    # after each optimizer step, deciding by isinstance: a guarded plateau scheduler that was
+    # not one made Trainer call step() without its metric (a TypeError at the first step).
+    model = tiny_gpt2()
+    args = train_args(
+        tmp_path,
+        lr_scheduler_type="reduce_lr_on_plateau",
+        warmup_steps=0,
+        eval_strategy="steps",
+        eval_steps=10,
+        metric_for_best_model="loss",
+    )
+    skip_once = GuardConfig(
+        spike_factor=1e-6, warmup_steps=5, cooldown_steps=1000, spike_action=TriggerAction.SKIP
+    )
+    optimizers = guarded_optimizers(model, args, skip_once, max_grad_norm=0.5)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenData(),
+        eval_dataset=TokenData(8),
+        optimizers=optimizers,
+        callbacks=[GuardCallback()],
+    )
+    trainer.train()
+    guard = find_guard(trainer.optimizer)
+    assert guard is not None and guard.counters["skipped"] == 1
+    scheduler = trainer.lr_scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evaluations) == STEPS // 10
+    assert scheduler.last_epoch == len(evaluations)  # one step(metric) per evaluation

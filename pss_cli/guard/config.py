@@ -5,6 +5,8 @@ Torch-free (the config can be built and printed without importing torch).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
@@ -143,20 +145,19 @@ class GuardConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        # Strings are accepted for the enum fields (GuardConfig(spike_action="skip")), as in a
-        # YAML or CLI config; stored as the enum.
-        for name, enum in _ENUM_FIELDS.items():
-            value = getattr(self, name)
-            if isinstance(value, enum):
-                continue
+        # Values are checked and normalised here, so that a bad one fails at construction with
+        # the field's name, never at the first trigger inside a training step. Strings are
+        # accepted for enum and numeric fields ("skip", "2.5", "50"), as a YAML file, an
+        # environment variable or a command line gives them; they are stored typed.
+        for f in fields(self):
+            value = getattr(self, f.name)
             try:
-                object.__setattr__(self, name, enum(value))
-            except ValueError:
-                allowed = ", ".join(member.value for member in enum)
+                checked = _check_field(f.name, value)
+            except _BadValue as bad:
                 raise GuardConfigError(
-                    f"GuardConfig.{name}: {value!r} is not one of {allowed}",
-                    "see docs/GUARD.md for the fields and defaults",
+                    f"GuardConfig.{f.name}: {bad}", "see docs/GUARD.md for the fields and defaults"
                 ) from None
+            object.__setattr__(self, f.name, checked)
         problems = _problems(self)
         if problems:
             name, text = problems[0]
@@ -187,17 +188,110 @@ _ENUM_FIELDS: dict[str, type[StrEnum]] = {
     "smooth_dtype": ComputeDtype,
     "optimizer_policy": OptimizerPolicy,
 }
+_BOOL_FIELDS = frozenset({"spectral_warn_on_drop", "split_fused_qkv", "sje_on_trigger"})
+_INT_FIELDS = frozenset(
+    {
+        "warmup_steps",
+        "cooldown_steps",
+        "zscore_warmup_steps",
+        "spectral_window",
+        "check_every",
+        "matrices_per_check",
+        "power_iters",
+        "first_power_iters",
+        "clip_count",
+        "smooth_top_k",
+        "seed",
+        "log_every",
+    }
+)
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+class _BadValue(ValueError):
+    """A field's value has the wrong type or form (the message names the value)."""
+
+
+def _check_field(name: str, value: object) -> object:
+    """The field's value, typed: enum members, bools, ints, finite floats, a tuple of roles."""
+    if name in _ENUM_FIELDS:
+        enum = _ENUM_FIELDS[name]
+        if isinstance(value, enum):
+            return value
+        try:
+            return enum(value)  # type: ignore[arg-type]  # a wrong type is refused just below
+        except ValueError:
+            allowed = ", ".join(member.value for member in enum)
+            raise _BadValue(f"{value!r} is not one of {allowed}") from None
+    if name in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise _BadValue(f"{value!r} is not true or false")
+    if name == "exclude_roles":
+        return _roles(value)
+    return _number(value, whole=name in _INT_FIELDS)
+
+
+def _number(value: object, whole: bool) -> int | float:
+    # bool is an int to Python, but GuardConfig(warmup_steps=True) is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, str | numbers.Real):
+        raise _BadValue(f"{value!r} ({type(value).__name__}) is not a number")
+    number: int | float
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise _BadValue(f"{value!r} is not a number") from None
+    else:
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
+    if not math.isfinite(float(number)):
+        raise _BadValue(f"{value!r} is not finite")
+    if not whole:
+        return float(number)
+    if isinstance(number, numbers.Integral):
+        return int(number)
+    if not float(number).is_integer():
+        raise _BadValue(f"{value!r} is not a whole number")
+    return int(number)
+
+
+def _roles(value: object) -> tuple[str, ...]:
+    from pss_cli.checkpoint.selection import Role
+
+    if isinstance(value, str) or not isinstance(value, tuple | list | set | frozenset):
+        raise _BadValue(
+            f'{value!r} is not a tuple of role names (e.g. exclude_roles=("embedding",))'
+        )
+    allowed = {role.value for role in Role}
+    for role in value:
+        if str(role) not in allowed:
+            raise _BadValue(f"{role!r} is not a role: one of {', '.join(sorted(allowed))}")
+    # Sorted for a set's sake: the event log's header must not depend on hash order.
+    ordered = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+    return tuple(str(role) for role in ordered)
 
 
 def _problems(config: GuardConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    positive = ("spike_factor", "zscore_threshold", "spectral_sigma_growth", "min_stable_rank")
+    positive = (
+        "spike_factor",
+        "zscore_threshold",
+        "spectral_sigma_growth",
+        "min_stable_rank",
+        "softmax_temperature",
+    )
     for name in positive:
         if not float(getattr(config, name)) > 0:
-            problems.append((name, "must be positive"))
+            problems.append((name, f"must be positive (got {getattr(config, name)!r})"))
     for name in ("spike_ema_decay", "zscore_alpha"):
         if not 0.0 <= float(getattr(config, name)) < 1.0:
-            problems.append((name, "must be in [0, 1)"))
+            problems.append((name, f"must be in [0, 1) (got {getattr(config, name)!r})"))
     non_negative = (
         "warmup_steps",
         "cooldown_steps",
@@ -208,17 +302,30 @@ def _problems(config: GuardConfig) -> list[tuple[str, str]]:
     )
     for name in non_negative:
         if int(getattr(config, name)) < 0:
-            problems.append((name, "must be >= 0"))
-    if config.matrices_per_check < 1:
-        problems.append(("matrices_per_check", "must be >= 1"))
-    if config.spectral_window < 1:
-        problems.append(("spectral_window", "must be >= 1"))
-    if config.log_every < 1:
-        problems.append(("log_every", "must be >= 1"))
-    if config.smooth_top_k < 1:
-        problems.append(("smooth_top_k", "must be >= 1"))
+            problems.append((name, f"must be >= 0 (got {getattr(config, name)!r})"))
+    at_least_one = (
+        "matrices_per_check",
+        "spectral_window",
+        "log_every",
+        "smooth_top_k",
+        "clip_count",
+    )
+    for name in at_least_one:
+        if int(getattr(config, name)) < 1:
+            problems.append((name, f"must be >= 1 (got {getattr(config, name)!r})"))
+    if not 0.0 < config.min_stable_rank_fraction <= 1.0:
+        problems.append(
+            (
+                "min_stable_rank_fraction",
+                f"must be in (0, 1] (got {config.min_stable_rank_fraction!r})",
+            )
+        )
     if not 0.0 < config.spectral_drop_fraction < 1.0:
-        problems.append(("spectral_drop_fraction", "must be in (0, 1)"))
+        problems.append(
+            ("spectral_drop_fraction", f"must be in (0, 1) (got {config.spectral_drop_fraction!r})")
+        )
+    if not 0 <= config.seed < 2**64:
+        problems.append(("seed", f"must be in [0, 2**64) (got {config.seed!r})"))
     if config.optimizer_policy == OptimizerPolicy.DROP:
         problems.append(("optimizer_policy", "drop is for checkpoints; use keep or reset"))
     return problems

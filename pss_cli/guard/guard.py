@@ -89,10 +89,13 @@ class Guard:
         self.specs: list[MatrixSpec] = monitored_matrices(
             model, self._trainable, self.config.exclude_roles, self.config.split_fused_qkv
         )
-        self._params = [p for _, p in self._trainable]
-        self._names = [name for name, _ in self._trainable]
-        self._sharded = [is_dtensor(p) for p in self._params]
-        self._device = self._params[0].device
+        self._device = self._trainable[0][1].device
+        self._watched: list[tuple[str, nn.Parameter]] = []
+        self._params: list[nn.Parameter] = []
+        self._names: list[str] = []
+        self._sharded: list[bool] = []
+        self._watch_key: tuple[tuple[int, int], ...] | None = None
+        self._refresh_watched()
         self._generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
         c = self.config
         self.spike = SpikeRule(c.spike_factor, c.spike_ema_decay, c.warmup_steps, c.cooldown_steps)
@@ -146,6 +149,7 @@ class Guard:
     def step(self, loss: torch.Tensor | float | None = None) -> GuardDecision:
         """Decide this step; take the optimizer step, skip it, or smooth and skip it."""
         step = self.step_count
+        self._refresh_watched()
         indices = self.monitor.next_indices() if self.monitor.due(step) else []
         measure = (lambda: self.monitor.measure(indices, self._device)) if indices else None
         values = gather_step(self._params, self._sharded, self._device, loss, measure)
@@ -173,7 +177,7 @@ class Guard:
                 actions.append("log")
         if nonfinite:
             self.counters["nonfinite"] += 1
-            detail = {"loss": reading.loss, "layers": nonfinite_layers(self._trainable)}
+            detail = {"loss": reading.loss, "layers": nonfinite_layers(self._watched)}
             reason_text = "non-finite loss or gradients: step skipped"
             self._emit(GuardEvent(step, "nonfinite", reason_text, detail))
         elif action == TriggerAction.SMOOTH:
@@ -309,6 +313,33 @@ class Guard:
             layers=tuple(layers),
         )
 
+    def _refresh_watched(self) -> None:
+        """Watch every parameter the optimizer updates, not only the model's trainable ones at
+        construction: a parameter unfrozen later (progressive unfreezing with an optimizer
+        built from model.parameters()), one added by `add_param_group`, or one outside the
+        model (a learnable loss temperature) would otherwise take a NaN gradient into the
+        weights on a step the guard called finite. Rebuilt when the param groups change
+        (their count or sizes: a few integers compared per step). The same list on every
+        rank, in the optimizer's order, so the all-reduced vector lines up.
+        """
+        groups = self.optimizer.param_groups
+        key = tuple((id(group["params"]), len(group["params"])) for group in groups)
+        if key == self._watch_key:
+            return
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        seen: set[int] = set()
+        watched: list[tuple[str, nn.Parameter]] = []
+        for g, group in enumerate(groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    watched.append((names.get(id(p), f"param_groups[{g}].params[{i}]"), p))
+        self._watched = watched
+        self._params = [p for _, p in watched]
+        self._names = [name for name, _ in watched]
+        self._sharded = [is_dtensor(p) for p in self._params]
+        self._watch_key = key
+
     def _top_grad_layers(self, sq_norms: Sequence[float]) -> list[str]:
         order = sorted(range(len(sq_norms)), key=lambda i: -sq_norms[i])
         return [self._names[i] for i in order[:_NAMED_LAYERS]]
@@ -381,8 +412,10 @@ class Guard:
 
         return GuardedOptimizer(self)
 
-    def wrap_scheduler(self, scheduler: Any) -> GuardedScheduler:
-        """A scheduler whose `step()` does nothing after a skipped step."""
-        from pss_cli.guard.wrappers import GuardedScheduler
+    def wrap_scheduler(self, scheduler: Any, *, per_step: bool = True) -> GuardedScheduler:
+        """A scheduler whose `step()` does nothing after a skipped step, and an instance of the
+        scheduler's own class (frameworks dispatch on it). per_step=False, for a schedule
+        stepped once per epoch, and any ReduceLROnPlateau always step (wrappers.py)."""
+        from pss_cli.guard.wrappers import scheduler_proxy
 
-        return GuardedScheduler(self, scheduler)
+        return scheduler_proxy(self, scheduler, per_step=per_step)

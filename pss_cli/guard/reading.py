@@ -111,9 +111,8 @@ def squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torc
         grad = p.grad
         if grad is None:
             continue
-        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
-        local = local.detach()
-        if local.dtype in (torch.float32, torch.float64) and not local.is_sparse:
+        local = stored_values(grad)
+        if local.dtype in (torch.float32, torch.float64):
             groups.setdefault((local.device, local.dtype), []).append((i, local))
         else:
             norm = torch.linalg.vector_norm(local, dtype=torch.float32)
@@ -204,7 +203,18 @@ def nonfinite_layers(trainable: list[tuple[str, nn.Parameter]]) -> list[str]:
         grad = p.grad
         if grad is None:
             continue
-        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
-        if not bool(torch.isfinite(local).all()):
+        if not bool(torch.isfinite(stored_values(grad)).all()):
             bad.append(name)
     return bad[:20]
+
+
+def stored_values(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient's own entries, detached: a DTensor's local shard; a sparse gradient's
+    values (nn.Embedding(sparse=True)), coalesced so that repeated indices count once, as the
+    optimizer applies them; torch's norm and isfinite kernels have no sparse versions."""
+    local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+    if local.layout == torch.sparse_coo:
+        local = local.coalesce().values()
+    elif local.layout != torch.strided:
+        local = local.values()
+    return local.detach()

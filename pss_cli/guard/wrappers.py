@@ -5,7 +5,10 @@ and accelerate pass) whose `step()` is `guard.step(loss)`; everything else is th
 optimizer's, and its `state_dict()` carries the guard's state under "pss_guard", so whatever
 checkpoints the optimizer (HF Trainer's optimizer.pt, Lightning's optimizer_states) saves and
 restores the guard too. `GuardedScheduler.step()` does nothing after a skipped step: the LR
-schedule must not advance on a step that did not happen.
+schedule must not advance on a step that did not happen. That holds for schedules that count
+optimizer steps only: an epoch-interval schedule (Lightning's `interval="epoch"`) and
+`ReduceLROnPlateau` (stepped with a validation metric) always step, or a skipped last batch
+would cost a whole epoch of the schedule, or a plateau scheduler its evaluation.
 """
 
 from __future__ import annotations
@@ -58,25 +61,31 @@ class GuardedOptimizer(OptimizerProxy):
 
 
 class GuardedScheduler:
-    """The user's LR scheduler; `step()` is a no-op when the guard's last decision skipped."""
+    """The user's LR scheduler; `step()` is a no-op when the guard's last decision skipped
+    (`per_step` schedules; module docstring)."""
 
-    def __init__(self, guard: Guard, scheduler: Any) -> None:
+    _OWN = ("guard", "scheduler", "per_step")
+
+    def __init__(self, guard: Guard, scheduler: Any, per_step: bool = True) -> None:
         self.__dict__["guard"] = guard
         self.__dict__["scheduler"] = scheduler
+        # A metric-driven ReduceLROnPlateau is never held back by a skipped training step.
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.__dict__["per_step"] = per_step and not plateau
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         decision = self.guard.last_decision
-        if decision is not None and decision.skipped:
+        if self.per_step and decision is not None and decision.skipped:
             return
         self.scheduler.step(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("guard", "scheduler"):
+        if name in self._OWN:
             raise AttributeError(name)
         return getattr(self.__dict__["scheduler"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("guard", "scheduler"):
+        if name in self._OWN:
             self.__dict__[name] = value
         else:
             setattr(self.scheduler, name, value)
@@ -92,3 +101,39 @@ class GuardedScheduler:
 
     def __repr__(self) -> str:
         return f"GuardedScheduler({self.scheduler!r})"
+
+
+def scheduler_proxy(
+    guard: Guard,
+    scheduler: Any,
+    *,
+    per_step: bool = True,
+    optimizer: GuardedOptimizer | None = None,
+) -> GuardedScheduler:
+    """A `GuardedScheduler` that is also an instance of the scheduler's own class.
+
+    Frameworks dispatch on the scheduler's class: HF Trainer steps a `ReduceLROnPlateau` with
+    the evaluation metric and every other scheduler after each optimizer step (a plain proxy
+    made Trainer call the plateau scheduler's step() without its metric, a TypeError at the
+    first step); Lightning accepts only `LRScheduler` / `ReduceLROnPlateau` instances and checks
+    that `scheduler.optimizer` is one of the optimizers `configure_optimizers` returned. A class
+    derived from both, made per wrapped type (the pattern of Lightning's own
+    `LightningOptimizer`), keeps those checks true while `step()` stays the guard's; with
+    `optimizer` given, `scheduler.optimizer` reads as that guarded optimizer. The inner
+    scheduler keeps driving the inner optimizer's learning rates (the same param_groups).
+    A class that cannot be derived from gets the plain proxy.
+    """
+    attributes: dict[str, Any] = {}
+    if optimizer is not None:
+        attributes["optimizer"] = property(lambda self: self.__dict__["guarded_optimizer"])
+    try:
+        cls: type[GuardedScheduler] = type(
+            f"Guarded{type(scheduler).__name__}", (GuardedScheduler, type(scheduler)), attributes
+        )
+        proxy = object.__new__(cls)
+    except TypeError:  # a final or slotted class, or a layout conflict
+        return GuardedScheduler(guard, scheduler, per_step)
+    GuardedScheduler.__init__(proxy, guard, scheduler, per_step)
+    if optimizer is not None:
+        proxy.__dict__["guarded_optimizer"] = optimizer
+    return proxy

@@ -41,7 +41,7 @@ from pss_cli.guard.adapters.clip import ClipKind, ClipThenStep
 from pss_cli.guard.config import GuardConfig
 from pss_cli.guard.guard import Guard
 from pss_cli.guard.telemetry import Sink
-from pss_cli.guard.wrappers import GuardedOptimizer, GuardedScheduler
+from pss_cli.guard.wrappers import GuardedOptimizer, GuardedScheduler, scheduler_proxy
 
 _CLIP_HINT = (
     "drop Trainer(gradient_clip_val=...) and pass guarded_optimizers(..., max_grad_norm=X): it "
@@ -78,7 +78,7 @@ def guarded_optimizers(
     out: dict[str, Any] = {"optimizer": guarded}
     if scheduler is not None:
         config_entry: dict[str, Any] = {
-            "scheduler": lightning_scheduler(guard, scheduler, guarded),
+            "scheduler": lightning_scheduler(guard, scheduler, guarded, interval),
             "interval": interval,
             "frequency": frequency,
         }
@@ -89,27 +89,12 @@ def guarded_optimizers(
 
 
 def lightning_scheduler(
-    guard: Guard, scheduler: Any, optimizer: GuardedOptimizer
+    guard: Guard, scheduler: Any, optimizer: GuardedOptimizer, interval: str = "step"
 ) -> GuardedScheduler:
-    """`guard.wrap_scheduler(scheduler)` that is also an instance of the scheduler's class.
-
-    Lightning accepts only `LRScheduler` / `ReduceLROnPlateau` instances (or demands an
-    `lr_scheduler_step` override), treats a `ReduceLROnPlateau` specially, and checks that
-    `scheduler.optimizer` is one of the optimizers `configure_optimizers` returned: a proxy
-    class derived from both, whose `optimizer` is the guarded one, keeps those checks true while
-    `step()` stays the guard's. The same pattern as Lightning's own `LightningOptimizer` (a
-    class made per wrapped type). The inner scheduler keeps driving the inner optimizer's
-    learning rates (the same param_groups).
-    """
-    cls: type[GuardedScheduler] = type(
-        f"Guarded{type(scheduler).__name__}",
-        (GuardedScheduler, type(scheduler)),
-        {"optimizer": property(lambda self: self.__dict__["guarded_optimizer"])},
-    )
-    proxy = object.__new__(cls)
-    GuardedScheduler.__init__(proxy, guard, scheduler)
-    proxy.__dict__["guarded_optimizer"] = optimizer
-    return proxy
+    """`guard.wrap_scheduler(scheduler)` that is also an instance of the scheduler's class and
+    whose `optimizer` is the guarded one (`wrappers.scheduler_proxy` says why Lightning needs
+    both). An `interval="epoch"` schedule steps whatever the epoch's last step did."""
+    return scheduler_proxy(guard, scheduler, per_step=interval == "step", optimizer=optimizer)
 
 
 def find_guards(trainer: pl.Trainer) -> list[Guard]:
