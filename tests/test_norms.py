@@ -54,3 +54,22 @@ def test_unit_scaling_is_exact_in_bf16() -> None:
     scale_to_unit(scaled, norm)
     assert 0.5 <= buffer_norm(scaled) < 1.0
     assert torch.equal(scaled.double() * unit_scale(norm), matrix.double())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "exponent"),
+    [(torch.bfloat16, e) for e in (128, 127, -128, 0, 1, -1)]
+    + [(torch.float32, e) for e in (128, 127, -140, 0, 1, -1)]
+    + [(torch.float64, e) for e in (1023, 1000, -1040, 0, 1, -1)],
+)
+def test_division_by_a_power_of_two_beyond_the_dtype_range_is_exact(
+    dtype: torch.dtype, exponent: int
+) -> None:
+    # 2**128 is inf in float32 and bfloat16: one division by it zeroed a matrix whose entries
+    # were finite. The values are exact in the dtype before and after the division (subnormal
+    # ones included).
+    values = torch.tensor([0.375, -0.1875, 0.09375, 0.0], dtype=torch.float64)
+    target = (values * 2.0**exponent).to(dtype)
+    assert bool(torch.isfinite(target).all())
+    norms.divide_by_power_of_two(target, exponent)
+    assert torch.equal(target.to(torch.float64), values)

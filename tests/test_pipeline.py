@@ -216,6 +216,28 @@ def test_huge_float64_values_do_not_overflow_float32(tmp_path: Path) -> None:
     assert layer.stable_rank == pytest.approx(float((power_law(30) ** 2).sum()), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [SMALL, FORCE_KRYLOV], ids=["exact-path", "krylov"])
+@pytest.mark.parametrize("magnitude", [1e38, 1e-39], ids=["norm-above-dtype-max", "subnormal"])
+def test_extreme_but_finite_entries_give_exact_values(
+    tmp_path: Path, dtype: torch.dtype, config: ScanConfig, magnitude: float
+) -> None:
+    # Finite entries whose norm is above the dtype's largest value: the power-of-two unit
+    # scale (2**129) once became inf in float32, the matrix zeros, and the layer was reported
+    # with no sigma_max and no flag (so `pss check --max-sigma-max` passed it). At the other
+    # end, subnormal entries (below 1.2e-38).
+    spectrum = torch.linspace(1.0, 0.5, 96, dtype=torch.float64)  # ||W||_F = 7.6 sigma_1
+    weight = (with_spectrum(160, 96, spectrum, seed=1) * magnitude).to(dtype)
+    assert bool(torch.isfinite(weight).all())
+    path = write_tensors(tmp_path / "m.safetensors", {"w": weight})
+    layer = scan_checkpoint(path, config).layers[0]
+    exact = torch.linalg.svdvals(weight.to(torch.float64))
+    assert not {"nonfinite", "zero"} & {str(flag) for flag in layer.flags}
+    assert layer.sigma_max == pytest.approx(float(exact[0]), rel=1e-3)
+    frobenius = float(torch.linalg.vector_norm(weight.to(torch.float64)))
+    assert layer.stable_rank == pytest.approx((frobenius / float(exact[0])) ** 2, rel=2e-3)
+
+
 def test_samples_flag_exactly_the_collapsed_layers() -> None:
     samples = Path(__file__).resolve().parent.parent / "sample_checkpoints"
     healthy = scan_checkpoint(samples / "healthy" / "model.safetensors", SMALL)

@@ -94,6 +94,23 @@ def scale_to_unit(target: torch.Tensor, norm: float) -> None:
     # and 0 * inf = NaN reached LAPACK (found by tests/test_fuzz.py). A norm beyond float64's
     # range (inf without NaN/Inf entries) is reported as non-finite; the buffer is unused.
     if 0.0 < norm < math.inf:
-        target.div_(unit_scale(norm))
+        divide_by_power_of_two(target, math.frexp(norm)[1])
     else:
         target.zero_()
+
+
+def divide_by_power_of_two(target: torch.Tensor, exponent: int) -> None:
+    """target /= 2**exponent in place, exactly, in steps the target's dtype can hold.
+
+    torch turns the scalar divisor into the tensor's dtype: a float32 matrix of finite entries
+    whose norm is above float32's largest value (entries ~1e37 x 64) has a unit scale of 2**129,
+    which became inf, and the matrix divided by it became zeros (reported with no sigma_max and
+    no flag). Each step is at most 2**(e - 2), 2**e being the first power of two above the
+    dtype's largest value: a normal number in float32, bfloat16 and float64, so every division
+    is by an exact power of two.
+    """
+    limit = math.frexp(torch.finfo(target.dtype).max)[1] - 2
+    while exponent != 0:
+        step = max(-limit, min(limit, exponent))
+        target.div_(math.ldexp(1.0, step))
+        exponent -= step
