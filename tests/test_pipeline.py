@@ -292,6 +292,80 @@ def test_quantized_weights_with_a_scale_are_dequantized(tmp_path: Path) -> None:
     assert "without a scale tensor found" in reasons["layers.2.lonely.weight"]
 
 
+def test_asymmetric_and_block_wise_quantization_are_dequantized(tmp_path: Path) -> None:
+    # compressed-tensors' asymmetric uint8 (per-row scale and zero point): ignoring the zero
+    # point analysed q ~ 128 + W / s, a rank-1 spike (stable rank 1.15 instead of ~20).
+    weight = with_spectrum(96, 64, power_law(64), seed=5).float()
+    low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    scale = (high - low) / 255.0
+    zero = torch.round(-low / scale).clamp(0, 255)
+    q = torch.round(weight / scale + zero).clamp(0, 255).to(torch.uint8)
+    # DeepSeek-V3-style FP8 with one float32 `weight_scale_inv` per 128 x 128 block (partial
+    # blocks at the edges: 300 x 200 -> 3 x 2 scales), multiplied in.
+    big = with_spectrum(300, 200, power_law(200), seed=6).float()
+    block_scale = torch.tensor([[0.5, 2.0], [1.0, 0.25], [4.0, 1.0]])
+    tiled = block_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
+    fp8 = (big / tiled).to(torch.float8_e4m3fn)
+    path = write_tensors(
+        tmp_path / "q.safetensors",
+        {
+            "l0.mlp.up_proj.weight": q,
+            "l0.mlp.up_proj.weight_scale": scale,
+            "l0.mlp.up_proj.weight_zero_point": zero.to(torch.uint8),
+            "l1.mlp.down_proj.weight": fp8,
+            "l1.mlp.down_proj.weight_scale_inv": block_scale,
+        },
+    )
+    report = scan_checkpoint(path, SMALL)
+    up = _layer(report, "l0.mlp.up_proj.weight")
+    dequantized = (q.double() - zero.double()) * scale.double()
+    assert up.sigma_max == pytest.approx(_exact_top(dequantized)[0].item(), rel=1e-6)
+    frobenius = float(dequantized.norm())
+    assert up.stable_rank == pytest.approx((frobenius / up.sigma_max) ** 2, rel=1e-6)
+    # The float weights' spectrum (8-bit rounding aside), not a zero-point spike.
+    float_stable_rank = float((power_law(64) ** 2).sum() / power_law(64)[0] ** 2)
+    assert up.stable_rank == pytest.approx(float_stable_rank, rel=0.05)
+    down = _layer(report, "l1.mlp.down_proj.weight")
+    assert down.scale_tensor == "l1.mlp.down_proj.weight_scale_inv"
+    reference = fp8.double() * tiled.double()
+    assert down.sigma_max == pytest.approx(_exact_top(reference)[0].item(), rel=1e-6)
+    reasons = {x.name: x.reason for x in report.skipped}
+    assert reasons["l0.mlp.up_proj.weight_zero_point"].startswith("zero point of quantized")
+    assert reasons["l1.mlp.down_proj.weight_scale_inv"].startswith("scale of quantized")
+
+
+def test_quantization_metadata_is_never_analysed_as_a_weight(tmp_path: Path) -> None:
+    # GPTQ/AWQ: int32-packed qweight, and 2-D float16 `scales` (groups x out) that once were
+    # analysed as an MLP matrix, flagged, and rewritten by `pss smooth`.
+    g = torch.Generator().manual_seed(7)
+    n = "model.layers.0.mlp.up_proj"
+    path = write_tensors(
+        tmp_path / "gptq.safetensors",
+        {
+            f"{n}.qweight": torch.randint(-(2**31), 2**31 - 1, (64, 256), generator=g).int(),
+            f"{n}.qzeros": torch.randint(0, 2**31 - 1, (4, 32), generator=g).int(),
+            f"{n}.scales": (torch.rand(4, 256, generator=g) * 0.01 + 0.01).half(),
+            f"{n}.g_idx": torch.arange(512, dtype=torch.int32) // 128,
+            "model.layers.0.self_attn.k_proj.weight.absmax": torch.rand(8, 8, generator=g),
+            "model.layers.0.mlp.gate_proj.input_scale": torch.rand(4, 4, generator=g),
+            "model.layers.0.mlp.down_proj.weight": with_spectrum(
+                64, 48, power_law(48), seed=8
+            ).float(),
+        },
+    )
+    report = scan_checkpoint(path, SMALL)
+    assert [x.name for x in report.layers] == ["model.layers.0.mlp.down_proj.weight"]
+    reasons = {x.name: x.reason for x in report.skipped}
+    assert reasons[f"{n}.qweight"].startswith("packed quantized weights")
+    for name in (
+        f"{n}.scales",
+        f"{n}.qzeros",
+        "model.layers.0.self_attn.k_proj.weight.absmax",
+        "model.layers.0.mlp.gate_proj.input_scale",
+    ):
+        assert reasons[name].startswith("quantization metadata"), name
+
+
 def test_files_beside_an_index_that_it_does_not_name_are_reported(tmp_path: Path) -> None:
     import shutil
 

@@ -131,9 +131,13 @@ class MatrixTarget:
     batch: int
     matrix_shape: tuple[int, int]  # (m, n) of each matrix
     view: MatrixView
-    # For an integer/8-bit-float tensor stored with a float scale (per tensor or per channel):
-    # the scale, so that the dequantized matrix q * scale is analysed.
+    # For an integer/8-bit-float tensor stored with a float scale (per tensor, per channel, or
+    # per (bm, bn) block as DeepSeek-V3-style FP8 stores `weight_scale_inv`): the scale, and
+    # the zero point of asymmetric quantization where one is stored, so that the dequantized
+    # matrix (q - zero_point) * scale is analysed.
     scale: TensorEntry | None = None
+    zero_point: TensorEntry | None = None
+    scale_block: tuple[int, int] | None = None  # (bm, bn) of a block-wise scale
 
     def as_matrices(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (``entry.shape``) as (batch, m, n); a view whenever ``t`` is contiguous.
@@ -168,18 +172,27 @@ def select(
     ``include`` means every tensor. Exclusion wins over inclusion.
     """
     entries = list(entries)
-    scales = _quantization_scales(entries)
-    scale_owner = {scale.name: name for name, scale in scales.items()}
+    quantized = _quantization_parts(entries)
+    used_by = {
+        part.name: name
+        for name, q in quantized.items()
+        for part in (q.scale, q.zero_point)
+        if part is not None
+    }
     targets: list[MatrixTarget] = []
     skipped: list[SkippedTarget] = []
     for entry in entries:
-        if entry.name in scale_owner:
-            owner = scale_owner[entry.name]
-            skipped.append(SkippedTarget(entry, f"scale of quantized '{owner}' (used with it)"))
+        if entry.name in used_by:
+            owner = used_by[entry.name]
+            kind = "zero point" if quantized[owner].zero_point is entry else "scale"
+            skipped.append(SkippedTarget(entry, f"{kind} of quantized '{owner}' (used with it)"))
             continue
-        scale = scales.get(entry.name)
-        reason = _filter_reason(entry.name, include, exclude) or (
-            _shape_reason(entry) if scale is not None else _shape_dtype_reason(entry)
+        parts = quantized.get(entry.name)
+        reason = (
+            _filter_reason(entry.name, include, exclude)
+            or _shape_reason(entry)
+            or _metadata_reason(entry)
+            or (None if parts is not None else _shape_dtype_reason(entry))
         )
         if reason is not None:
             skipped.append(SkippedTarget(entry, reason))
@@ -190,7 +203,19 @@ def select(
             skipped.append(SkippedTarget(entry, "a dimension of 1 (stable rank is always 1)"))
             continue
         role, block = classify(_base_name(entry.name))
-        targets.append(MatrixTarget(entry, role, block, batch, matrix_shape, view, scale))
+        targets.append(
+            MatrixTarget(
+                entry,
+                role,
+                block,
+                batch,
+                matrix_shape,
+                view,
+                parts.scale if parts is not None else None,
+                parts.zero_point if parts is not None else None,
+                parts.block if parts is not None else None,
+            )
+        )
     return targets, skipped
 
 
@@ -205,9 +230,23 @@ def _base_name(name: str) -> str:
 
 def _scale_candidates(name: str) -> list[str]:
     """Where common formats keep a quantized tensor's scale: fracast-style `W.qweight` +
-    `W.scale`, HF FP8 / compressed-tensors `W` + `W_scale` (e.g. `weight_scale`), and `W.scale`."""
+    `W.scale`, HF FP8 / compressed-tensors `W` + `W_scale` (e.g. `weight_scale`), `W.scale`,
+    and DeepSeek-V3 / Qwen3 FP8's block-wise `W_scale_inv` (multiplied, despite its name)."""
     base = _base_name(name)
-    return [base + ".scale", name + ".scale", name + "_scale", base + "_scale"]
+    return [
+        base + ".scale",
+        name + ".scale",
+        name + "_scale",
+        base + "_scale",
+        name + "_scale_inv",
+        base + "_scale_inv",
+    ]
+
+
+def _zero_point_candidates(name: str) -> list[str]:
+    """compressed-tensors' asymmetric `W_zero_point`, and `W.zero_point`."""
+    base = _base_name(name)
+    return [name + "_zero_point", base + "_zero_point", name + ".zero_point", base + ".zero_point"]
 
 
 def _broadcasts(scale: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -218,27 +257,107 @@ def _broadcasts(scale: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     return all(s in (1, d) for s, d in zip(scale, shape, strict=True))
 
 
-def _quantization_scales(entries: list[TensorEntry]) -> dict[str, TensorEntry]:
-    """Quantized tensor name -> its float scale entry, where a scale that broadcasts exists.
+# The block of block-wise FP8 scales (DeepSeek-V3, Qwen3 FP8: `weight_block_size` [128, 128]).
+_STANDARD_BLOCK = 128
+
+
+def _block_of(scale: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(bm, bn) when a 2-D scale holds one value per (bm, bn) block of a 2-D tensor.
+
+    With partial edge blocks the shapes alone are ambiguous (300 rows in 3 blocks: any block
+    of 100 to 149 rows), so the standard 128 x 128 block is taken when it fits, else blocks
+    that divide the tensor exactly; otherwise no block (the tensor is then skipped, never
+    dequantized with a guessed block).
+    """
+    if len(scale) != 2 or len(shape) != 2 or 0 in scale:
+        return None
+    if all(-(-d // _STANDARD_BLOCK) == s for d, s in zip(shape, scale, strict=True)):
+        return (_STANDARD_BLOCK, _STANDARD_BLOCK)
+    if all(d % s == 0 for d, s in zip(shape, scale, strict=True)):
+        block = (shape[0] // scale[0], shape[1] // scale[1])
+        return None if block == (1, 1) else block
+    return None
+
+
+@dataclass(frozen=True)
+class _Quantization:
+    scale: TensorEntry
+    zero_point: TensorEntry | None
+    block: tuple[int, int] | None
+
+
+def _quantization_parts(entries: list[TensorEntry]) -> dict[str, _Quantization]:
+    """Quantized tensor name -> its float scale (and zero point), where a scale that broadcasts
+    or tiles it exists.
 
     Only then is an integer / 8-bit-float tensor meaningful as a matrix: its spectrum is that of
-    q * scale (per-channel scales change it), never that of the raw integers.
+    (q - zero_point) * scale (per-channel scales change it), never that of the raw integers. A
+    zero point is paired only with a broadcasting scale: ignoring it analysed a uint8 matrix
+    offset by ~128 x scale in every entry (a rank-1 spike: stable rank 1.15 instead of 20).
     """
     by_name = {entry.name: entry for entry in entries}
-    found: dict[str, TensorEntry] = {}
+    found: dict[str, _Quantization] = {}
     for entry in entries:
         if entry.dtype not in QUANTIZED_DTYPES or len(entry.shape) < 2:
             continue
         for candidate in _scale_candidates(entry.name):
             scale = by_name.get(candidate)
-            if (
-                scale is not None
-                and scale.dtype in ANALYSED_DTYPES
-                and _broadcasts(scale.shape, entry.shape)
-            ):
-                found[entry.name] = scale
-                break
+            if scale is None or scale.dtype not in ANALYSED_DTYPES:
+                continue
+            block = (
+                None
+                if _broadcasts(scale.shape, entry.shape)
+                else _block_of(scale.shape, entry.shape)
+            )
+            if block is None and not _broadcasts(scale.shape, entry.shape):
+                continue
+            zero_point = next(
+                (
+                    by_name[z]
+                    for z in _zero_point_candidates(entry.name)
+                    if z in by_name and block is None and _broadcasts(by_name[z].shape, entry.shape)
+                ),
+                None,
+            )
+            found[entry.name] = _Quantization(scale, zero_point, block)
+            break
     return found
+
+
+# The last name segments of quantization metadata, never weight matrices: GPTQ/AWQ (`scales`,
+# `qzeros`, `g_idx` beside an int32-packed `qweight`), bitsandbytes (`absmax`, `quant_map`,
+# `SCB`), compressed-tensors / FP8 (`weight_scale`, `input_scale`, `*_zero_point`), KV-cache
+# scales. A 2-D float16 GPTQ `scales` (groups x out) was analysed as an MLP matrix, flagged, and
+# rewritten by `pss smooth`.
+_METADATA_SEGMENTS = frozenset(
+    {
+        "scales",
+        "scale",
+        "qzeros",
+        "zeros",
+        "g_idx",
+        "absmax",
+        "nested_absmax",
+        "quant_map",
+        "nested_quant_map",
+        "SCB",
+        "weight_format",
+    }
+)
+_METADATA_SUFFIXES = ("_scale", "_scale_inv", "_zero_point")
+
+
+def _metadata_reason(entry: TensorEntry) -> str | None:
+    last = entry.name.rsplit(".", 1)[-1]
+    if (
+        last in _METADATA_SEGMENTS
+        or last.endswith(_METADATA_SUFFIXES)
+        or ".quant_state." in entry.name
+    ):
+        return f"quantization metadata ('{last}'), not a weight matrix"
+    if last == "qweight" and entry.dtype == "I32":
+        return "packed quantized weights (GPTQ/AWQ int32): not unpacked, not analysed"
+    return None
 
 
 def _filter_reason(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:

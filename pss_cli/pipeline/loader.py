@@ -233,15 +233,28 @@ def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:
     if matrix is None:
         matrix = target.as_matrices(reader.read(target.entry))[slot]
     if target.scale is not None:
-        # Dequantize in float32 (float64 for float64 scales): q * scale, scale broadcast per
-        # tensor or per channel as stored. The spectrum of q alone means nothing.
-        scale = _read_matrix(reader, target.scale, None, 0)
-        if scale is None:
-            scale = reader.read(target.scale)
+        # Dequantize in float32 (float64 for float64 scales): (q - zero_point) * scale, the
+        # scale broadcast per tensor or per channel, or tiled per block, as stored. The spectrum
+        # of q alone means nothing.
+        scale = _whole(reader, target.scale)
         dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
-        scales = target.as_matrices(torch.broadcast_to(scale, target.entry.shape))[slot]
-        matrix = matrix.to(dtype) * scales.to(dtype)
+        m, n = target.matrix_shape
+        if target.scale_block is not None:  # 2-D tensors only: one matrix
+            rows, cols = target.scale_block
+            scales = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:m, :n]
+        else:
+            scales = target.as_matrices(torch.broadcast_to(scale, target.entry.shape))[slot]
+        values = matrix.to(dtype)
+        if target.zero_point is not None:
+            zero = torch.broadcast_to(_whole(reader, target.zero_point), target.entry.shape)
+            values = values - target.as_matrices(zero)[slot].to(dtype)
+        matrix = values * scales.to(dtype)
     return matrix
+
+
+def _whole(reader: TensorReader, entry: TensorEntry) -> torch.Tensor:
+    tensor = _read_matrix(reader, entry, None, 0)
+    return tensor if tensor is not None else reader.read(entry)
 
 
 def _read_matrix(

@@ -65,10 +65,11 @@ class MatrixItem:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data read for this matrix (its share of a stack, plus its scale)."""
-        own = self.target.entry.nbytes // max(1, self.target.batch)
-        scale = self.target.scale.nbytes // max(1, self.target.batch) if self.target.scale else 0
-        return own + scale
+        """Bytes of tensor data read for this matrix (its share of a stack, plus its scale and
+        zero point)."""
+        target = self.target
+        parts = [target.entry, target.scale, target.zero_point]
+        return sum(part.nbytes // max(1, target.batch) for part in parts if part is not None)
 
 
 @dataclass(frozen=True)
