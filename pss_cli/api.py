@@ -76,6 +76,12 @@ def scan_config(
     """The checked ScanConfig of `scan`'s options (shared with `pss scan`)."""
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
+    if not (math.isfinite(min_stable_rank) and min_stable_rank > 0):
+        # nan once passed: "0 flagged (stable rank < nan)", and `smooth` selected nothing.
+        raise UsageError(
+            f"--min-stable-rank must be a positive number (got {min_stable_rank})",
+            f"a stable rank lies between 1 and min(m, n); the default is {DEFAULT_MIN_STABLE_RANK}",
+        )
     return ScanConfig(
         include=tuple(include),
         exclude=tuple(exclude),

@@ -51,9 +51,17 @@ def guarded(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+            return result
         except (typer.Exit, typer.Abort):
             raise  # deliberate exits carry their own code
+        except BrokenPipeError:
+            # `pss scan ... | head`: the reader has what it wanted. Not an error of pss: no
+            # text (stderr may be the same closed pipe), and stdout is pointed at /dev/null so
+            # that the interpreter's own flush at exit does not fail again.
+            _silence_stdout()
+            raise typer.Exit(int(ExitCode.BROKEN_PIPE)) from None
         except PssError as exc:
             _exit_if_terminated()
             report_error(exc.message, exc.hint)
@@ -79,6 +87,15 @@ def guarded(command: F) -> F:
             raise typer.Exit(int(ExitCode.INPUT)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (an embedding host)
+        pass
 
 
 def _version_callback(value: bool) -> None:

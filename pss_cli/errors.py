@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     FINDINGS = 1  # pss check: findings at or above --fail-on
     USAGE = 2  # bad command line or configuration
     INPUT = 3  # unreadable, missing or corrupt input, or a runtime failure
+    BROKEN_PIPE = 141  # stdout's reader went away (`pss ... | head`): 128 + SIGPIPE, as cat's
 
 
 class PssError(Exception):

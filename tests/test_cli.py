@@ -299,3 +299,35 @@ def test_an_interrupt_while_torch_loads_is_reported_like_one_in_a_command(
         app_module.main()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "Error: interrupted\n"
+
+
+@pytest.mark.parametrize("argv", [["scan", "-f", "json"], ["scan"], ["check"]])
+def test_a_reader_that_goes_away_is_not_reported_as_a_bug(argv: list[str]) -> None:
+    # `pss scan ... | head`: the pipe closes before pss writes. This once printed "internal
+    # error: BrokenPipeError ... this is a bug in pss" and exited 3.
+    sample = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "diverged"
+    command = [sys.executable, "-m", "pss_cli", argv[0], str(sample / "model.safetensors")]
+    process = subprocess.Popen(
+        [*command, *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    errors = process.stderr.read()
+    assert process.wait() == ExitCode.BROKEN_PIPE == 141
+    assert errors == ""
+
+
+@pytest.mark.parametrize("command", ["scan", "smooth", "trend"])
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_a_meaningless_min_stable_rank_is_a_usage_error(
+    command: str, value: str, tmp_path: Path
+) -> None:
+    # nan once passed: "0 flagged (stable rank < nan)", null in the JSON, nothing smoothed.
+    sample = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "diverged"
+    argv = [command, str(sample / "model.safetensors"), "--min-stable-rank", value]
+    if command == "smooth":
+        argv += ["--out", str(tmp_path / "out.safetensors")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "--min-stable-rank must be a positive number" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()

@@ -44,7 +44,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_exit_code_table_matches_the_enum() -> None:
-    rows = re.findall(r"^\| (\d) \| ", _section("Exit codes"), re.M)
+    rows = re.findall(r"^\| (\d+) \| ", _section("Exit codes"), re.M)
     assert sorted(int(code) for code in rows) == sorted(int(code) for code in ExitCode)
 
 
