@@ -17,6 +17,7 @@ from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.formats.torch.format import TorchKind
 from pss_cli.config import OptimizerPolicy, ScanConfig
 from pss_cli.core.smoothing import SmoothingParams
+from pss_cli.errors import CheckpointError
 from pss_cli.pipeline import scan_checkpoint
 from pss_cli.repair import SmoothConfig, smooth_checkpoint
 from tests.format_factory import (
@@ -239,6 +240,53 @@ def test_tied_weights_stay_shared_and_are_smoothed_once(tmp_path: Path) -> None:
     head, embed = loaded["lm_head.weight"], loaded["model.embed_tokens.weight"]
     assert head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
     assert (out / "pss-provenance.json").is_file()
+
+
+@pytest.mark.parametrize("view", ["rows", "transpose"])
+def test_names_that_are_views_of_each_other_keep_their_own_values(
+    tmp_path: Path, view: str
+) -> None:
+    # q = qkv[:d] (or w_t = w.t()) in one storage: smoothing one wrote through to the other,
+    # and the verification then failed as "a bug in pss" with nothing written.
+    model = model_state()
+    fused = model[COLLAPSED]  # the collapsed matrix, smoothed by the plan
+    alias = "model.layers.0.mlp.down_proj_part.weight"
+    model[alias] = fused[: fused.shape[0] // 2] if view == "rows" else fused.t()
+    path = tmp_path / "views.pt"
+    torch.save(model, path)
+    before = {name: tensor.clone() for name, tensor in _load(path).items()}
+    out = tmp_path / "out"
+    report = _smooth(path, out)
+    smoothed = {x.name for x in report.layers}
+    assert COLLAPSED in smoothed
+    loaded = _load(out / "views.pt")
+    assert _sr(loaded[COLLAPSED]) == pytest.approx(3.0, rel=2e-2)
+    for name, tensor in loaded.items():
+        if name not in smoothed:
+            assert torch.equal(tensor, before[name]), name
+    if alias in smoothed:  # analysed as a matrix of its own: smoothed on its own
+        assert _sr(loaded[alias]) == pytest.approx(3.0, rel=2e-2)
+
+
+def test_a_view_inside_a_tuple_is_refused_with_the_names(tmp_path: Path) -> None:
+    model = model_state()
+    fused = model.pop(COLLAPSED)
+    container = {"layers": (fused, fused[:4]), "rest": model}
+    path = tmp_path / "tuple.pt"
+    torch.save(container, path)
+    names = [e.name for e in open_checkpoint(path).entries]
+    if "layers.0" not in names:
+        pytest.skip("this layout's tuple is not read as a state dict")
+    with pytest.raises(CheckpointError, match="shares memory with 'layers.1'"):
+        smooth_checkpoint(
+            path,
+            tmp_path / "out",
+            SmoothConfig(
+                scan=ScanConfig(seed=5),
+                params=SmoothingParams(target_stable_rank=3.0),
+                layers=("layers.0",),
+            ),
+        )
 
 
 def test_smooth_sharded_copies_untouched_shards_and_resets_hf_optimizer(tmp_path: Path) -> None:

@@ -111,6 +111,7 @@ def _write_one(
     edited = False
     if mine or edit_object is not None:
         obj = torch_file.load(src)
+        tensors = [(name, key, t) for name, key, t in torch_file.flatten(obj)]
         for entry in mine:
             target = torch_file.lookup(obj, entry.key)
             if not isinstance(target, torch.Tensor) or tuple(target.shape) != entry.shape:
@@ -118,9 +119,7 @@ def _write_one(
                     f"'{src}' changed since it was opened: '{entry.name}' is not where it was",
                     hint="make sure nothing else writes to the input, then run pss again",
                 )
-            # In place, into the private (copy-on-write) mapping: names sharing this storage
-            # see the new values too, and torch.save keeps them one storage.
-            target.copy_(replacements[entry.name])
+            _replace(src, obj, entry, target, replacements[entry.name], tensors)
         if edit_object is not None:
             edited = edit_object(src, obj)
     if not mine and not edited:
@@ -130,6 +129,75 @@ def _write_one(
     with open(dst, "wb") as f:
         torch.save(obj, f, _use_new_zipfile_serialization=not legacy)
     shutil.copymode(src, dst)
+
+
+def _replace(
+    src: Path,
+    obj: Any,
+    entry: TensorEntry,
+    target: torch.Tensor,
+    value: torch.Tensor,
+    tensors: list[tuple[str, tuple[str | int, ...], torch.Tensor]],
+) -> None:
+    """Put `value` where `entry` is in the loaded object.
+
+    In place, into the private (copy-on-write) mapping, so that names sharing this exact
+    storage view (tied weights) see the new values too and torch.save keeps them one storage.
+    A tensor that only overlaps others (q = qkv[:d], w_t = w.t(), a slice) gets a storage of its
+    own instead: writing through it changed the overlapping names too, and the verification
+    then failed as "a bug in pss". The others keep the values they had.
+    """
+    overlapping = [
+        (name, same)
+        for name, _, other in tensors
+        if other is not target
+        for same in [_same_view(other, target)]
+        if same or _overlap(other, target)
+    ]
+    if not any(not same for _, same in overlapping):
+        target.copy_(value)
+        return
+    tied = [name for name, same in overlapping if same]
+    views = [name for name, same in overlapping if not same]
+    parent = torch_file.lookup(obj, entry.key[:-1])
+    if tied or isinstance(parent, tuple):
+        raise CheckpointError(
+            f"'{entry.name}' in '{src}' shares memory with '{views[0]}' (a view of the same "
+            "storage)" + (f" and is tied to '{tied[0]}'" if tied else " inside a tuple"),
+            hint="smoothing it would change the other names too; save the checkpoint with "
+            "each tensor .clone()d (or as safetensors), or leave it out with --layers",
+        )
+    parent[entry.key[-1]] = value.to(target.dtype).clone()
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' byte ranges in their storage intersect (a conservative test: the
+    span from the first to the last element)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        first = int(t.storage_offset()) * t.element_size()
+        extent = sum(
+            (int(size) - 1) * abs(int(stride))
+            for size, stride in zip(t.shape, t.stride(), strict=True)
+        )
+        return first, first + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _write_index(index: Path, dst: Path, provenance: Mapping[str, str]) -> None:
