@@ -803,6 +803,68 @@ def test_quantized_with_a_scale_is_dequantized(
     assert layer["sigma_max"] != pytest.approx(raw, rel=1e-2)  # not the raw integers'
 
 
+def test_asymmetric_quantization_uses_its_zero_point(runner: CliRunner, tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    q = torch.randint(0, 256, (48, 40), dtype=torch.uint8)
+    scale, zero = torch.rand(48, 1) * 0.02 + 0.01, torch.full((48, 1), 128, dtype=torch.uint8)
+    path = write_tensors(
+        tmp_path / "m.safetensors",
+        {"l.weight": q, "l.weight_scale": scale, "l.weight_zero_point": zero},
+    )
+    report = _scan_json(runner, path)
+    dequantized = (q.double() - zero.double()) * scale.double()
+    assert _layer(report, "l.weight")["sigma_max"] == pytest.approx(
+        _top_singular(dequantized), rel=1e-4
+    )
+    assert _skip_reason(report, "l.weight_zero_point").startswith("zero point of quantized")
+
+
+def test_block_wise_fp8_scales_are_tiled_never_guessed(runner: CliRunner, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    q = (torch.randn(256, 384) * 4).to(torch.float8_e4m3fn)
+    scale = torch.rand(2, 3) + 0.1  # one per 128 x 128 block
+    odd = (torch.randn(300, 200) * 4).to(torch.float8_e4m3fn)
+    odd_scale = torch.rand(7, 3) + 0.1  # no 128 block, and no exact division: ambiguous
+    path = write_tensors(
+        tmp_path / "m.safetensors",
+        {
+            "a.weight": q,
+            "a.weight_scale_inv": scale,
+            "b.weight": odd,
+            "b.weight_scale_inv": odd_scale,
+        },
+    )
+    report = _scan_json(runner, path)
+    tiled = scale.double().repeat_interleave(128, 0).repeat_interleave(128, 1)
+    assert _layer(report, "a.weight")["sigma_max"] == pytest.approx(
+        _top_singular(q.double() * tiled), rel=1e-4
+    )
+    assert "without a scale tensor found" in _skip_reason(report, "b.weight")
+    assert _skip_reason(report, "b.weight_scale_inv").startswith("quantization metadata")
+
+
+def test_quantization_metadata_is_skipped(runner: CliRunner, tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    n = "model.layers.0.mlp.up_proj"
+    path = write_tensors(
+        tmp_path / "m.safetensors",
+        {
+            f"{n}.qweight": torch.randint(-(2**31), 2**31 - 1, (32, 128)).int(),
+            f"{n}.qzeros": torch.randint(0, 2**31 - 1, (2, 16)).int(),
+            f"{n}.scales": (torch.rand(2, 128) * 0.01 + 0.01).half(),
+            f"{n}.g_idx": torch.arange(256, dtype=torch.int32) // 128,
+            "x.weight.absmax": torch.rand(8, 8),
+            "x.input_scale": torch.rand(4, 4),
+            "ok.weight": torch.randn(16, 12),
+        },
+    )
+    report = _scan_json(runner, path)
+    assert [x["name"] for x in report["layers"]] == ["ok.weight"]
+    for name in (f"{n}.scales", f"{n}.qzeros", "x.weight.absmax", "x.input_scale"):
+        assert _skip_reason(report, name).startswith("quantization metadata"), name
+    assert _skip_reason(report, f"{n}.qweight").startswith("packed quantized weights")
+
+
 def test_empty_tensor_is_skipped(runner: CliRunner, tmp_path: Path) -> None:
     path = write_tensors(
         tmp_path / "m.safetensors",
@@ -1059,6 +1121,24 @@ def test_check_output_in_an_unwritable_folder(
 
 # The docs/bad-input.md table mirrors this module.
 
+
+def test_damaged_zip_record(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.manual_seed(5)
+    torch.save({"a.weight": torch.randn(64, 48), "b.weight": torch.randn(32, 32)}, path)
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
+    data = bytearray(path.read_bytes())
+    middle = start + record.file_size // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    result = runner.invoke(app, ["scan", str(path)])
+    assert result.exit_code == 3 and "CRC-32" in result.stderr
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 1 and "PSS002" in result.stdout
+
+
 HANDLED_ROWS = {
     "NaN or Inf weights": ("0; check: 1", test_nan_and_inf_weights),
     "an all-zero matrix (sigma_max = 0)": ("0", test_all_zero_matrix),
@@ -1073,6 +1153,20 @@ HANDLED_ROWS = {
         test_bool_and_fp8_without_a_scale_are_skipped,
     ),
     "int8/uint8/fp8 tensors with a scale tensor": ("0", test_quantized_with_a_scale_is_dequantized),
+    "uint8/int8 with a `W_zero_point` beside the scale (asymmetric)": (
+        "0",
+        test_asymmetric_quantization_uses_its_zero_point,
+    ),
+    "fp8 with a block-wise `W_scale_inv` (DeepSeek-V3)": (
+        "0",
+        test_block_wise_fp8_scales_are_tiled_never_guessed,
+    ),
+    "GPTQ/AWQ `qweight`/`qzeros`/`scales`/`g_idx`, bitsandbytes `absmax`/`quant_map`, stray "
+    "`*_scale`": ("0", test_quantization_metadata_is_skipped),
+    "a zip `.pt`/`.bin`/`.ckpt` whose tensor data was damaged (bytes flipped inside a record)": (
+        "3; check: 1",
+        test_damaged_zip_record,
+    ),
     "an empty tensor (a zero-sized dimension)": ("0", test_empty_tensor_is_skipped),
     "a header with no tensors": ("0; check: 1", test_header_without_tensors),
     "control characters in the name of a valid tensor": (
