@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -428,3 +429,28 @@ def test_the_default_keeps_the_optimizer_state_byte_for_byte(tmp_path: Path) -> 
     report = smooth_checkpoint(folder, tmp_path / "repaired", _config())
     assert report.optimizer["policy"] == "keep"
     assert _sha(tmp_path / "repaired" / "optimizer.pt") == _sha(folder / "optimizer.pt")
+
+
+@pytest.mark.parametrize("factor", [1.0, 10.0, 0.1])
+def test_softmax_follows_the_documented_formula_at_every_scale(
+    tmp_path: Path, factor: float
+) -> None:
+    # s' = softmax(s / t) * sum(s) over the top ceil(SR) values of W itself (the paper's code,
+    # t = 4): not scale-invariant. Applied to W / ||W||_F it once gave W, 10 W and 0.1 W the
+    # same predicted stable rank.
+    (tmp_path / "in").mkdir()
+    spectrum = power_law(48, 0.3).clone()
+    spectrum[0] = 8.0
+    weight = (with_spectrum(48, 160, spectrum, seed=2) * factor).double()
+    source = write_tensors(tmp_path / "in" / "m.safetensors", {"down.weight": weight})
+    params = SmoothingParams(method=SmoothingMethod.SOFTMAX, temperature=4.0)
+    report = smooth_checkpoint(source, tmp_path / "out", _config(params=params))
+    assert [x.name for x in report.layers] == ["down.weight"]
+    written = load_file(tmp_path / "out" / "m.safetensors")["down.weight"]
+    s = torch.linalg.svdvals(weight)
+    window = math.ceil(float(weight.square().sum() / s[0] ** 2) - 1e-12)
+    expected = s.clone()
+    expected[:window] = torch.softmax(s[:window] / 4.0, dim=0) * s[:window].sum()
+    expected = expected.sort(descending=True).values
+    got = torch.linalg.svdvals(written)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9 * float(s[0]))

@@ -35,15 +35,29 @@ class SmoothingParams:
 
 
 def smooth_values(
-    top: torch.Tensor, frobenius_norm: float, rank: int, params: SmoothingParams
+    top: torch.Tensor,
+    frobenius_norm: float,
+    rank: int,
+    params: SmoothingParams,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """New top singular values (same length as `top`).
 
     top: (k,) float64 descending, the k largest singular values (k < rank unless all are known).
     frobenius_norm: ||W||_F, exact. rank: min(m, n).
+    scale: `top` and `frobenius_norm` are those of W / scale (callers work on W / ||W||_F, which
+    neither overflows nor underflows). cap, conv and clip are scale-invariant; softmax(s / t) is
+    not, and gets the values of W itself (the result is divided back): applied to the unit-norm
+    values it computed softmax(s / (t ||W||_F)), the same prediction for W, 10 W and 0.1 W, not
+    the paper's softmax(s / 4) * sum(s).
     Raises NeedMoreValues when the requested change touches values beyond the known k.
     """
-    return METHODS[params.method].values(top, frobenius_norm, rank, params)
+    spec = METHODS[params.method]
+    if spec.scale_invariant or scale == 1.0:
+        # Not scaled up when nothing depends on it: cap squares ||W||_F, which overflowed for
+        # float64 weights near 1e300.
+        return spec.values(top, frobenius_norm, rank, params)
+    return spec.values(top * scale, frobenius_norm * scale, rank, params) / scale
 
 
 def _window(top: torch.Tensor, frobenius_norm: float, rank: int) -> int:
@@ -88,6 +102,8 @@ class MethodSpec:
     parameters: Callable[[SmoothingParams], dict[str, object]]
     # cap only: each matrix needs a target stable rank (repair chooses one per matrix).
     needs_target: bool = False
+    # f(c s) = c f(s): the method may work on W / ||W||_F (smooth_values' `scale`).
+    scale_invariant: bool = True
 
 
 METHODS: dict[SmoothingMethod, MethodSpec] = {
@@ -110,6 +126,7 @@ METHODS: dict[SmoothingMethod, MethodSpec] = {
         may_raise_sigma_max=True,
         need_more_hint="this matrix is too small for softmax; use --method cap",
         parameters=lambda p: {"temperature": p.temperature},
+        scale_invariant=False,
     ),
     SmoothingMethod.CLIP: MethodSpec(
         _clip,

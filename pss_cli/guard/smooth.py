@@ -85,7 +85,7 @@ def smooth_spec(
             new_values = triplets.values
             break
         try:
-            new_values = smooth_values(triplets.values, unit_norm, rank, params)
+            new_values = smooth_values(triplets.values, unit_norm, rank, params, scale=norm)
         except NeedMoreValues as more:
             if k >= rank:
                 return _unchanged(spec, norm, sigma, stable_rank, None, "matrix too small")

@@ -81,7 +81,7 @@ def _smooth_one(
             # directions that change in float64 (core/refine.py) before choosing the new values
             triplets = refine_float64(unit, triplets)
         try:
-            new_values = smooth_values(triplets.values, unit_norm, rank, params)
+            new_values = smooth_values(triplets.values, unit_norm, rank, params, scale=norm)
         except NeedMoreValues as more:
             if k >= rank:
                 raise UsageError(
