@@ -151,6 +151,10 @@ def _per_matrix(
     # One matrix at a time: a batched product's blocking (hence its last bits) may depend on the
     # batch size, and a matrix's result must not depend on its batch-mates. On one thread: the
     # (J, b, b) float64 products gave other last bits under 1 and 2 threads (AMD EPYC Zen 4).
+    # Serial, not spread over threads like the QRs and SVDs (lapack.per_matrix): scipy's dsbevx
+    # calls did not run concurrently (32 calls at n = 256: 82-104 ms serial, 91-103 ms on two
+    # threads, OPENBLAS_NUM_THREADS=1 or not; a GIL-free hash ran 2x faster on the same two
+    # threads; AMD EPYC Zen 4).
     with deterministic_lapack(r_all):
         return torch.stack(
             [solve(r_all[i], None if s_all is None else s_all[i]) for i in range(r_all.shape[0])]

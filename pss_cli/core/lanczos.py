@@ -22,7 +22,7 @@ from pss_cli.core.krylov_settings import (
     KrylovSettings,
     iteration_budget,
 )
-from pss_cli.core.lapack import deterministic_lapack, exact_singular_values
+from pss_cli.core.lapack import batched_qr, deterministic_lapack, exact_singular_values
 from pss_cli.core.mixed_precision import Products, rayleigh_ritz
 
 
@@ -55,8 +55,7 @@ def block_lanczos(
 
     active = torch.arange(batch, device=tall.device)
     ops = Products(tall, low)
-    with deterministic_lapack(start):
-        v_first = torch.linalg.qr(start).Q
+    v_first, _ = batched_qr(start)
     v_last = v_first  # (B, n, b) the newest right block V_{j+1}
     u_last: torch.Tensor | None = None  # (B, m, b) the newest left block U_j
     # The Krylov vectors are in the compute dtype: the start block's (top_singular_values).
@@ -88,15 +87,13 @@ def block_lanczos(
             w = torch.baddbmm(w, u_last, s_blocks[-1].mT, alpha=-1.0)
         if u_basis is not None:
             w = reorthogonalise(w, u_basis.view())
-        with deterministic_lapack(w):
-            u, r = torch.linalg.qr(w)
+        u, r = batched_qr(w)
         if u_basis is not None:
             u_basis.append(u)
         r_blocks.append(r)
         z = torch.baddbmm(ops.adjoint(u), v_last, r.mT, alpha=-1.0)  # minus V_j R_j^T
         z = reorthogonalise(z, v_basis.view())
-        with deterministic_lapack(z):
-            v_last, s = torch.linalg.qr(z)
+        v_last, s = batched_qr(z)
         u_last = u
         v_basis.append(v_last)
         s_blocks.append(s)

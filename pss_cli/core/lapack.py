@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _LAPACK_LOCK = threading.Lock()
 _lapack_users = 0
@@ -44,12 +49,83 @@ def deterministic_lapack(like: torch.Tensor) -> Iterator[None]:
                 torch.set_num_threads(_saved_threads)
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def lapack_workers(like: torch.Tensor, count: int) -> int:
+    """How many threads `per_matrix` would spread `count` matrices over: torch's CPU thread
+    budget, read outside `deterministic_lapack` (inside it the budget reads 1); 1 on a GPU."""
+    return min(count, torch.get_num_threads()) if like.device.type == "cpu" else 1
+
+
+def per_matrix(like: torch.Tensor, count: int, solve: Callable[[int], T]) -> list[T]:
+    """[solve(0), ..., solve(count - 1)]: one LAPACK call per matrix of a batch, each on one
+    thread (`deterministic_lapack`), the matrices spread over the threads torch may use.
+
+    Why: one LAPACK thread keeps results reproducible, but a batched call then runs its
+    matrices one after another on one core while the others idle. Each matrix's call is the
+    same single-threaded call whichever thread makes it (torch's thread count is global, and
+    LAPACK and scipy release the GIL), so the results are bit-identical to the serial loop
+    (tests/test_lapack.py). The threads share `deterministic_lapack`'s one saved thread count.
+    Nested inside `deterministic_lapack` (one thread already) or on a GPU, the loop is serial.
+    """
+    workers = lapack_workers(like, count)
+    with deterministic_lapack(like):
+        if workers <= 1:
+            return [solve(i) for i in range(count)]
+        # One task per worker, matrices dealt round-robin (a batch's matrices share a shape and
+        # cost about the same): never more threads at work than torch's budget.
+        shares = [range(first, count, workers) for first in range(workers)]
+        futures = [_pool().submit(_solve_share, solve, share) for share in shares]
+        # Every share finishes before the thread count is restored, even when one fails.
+        wait(futures)
+        results: list[T | None] = [None] * count
+        for share, future in zip(shares, futures, strict=True):
+            for index, value in zip(share, future.result(), strict=True):
+                results[index] = value
+    return results  # type: ignore[return-value]  # every index was filled above
+
+
+def _solve_share(solve: Callable[[int], T], share: range) -> list[T]:
+    # torch keeps MKL's and OpenMP's thread counts per OS thread and hands a new thread the
+    # global count only when one of its own parallel kernels starts, never before a LAPACK call:
+    # a pool thread's first QR ran MKL on every core (other last bits than one thread, for a
+    # float32 600 x 32 block). Setting it here, inside `deterministic_lapack`, sets 1 again.
+    torch.set_num_threads(1)
+    return [solve(index) for index in share]
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads of `per_matrix`, created on first use and kept (starting two threads per
+    call cost ~0.1 ms, and a scan makes hundreds of calls)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(min(32, os.cpu_count() or 1), "pss-lapack")
+        return _POOL
+
+
+def batched_qr(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR of a (B, m, b) batch, one matrix per `per_matrix` call: (Q, R), Q's matrices
+    column-major as torch.linalg.qr returns them (krylov_basis.Basis copies Q^T contiguously)."""
+    if lapack_workers(blocks, blocks.shape[0]) <= 1:
+        # Batched LAPACK loops over the matrices itself: the same calls, without the stacking.
+        with deterministic_lapack(blocks):
+            q, r = torch.linalg.qr(blocks)
+        return q, r
+    parts = per_matrix(blocks, blocks.shape[0], lambda i: torch.linalg.qr(blocks[i]))
+    return torch.stack([part.Q.mT for part in parts]).mT, torch.stack([part.R for part in parts])
+
+
 def exact_singular_values(matrices: torch.Tensor) -> torch.Tensor:
     """(B, m, n) -> (B, min(m, n)) all singular values, descending, in the input dtype.
 
     LAPACK was 2.5-3.5x slower on a wide matrix than on its transpose here: use the tall side.
     """
     tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
-    with deterministic_lapack(tall):
-        values: torch.Tensor = torch.linalg.svdvals(tall)
-    return values
+    if lapack_workers(tall, tall.shape[0]) <= 1:
+        with deterministic_lapack(tall):
+            values: torch.Tensor = torch.linalg.svdvals(tall)
+        return values
+    return torch.stack(per_matrix(tall, tall.shape[0], lambda i: torch.linalg.svdvals(tall[i])))
