@@ -14,8 +14,9 @@ Defaults and their reasons (docs/DESIGN.md, measured with `pss scan`):
   7.3-7.7 on the three collapsed matrices of the diverged sample. 5 sits between them (warning).
 - top-k energy share: <= 0.35 on every non-embedding MiniLM matrix, <= 0.56 on the healthy
   sample's 64-wide matrices (top-16 of 64 values is a large share by construction), 0.84-0.89 on
-  the collapsed ones. 0.8 sits between them (warning); not applied where k >= min(m, n), where
-  the share is 1 whatever the spectrum.
+  the collapsed ones. 0.8 sits between them (warning); not applied where 4k > min(m, n), where
+  the top k are a large part of any spectrum (a random 32 x 32 matrix's top 16: 0.90). The
+  sigma_1/sigma_2 rule is not applied below a short side of 8 (random 2 x 2: above 5 in 37 %).
 - sigma_max: its scale depends on the architecture, init and normalisation: no universal number,
   so the rule is off unless configured.
 - baseline: a collapse is a > 90 % stable-rank drop (50-130 -> < 5); a halving (50 %) is flagged

@@ -93,6 +93,26 @@ CASES = [
         {"matrix_shape": [16, 64], "topk_energy_share": 1.0},
         [],
     ),
+    (
+        "energy of a 32 x 32 matrix (top 16 are half its spectrum)",
+        {"matrix_shape": [32, 32], "topk_energy_share": 0.889},
+        [],
+    ),
+    (
+        "energy of a 64 x 64 matrix (a quarter) is judged",
+        {"matrix_shape": [64, 64], "topk_energy_share": 0.889},
+        ["PSS006"],
+    ),
+    (
+        "sigma ratio of a 2 x 2 matrix (37 % of random ones are above 5)",
+        {"matrix_shape": [2, 2], "sigma1_over_sigma2": 9.0, "top_singular_values": [0.8, 0.1]},
+        [],
+    ),
+    (
+        "sigma ratio of an 8 x 64 matrix is judged",
+        {"matrix_shape": [8, 64], "sigma1_over_sigma2": 9.0, "top_singular_values": [0.8] * 8},
+        ["PSS005"],
+    ),
     ("huge sigma_max: PSS004 off by default", {"sigma_max": 1e6}, []),
     (
         "collapse",
