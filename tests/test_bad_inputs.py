@@ -1139,6 +1139,17 @@ def test_damaged_zip_record(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "PSS002" in result.stdout
 
 
+@pytest.mark.parametrize("content", ["tensor", "list"])
+def test_a_pt_without_names(runner: CliRunner, tmp_path: Path, content: str) -> None:
+    path = tmp_path / "weights.pt"
+    weights = torch.randn(32, 16)
+    torch.save(weights if content == "tensor" else [{"w": weights}], path)
+    result = runner.invoke(app, ["scan", str(path)])
+    assert result.exit_code == 3 and "not a state dict" in result.stderr
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 1 and "PSS002" in result.stdout
+
+
 HANDLED_ROWS = {
     "NaN or Inf weights": ("0; check: 1", test_nan_and_inf_weights),
     "an all-zero matrix (sigma_max = 0)": ("0", test_all_zero_matrix),
@@ -1163,6 +1174,10 @@ HANDLED_ROWS = {
     ),
     "GPTQ/AWQ `qweight`/`qzeros`/`scales`/`g_idx`, bitsandbytes `absmax`/`quant_map`, stray "
     "`*_scale`": ("0", test_quantization_metadata_is_skipped),
+    "a `.pt` holding a bare tensor or a list of state dicts": (
+        "3; check: 1",
+        test_a_pt_without_names,
+    ),
     "a zip `.pt`/`.bin`/`.ckpt` whose tensor data was damaged (bytes flipped inside a record)": (
         "3; check: 1",
         test_damaged_zip_record,

@@ -233,6 +233,13 @@ def lookup(obj: Any, key: tuple[str | int, ...]) -> Any:
 def entries_of(path: Path, obj: Any) -> list[TensorEntry]:
     """Entries of one loaded file; a tensor shared under several names (tied weights) is listed
     once, under its first name, so that it is scanned and smoothed once."""
+    if not isinstance(obj, Mapping) and _holds_tensor(obj):
+        # A bare tensor or a list of state dicts has no names to report: once an empty report
+        # with exit 0, as if the file held no weights.
+        raise CheckpointError(
+            f"'{path}' holds a {type(obj).__name__}, not a state dict (names -> tensors)",
+            hint="save model.state_dict() (or a dict of named tensors) and scan that file",
+        )
     entries: list[TensorEntry] = []
     seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
     names: set[str] = set()
