@@ -454,3 +454,22 @@ def test_softmax_follows_the_documented_formula_at_every_scale(
     expected = expected.sort(descending=True).values
     got = torch.linalg.svdvals(written)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9 * float(s[0]))
+
+
+def test_a_change_that_wipes_the_matrix_out_is_reported(tmp_path: Path) -> None:
+    # A near rank-1 matrix capped to stable rank 6 keeps only what lay below sigma_1.
+    (tmp_path / "in").mkdir()
+    tensors = _model_tensors(torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    u, v = torch.randn(48, 1, generator=generator), torch.randn(1, 160, generator=generator)
+    tensors["down.weight"] = u @ v + 1e-4 * torch.randn(48, 160, generator=generator)
+    source = write_tensors(tmp_path / "in" / "m.safetensors", tensors)
+    report = smooth_checkpoint(source, tmp_path / "out", _config())
+    layer = next(x for x in report.layers if x.name == "down.weight")
+    assert layer.relative_change > 0.99
+    assert any("'down.weight' changes by" in message for message in report.messages)
+    healthy = smooth_checkpoint(
+        SAMPLES / "diverged" / "model.safetensors", tmp_path / "o2", SmoothConfig()
+    )
+    assert healthy.layers and all(x.relative_change < 0.9 for x in healthy.layers)
+    assert not any("of its norm" in message for message in healthy.messages)

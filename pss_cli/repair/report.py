@@ -66,6 +66,12 @@ def optimizer_summary(
     )
 
 
+# Above this ||dW||/||W|| the report says so: the smoothed matrix is mostly gone (a near rank-1
+# matrix capped to stable rank 5 came out as its rounding noise, 1.000). The diverged sample's
+# three collapsed matrices change by 0.70-0.75.
+WIPED_CHANGE = 0.9
+
+
 def build_report(
     scan: ScanReport,
     layout: CheckpointLayout,
@@ -89,6 +95,13 @@ def build_report(
             if not verified:
                 messages.append(f"'{layer.display_name}' did not reach its target after writing")
         assert layer.sigma_max is not None and layer.stable_rank is not None
+        if change.relative_change > WIPED_CHANGE:
+            messages.append(
+                f"'{layer.display_name}' changes by {change.relative_change:.3f} of its norm "
+                "(||dW||/||W||): its spectrum holds almost nothing below the values smoothed, so "
+                "the result is mostly what was left; check it before resuming, or smooth less "
+                "(--method clip, a lower --target-stable-rank)"
+            )
         layers.append(
             SmoothedLayer(
                 name=layer.name,
