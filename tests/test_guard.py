@@ -156,6 +156,34 @@ def test_a_parameter_unfrozen_after_construction_is_watched_too() -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def test_unfreezing_restarts_the_rules_instead_of_firing_on_every_step() -> None:
+    # Most of the model frozen, then unfrozen: the watched norm rises for good. A value that
+    # fires never enters the EMA, so without a restart the spike rule fired again after each
+    # cooldown (here: every step) and skipped the rest of the run.
+    model = make_model()
+    optimizer = make_optimizer(model)
+    frozen = [p for name, p in model.named_parameters() if not name.startswith("h.1.")]
+    for p in frozen:
+        p.requires_grad_(False)
+    config = GuardConfig(
+        spike_factor=2.0,  # the unfrozen norm is ~2.5x the frozen one (9 -> 17-26)
+        warmup_steps=3,
+        cooldown_steps=0,
+        spike_action=TriggerAction.SKIP,
+        zscore_action=TriggerAction.OFF,
+        spectral_action=TriggerAction.OFF,
+    )
+    guard = Guard(model, optimizer, config)
+    before = run(model, guard, 6)
+    assert not any(d.skipped for d in before)
+    for p in frozen:
+        p.requires_grad_(True)
+    after = run(model, guard, 10, start=6)
+    restart = [e for e in guard.events if e.kind == "restart"]
+    assert [e.step for e in restart] == [6]
+    assert sum(d.skipped for d in after) <= 1, [d.reason for d in after if d.skipped]
+
+
 @pytest.mark.parametrize("added", ["at_construction", "by_add_param_group"])
 def test_a_parameter_outside_the_model_is_watched_when_the_optimizer_steps_it(
     added: str,

@@ -306,6 +306,19 @@ def test_asymmetric_and_block_wise_quantization_are_dequantized(tmp_path: Path) 
     block_scale = torch.tensor([[0.5, 2.0], [1.0, 0.25], [4.0, 1.0]])
     tiled = block_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
     fp8 = (big / tiled).to(torch.float8_e4m3fn)
+    # Group-wise asymmetric (a scale and a zero point per 128 columns of each row): the zero
+    # point tiles like its scale (it was once dropped, a rank-1 artefact again).
+    grouped = with_spectrum(64, 512, power_law(64), seed=7).float()
+    groups = grouped.reshape(64, 4, 128)
+    g_low, g_high = groups.amin(-1), groups.amax(-1)
+    g_scale = (g_high - g_low) / 255.0
+    g_zero = torch.round(-g_low / g_scale).clamp(0, 255)
+    g_q = (
+        torch.round(groups / g_scale[..., None] + g_zero[..., None])
+        .clamp(0, 255)
+        .reshape(64, 512)
+        .to(torch.uint8)
+    )
     path = write_tensors(
         tmp_path / "q.safetensors",
         {
@@ -314,9 +327,21 @@ def test_asymmetric_and_block_wise_quantization_are_dequantized(tmp_path: Path) 
             "l0.mlp.up_proj.weight_zero_point": zero.to(torch.uint8),
             "l1.mlp.down_proj.weight": fp8,
             "l1.mlp.down_proj.weight_scale_inv": block_scale,
+            "l2.mlp.up_proj.weight": g_q,
+            "l2.mlp.up_proj.weight_scale": g_scale,
+            "l2.mlp.up_proj.weight_zero_point": g_zero.to(torch.uint8),
+            "l3.mlp.up_proj.weight": q.clone(),
+            "l3.mlp.up_proj.weight_scale": scale.clone(),
+            "l3.mlp.up_proj.weight_zero_point": torch.zeros(3, 5, dtype=torch.uint8),
         },
     )
     report = scan_checkpoint(path, SMALL)
+    group = _layer(report, "l2.mlp.up_proj.weight")
+    tile = torch.repeat_interleave
+    g_reference = (g_q.double() - tile(g_zero.double(), 128, 1)) * tile(g_scale.double(), 128, 1)
+    assert group.sigma_max == pytest.approx(_exact_top(g_reference)[0].item(), rel=1e-6)
+    g_float_rank = float((power_law(64) ** 2).sum() / power_law(64)[0] ** 2)
+    assert group.stable_rank == pytest.approx(g_float_rank, rel=0.05)
     up = _layer(report, "l0.mlp.up_proj.weight")
     dequantized = (q.double() - zero.double()) * scale.double()
     assert up.sigma_max == pytest.approx(_exact_top(dequantized)[0].item(), rel=1e-6)
@@ -331,6 +356,8 @@ def test_asymmetric_and_block_wise_quantization_are_dequantized(tmp_path: Path) 
     assert down.sigma_max == pytest.approx(_exact_top(reference)[0].item(), rel=1e-6)
     reasons = {x.name: x.reason for x in report.skipped}
     assert reasons["l0.mlp.up_proj.weight_zero_point"].startswith("zero point of quantized")
+    # A zero point that fits neither the tensor nor its scale: skipped, never ignored.
+    assert "does not fit its scale" in reasons["l3.mlp.up_proj.weight"]
     assert reasons["l1.mlp.down_proj.weight_scale_inv"].startswith("scale of quantized")
 
 
@@ -357,6 +384,12 @@ def test_quantization_metadata_is_never_analysed_as_a_weight(tmp_path: Path) -> 
     assert [x.name for x in report.layers] == ["model.layers.0.mlp.down_proj.weight"]
     reasons = {x.name: x.reason for x in report.skipped}
     assert reasons[f"{n}.qweight"].startswith("packed quantized weights")
+    # In a float checkpoint the same names are the model's own weights.
+    float_only = write_tensors(
+        tmp_path / "float.safetensors",
+        {"m.attn.scale": with_spectrum(32, 24, power_law(24), seed=9).float()},
+    )
+    assert [x.name for x in scan_checkpoint(float_only, SMALL).layers] == ["m.attn.scale"]
     for name in (
         f"{n}.scales",
         f"{n}.qzeros",

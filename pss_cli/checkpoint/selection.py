@@ -172,13 +172,20 @@ def select(
     ``include`` means every tensor. Exclusion wins over inclusion.
     """
     entries = list(entries)
-    quantized = _quantization_parts(entries)
+    parts_or_reasons = _quantization_parts(entries)
+    quantized = {n: q for n, q in parts_or_reasons.items() if isinstance(q, _Quantization)}
+    refused = {n: q for n, q in parts_or_reasons.items() if isinstance(q, str)}
     used_by = {
         part.name: name
         for name, q in quantized.items()
         for part in (q.scale, q.zero_point)
         if part is not None
     }
+    # Metadata names are judged only in a checkpoint that holds quantized tensors: a float
+    # model's own 2-D weight named `...scale` is a weight.
+    quantized_checkpoint = any(
+        e.dtype in QUANTIZED_DTYPES or e.dtype == "I32" for e in entries if len(e.shape) >= 2
+    )
     targets: list[MatrixTarget] = []
     skipped: list[SkippedTarget] = []
     for entry in entries:
@@ -191,7 +198,8 @@ def select(
         reason = (
             _filter_reason(entry.name, include, exclude)
             or _shape_reason(entry)
-            or _metadata_reason(entry)
+            or refused.get(entry.name)
+            or (_metadata_reason(entry) if quantized_checkpoint else None)
             or (None if parts is not None else _shape_dtype_reason(entry))
         )
         if reason is not None:
@@ -286,17 +294,19 @@ class _Quantization:
     block: tuple[int, int] | None
 
 
-def _quantization_parts(entries: list[TensorEntry]) -> dict[str, _Quantization]:
+def _quantization_parts(entries: list[TensorEntry]) -> dict[str, _Quantization | str]:
     """Quantized tensor name -> its float scale (and zero point), where a scale that broadcasts
-    or tiles it exists.
+    or tiles it exists; or -> the reason it cannot be dequantized.
 
     Only then is an integer / 8-bit-float tensor meaningful as a matrix: its spectrum is that of
     (q - zero_point) * scale (per-channel scales change it), never that of the raw integers. A
-    zero point is paired only with a broadcasting scale: ignoring it analysed a uint8 matrix
-    offset by ~128 x scale in every entry (a rank-1 spike: stable rank 1.15 instead of 20).
+    zero point broadcasts like a per-channel scale, or has the shape of a block-wise (per-group)
+    scale and tiles with it; one that fits neither makes the tensor skipped: ignoring it analysed
+    a uint8 matrix offset by ~128 x scale in every entry (a rank-1 spike: stable rank 1.15
+    instead of 20).
     """
     by_name = {entry.name: entry for entry in entries}
-    found: dict[str, _Quantization] = {}
+    found: dict[str, _Quantization | str] = {}
     for entry in entries:
         if entry.dtype not in QUANTIZED_DTYPES or len(entry.shape) < 2:
             continue
@@ -304,21 +314,22 @@ def _quantization_parts(entries: list[TensorEntry]) -> dict[str, _Quantization]:
             scale = by_name.get(candidate)
             if scale is None or scale.dtype not in ANALYSED_DTYPES:
                 continue
-            block = (
-                None
-                if _broadcasts(scale.shape, entry.shape)
-                else _block_of(scale.shape, entry.shape)
-            )
-            if block is None and not _broadcasts(scale.shape, entry.shape):
+            broadcasts = _broadcasts(scale.shape, entry.shape)
+            block = None if broadcasts else _block_of(scale.shape, entry.shape)
+            if block is None and not broadcasts:
                 continue
-            zero_point = next(
-                (
-                    by_name[z]
-                    for z in _zero_point_candidates(entry.name)
-                    if z in by_name and block is None and _broadcasts(by_name[z].shape, entry.shape)
-                ),
-                None,
-            )
+            zero_name = next((z for z in _zero_point_candidates(entry.name) if z in by_name), None)
+            zero_point = by_name[zero_name] if zero_name is not None else None
+            if zero_point is not None and not (
+                _broadcasts(zero_point.shape, entry.shape)
+                if block is None
+                else zero_point.shape == scale.shape
+            ):
+                found[entry.name] = (
+                    f"zero point '{zero_point.name}' {list(zero_point.shape)} does not fit its "
+                    f"scale '{scale.name}' {list(scale.shape)}: not dequantized"
+                )
+                break
             found[entry.name] = _Quantization(scale, zero_point, block)
             break
     return found

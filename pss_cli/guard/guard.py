@@ -95,6 +95,7 @@ class Guard:
         self._names: list[str] = []
         self._sharded: list[bool] = []
         self._watch_key: tuple[tuple[int, int], ...] | None = None
+        self._trainable_key: tuple[bool, ...] | None = None
         self._refresh_watched()
         self._generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
         c = self.config
@@ -150,6 +151,7 @@ class Guard:
         """Decide this step; take the optimizer step, skip it, or smooth and skip it."""
         step = self.step_count
         self._refresh_watched()
+        self._restart_rules_if_the_trainable_set_changed(step)
         indices = self.monitor.next_indices() if self.monitor.due(step) else []
         measure = (lambda: self.monitor.measure(indices, self._device)) if indices else None
         values = gather_step(self._params, self._sharded, self._device, loss, measure)
@@ -339,6 +341,27 @@ class Guard:
         self._names = [name for name, _ in watched]
         self._sharded = [is_dtensor(p) for p in self._params]
         self._watch_key = key
+
+    def _restart_rules_if_the_trainable_set_changed(self, step: int) -> None:
+        """Restart the spike and z-score rules' warm-up when parameters are unfrozen or frozen.
+
+        The watched norm then changes for good: unfreezing three of four layers raised it ~3x,
+        a value that fires never enters the EMA, so the spike rule fired again after every
+        cooldown (and smoothed each time). The rules' statistics start over instead, with
+        their warm-up. Keyed on requires_grad, not on which gradients exist, so that a
+        mixture-of-experts step that leaves an expert without gradient restarts nothing.
+        """
+        key = tuple(p.requires_grad for p in self._params)
+        if self._trainable_key is not None and key != self._trainable_key:
+            self.spike.restart()
+            self.zscore.restart()
+            detail = {"trainable": sum(key), "watched": len(key)}
+            reason = (
+                f"the trainable parameters changed ({sum(key)} of {len(key)} now): the spike "
+                "and z-score rules warm up again"
+            )
+            self._emit(GuardEvent(step, "restart", reason, detail))
+        self._trainable_key = key
 
     def _top_grad_layers(self, sq_norms: Sequence[float]) -> list[str]:
         order = sorted(range(len(sq_norms)), key=lambda i: -sq_norms[i])

@@ -22,7 +22,8 @@ class GuardDecision:
 
 @dataclass(frozen=True)
 class GuardEvent:
-    """Something worth recording: kind is "trigger", "skip", "smooth", "nonfinite" or "raise".
+    """Something worth recording: kind is "trigger", "skip", "smooth", "nonfinite", "raise" or
+    "restart" (the trainable parameters changed: the rules warm up again).
 
     detail holds JSON-able values only (numbers, strings, lists, dicts).
     """

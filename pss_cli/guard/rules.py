@@ -47,6 +47,11 @@ class SpikeRule:
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
 
+    def restart(self) -> None:
+        """Forget the EMA and warm up again (the watched norm changed meaning)."""
+        self.ema = None
+        self.seen = 0
+
     def _update(self, value: float) -> None:
         self.ema = value if self.ema is None else self.decay * self.ema + (1 - self.decay) * value
         self.seen += 1
@@ -98,6 +103,13 @@ class ZScoreRule:
     def tick(self) -> None:
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
+
+    def restart(self) -> None:
+        """Forget the mean and variance and warm up again (the watched norm changed meaning)."""
+        self.mean = None
+        self.var = None
+        self.warmup_values = []
+        self.last_z = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

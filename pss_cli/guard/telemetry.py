@@ -12,7 +12,7 @@ JSONL format (docs/GUARD.md): a header line {"schema": "pss-guard-events", "vers
 "config": {...}, "started": "<ISO time>"}, then one object per line with "step" and "kind":
 "decision" (grad_norm, grad_norm_sum, grad_norm_l2, loss, skipped, triggered, spike_ema, zscore),
 "metrics" ({"layers": {name: {"stable_rank", "sigma_max", "sje"}}}), and the events "trigger",
-"skip", "smooth", "nonfinite", "raise" (reason and detail fields). Non-finite numbers are
+"skip", "smooth", "nonfinite", "raise", "restart" (reason and detail fields). Non-finite numbers are
 written as null (strict JSON).
 """
 

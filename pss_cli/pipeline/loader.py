@@ -12,6 +12,7 @@ import torch
 
 from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.checkpoint.reader import TensorReader
+from pss_cli.checkpoint.selection import MatrixTarget
 from pss_cli.checkpoint.torch_dtypes import torch_dtype_or_none
 from pss_cli.config import STAGING_BUFFER_BYTES
 from pss_cli.core.norms import (
@@ -238,18 +239,23 @@ def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:
         # of q alone means nothing.
         scale = _whole(reader, target.scale)
         dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
-        m, n = target.matrix_shape
-        if target.scale_block is not None:  # 2-D tensors only: one matrix
-            rows, cols = target.scale_block
-            scales = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:m, :n]
-        else:
-            scales = target.as_matrices(torch.broadcast_to(scale, target.entry.shape))[slot]
         values = matrix.to(dtype)
         if target.zero_point is not None:
-            zero = torch.broadcast_to(_whole(reader, target.zero_point), target.entry.shape)
-            values = values - target.as_matrices(zero)[slot].to(dtype)
-        matrix = values * scales.to(dtype)
+            zero = _per_entry(target, _whole(reader, target.zero_point), slot)
+            values = values - zero.to(dtype)
+        matrix = values * _per_entry(target, scale, slot).to(dtype)
     return matrix
+
+
+def _per_entry(target: MatrixTarget, part: torch.Tensor, slot: int) -> torch.Tensor:
+    """A scale or zero point as one value per entry of matrix `slot`: broadcast per tensor or
+    channel, or tiled over (bm, bn) blocks (2-D tensors only: one matrix)."""
+    if target.scale_block is None:
+        tiled: torch.Tensor = target.as_matrices(torch.broadcast_to(part, target.entry.shape))
+        return tiled[slot]
+    m, n = target.matrix_shape
+    rows, cols = target.scale_block
+    return part.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:m, :n]
 
 
 def _whole(reader: TensorReader, entry: TensorEntry) -> torch.Tensor:
