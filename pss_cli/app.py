@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, MutableMapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -56,7 +57,9 @@ def guarded(command: F) -> F:
             return result
         except (typer.Exit, typer.Abort):
             raise  # deliberate exits carry their own code
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
+            if not _stdout_closed():
+                _internal_error(exc)  # another pipe of pss's own: a real failure
             # `pss scan ... | head`: the reader has what it wanted. Not an error of pss: no
             # text (stderr may be the same closed pipe), and stdout is pointed at /dev/null so
             # that the interpreter's own flush at exit does not fail again.
@@ -76,17 +79,31 @@ def guarded(command: F) -> F:
             )
             raise typer.Exit(int(ExitCode.INPUT)) from None
         except Exception as exc:
-            _exit_if_terminated()
-            if os.environ.get("PSS_DEBUG"):
-                raise
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            report_error(
-                f"internal error: {type(exc).__name__}: {detail}",
-                "this is a bug in pss; rerun with PSS_DEBUG=1 for a traceback and report it",
-            )
-            raise typer.Exit(int(ExitCode.INPUT)) from None
+            _internal_error(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(exc: Exception) -> NoReturn:
+    _exit_if_terminated()
+    if os.environ.get("PSS_DEBUG"):
+        raise exc
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    report_error(
+        f"internal error: {type(exc).__name__}: {detail}",
+        "this is a bug in pss; rerun with PSS_DEBUG=1 for a traceback and report it",
+    )
+    raise typer.Exit(int(ExitCode.INPUT)) from None
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return True  # no descriptor to ask: trust the exception
 
 
 def _silence_stdout() -> None:

@@ -331,3 +331,20 @@ def test_a_meaningless_min_stable_rank_is_a_usage_error(
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "--min-stable-rank must be a positive number" in result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error() -> None:
+    # Only a closed stdout means "the reader went away"; any other EPIPE is a failure.
+    code = (
+        "import typer\n"
+        "from pss_cli.app import guarded\n"
+        "@guarded\n"
+        "def command() -> None:\n"
+        "    raise BrokenPipeError(32, 'Broken pipe (a socket of its own)')\n"
+        "app = typer.Typer()\n"
+        "app.command()(command)\n"
+        "app([])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == ExitCode.INPUT, done.stderr
+    assert "internal error: BrokenPipeError" in done.stderr

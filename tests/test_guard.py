@@ -725,6 +725,27 @@ def test_config_errors_name_the_field(field: str, value: object) -> None:
         GuardConfig(**{field: value})  # type: ignore[arg-type]
 
 
+def test_config_takes_numpy_scalars_and_any_list_of_roles() -> None:
+    import collections
+
+    import numpy as np
+
+    config = GuardConfig(
+        split_fused_qkv=np.bool_(False),  # type: ignore[arg-type]
+        sje_on_trigger=1,  # type: ignore[arg-type]
+        warmup_steps=np.int64(7),  # type: ignore[arg-type]
+        spike_factor=np.float32(2.5),  # type: ignore[arg-type]
+        exclude_roles=collections.UserList(["embedding"]),  # type: ignore[arg-type]
+    )
+    assert config.split_fused_qkv is False and config.sje_on_trigger is True
+    assert config.warmup_steps == 7 and type(config.warmup_steps) is int
+    assert config.spike_factor == 2.5 and config.exclude_roles == ("embedding",)
+    with pytest.raises(GuardConfigError, match=r"GuardConfig\.warmup_steps"):
+        GuardConfig(warmup_steps=10**400)
+    with pytest.raises(GuardConfigError, match=r"GuardConfig\.sje_on_trigger"):
+        GuardConfig(sje_on_trigger=2)  # type: ignore[arg-type]
+
+
 def test_config_takes_the_strings_of_a_yaml_file_or_command_line_typed() -> None:
     config = GuardConfig(
         spike_factor="2.5",  # type: ignore[arg-type]

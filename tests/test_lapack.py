@@ -132,3 +132,16 @@ def test_the_threads_are_shared_across_calls(two_threads: None) -> None:
     pool = lapack._POOL
     per_matrix(torch.zeros(1), 2, lambda i: i)
     assert pool is not None and lapack._POOL is pool
+
+
+def test_a_forked_child_gets_threads_of_its_own(two_threads: None) -> None:
+    # The pool object survives fork() but its threads do not: a child's first per-matrix call
+    # waited forever (a library user's fork-based multiprocessing pool calling api.scan).
+    import multiprocessing
+
+    matrices = _batch(3, 40, 30, seed=4)
+    expected = exact_singular_values(matrices)  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as children:
+        result = children.apply_async(exact_singular_values, (matrices,))
+        assert torch.equal(result.get(timeout=60), expected)

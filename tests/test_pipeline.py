@@ -208,6 +208,15 @@ def test_matrix_seed_is_stable() -> None:
     assert matrix_seed(0, "a", 0) != matrix_seed(0, "a", 1)
 
 
+def test_a_float64_norm_beyond_2_to_the_1023_is_scaled_back(tmp_path: Path) -> None:
+    # unit_scale(norm) = 2**1024 is not a float: the scan failed with "math range error".
+    weight = with_spectrum(64, 48, power_law(48), seed=0) * 2e307
+    path = write_tensors(tmp_path / "m.safetensors", {"w": weight})
+    layer = scan_checkpoint(path, SMALL).layers[0]
+    expected = float(torch.linalg.svdvals(weight / 1e300)[0]) * 1e300
+    assert layer.sigma_max == pytest.approx(expected, rel=1e-6)
+
+
 def test_huge_float64_values_do_not_overflow_float32(tmp_path: Path) -> None:
     weight = with_spectrum(40, 30, power_law(30), seed=0) * 1e300
     path = write_tensors(tmp_path / "m.safetensors", {"w": weight})

@@ -139,3 +139,18 @@ def test_every_method_has_one_registry_entry() -> None:
     assert [m for m, spec in METHODS.items() if spec.may_raise_sigma_max] == [
         SmoothingMethod.SOFTMAX
     ]
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.0123, 1e200])
+def test_values_outside_the_softmax_window_come_back_bit_for_bit(scale: float) -> None:
+    # (s * c) / c is not always s: a 1-ulp difference counted as a change and added a spurious
+    # rank-1 update per tail value.
+    top = torch.linspace(1.0, 0.01, 16, dtype=torch.float64) ** 3
+    params = SmoothingParams(method=SmoothingMethod.SOFTMAX, temperature=4.0)
+    frobenius = float(top.norm()) * 1.01
+    new = smooth_values(top, frobenius, 64, params, scale=scale)
+    window = math.ceil((frobenius / float(top[0])) ** 2 - 1e-12)
+    assert torch.equal(new[window:], top[window:])
+    scaled = top * scale
+    head = torch.softmax(scaled[:window] / 4.0, dim=0) * scaled[:window].sum() / scale
+    assert torch.allclose(new[:window], head, rtol=1e-12)

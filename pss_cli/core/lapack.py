@@ -96,6 +96,21 @@ def _solve_share(solve: Callable[[int], T], share: range) -> list[T]:
     return [solve(index) for index in share]
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but none of its threads: a task submitted there
+    # waited forever (a library user's fork-based multiprocessing pool calling api.scan).
+    # The locks too: another thread may have held one at the fork, and it never releases it
+    # in the child. That thread's LAPACK section does not exist in the child either.
+    global _POOL, _POOL_LOCK, _LAPACK_LOCK, _lapack_users
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+    _LAPACK_LOCK = threading.Lock()
+    _lapack_users = 0
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _pool() -> ThreadPoolExecutor:
     """The threads of `per_matrix`, created on first use and kept (starting two threads per
     call cost ~0.1 ms, and a scan makes hundreds of calls)."""

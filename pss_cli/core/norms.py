@@ -79,6 +79,15 @@ def frobenius_norm(source: torch.Tensor) -> float:
     return largest * float(torch.linalg.vector_norm(source.to(torch.float64) / largest))
 
 
+def scale_back(values: torch.Tensor, norm: float) -> torch.Tensor:
+    """values x unit_scale(norm), exactly, for any finite norm: float64 weights with a norm of
+    2**1023 or more have a unit scale that is not a float (math.ldexp overflowed and the scan
+    failed with "math range error"). A copy; the two power-of-two factors are exact."""
+    exponent = math.frexp(norm)[1]
+    half = exponent // 2
+    return values * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
+
+
 def unit_scale(norm: float) -> float:
     """The power of two the buffer is divided by: norm / unit_scale(norm) lies in [0.5, 1).
 

@@ -57,7 +57,11 @@ def smooth_values(
         # Not scaled up when nothing depends on it: cap squares ||W||_F, which overflowed for
         # float64 weights near 1e300.
         return spec.values(top, frobenius_norm, rank, params)
-    return spec.values(top * scale, frobenius_norm * scale, rank, params) / scale
+    scaled = top * scale
+    new = spec.values(scaled, frobenius_norm * scale, rank, params)
+    # Values the method left alone come back bit for bit ((s * c) / c is not always s): a 1-ulp
+    # difference would count as a change and add a spurious rank-1 update per value.
+    return torch.where(new == scaled, top, new / scale)
 
 
 def _window(top: torch.Tensor, frobenius_norm: float, rank: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
@@ -228,6 +229,10 @@ def _check_field(name: str, value: object) -> object:
             return value
         if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             return _BOOL_WORDS[value.strip().lower()]
+        # numpy.bool_ and the integers 0 and 1 (a YAML or numpy config's flags).
+        numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+        if numpy_bool or (isinstance(value, numbers.Integral) and value in (0, 1)):
+            return bool(value)
         raise _BadValue(f"{value!r} is not true or false")
     if name == "exclude_roles":
         return _roles(value)
@@ -250,7 +255,11 @@ def _number(value: object, whole: bool) -> int | float:
                 raise _BadValue(f"{value!r} is not a number") from None
     else:
         number = int(value) if isinstance(value, numbers.Integral) else float(value)
-    if not math.isfinite(float(number)):
+    try:
+        finite = math.isfinite(float(number))
+    except OverflowError:  # an integer beyond float's range (10**400)
+        finite = False
+    if not finite:
         raise _BadValue(f"{value!r} is not finite")
     if not whole:
         return float(number)
@@ -264,10 +273,13 @@ def _number(value: object, whole: bool) -> int | float:
 def _roles(value: object) -> tuple[str, ...]:
     from pss_cli.checkpoint.selection import Role
 
-    if isinstance(value, str) or not isinstance(value, tuple | list | set | frozenset):
+    # Any iterable but a string: OmegaConf's ListConfig, a UserList, a generator.
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise _BadValue(
             f'{value!r} is not a tuple of role names (e.g. exclude_roles=("embedding",))'
         )
+    if not isinstance(value, set | frozenset):
+        value = list(value)
     allowed = {role.value for role in Role}
     for role in value:
         if str(role) not in allowed:

@@ -18,9 +18,9 @@ from pss_cli.config import STAGING_BUFFER_BYTES
 from pss_cli.core.norms import (
     buffer_norm,
     count_nonfinite,
+    divide_by_power_of_two,
     frobenius_norm,
     scale_to_unit,
-    unit_scale,
 )
 from pss_cli.pipeline.memory import Batch
 from pss_cli.pipeline.plan import MatrixItem, ScanPlan, krylov_path
@@ -210,7 +210,9 @@ def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int
         bad = count_nonfinite(source)
         norm = 0.0 if bad else frobenius_norm(source)
         if 0.0 < norm < math.inf:
-            target.copy_(oriented / unit_scale(norm))
+            scaled = oriented.clone()  # float64: the power-of-two division is exact there
+            divide_by_power_of_two(scaled, math.frexp(norm)[1])
+            target.copy_(scaled)
         else:
             target.zero_()
         return norm, bad

@@ -15,7 +15,7 @@ from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
 from pss_cli.core.krylov_basis import import_lapack_in_background
 from pss_cli.core.metrics import SpectralMetrics, spectral_metrics, stable_rank_floor
-from pss_cli.core.norms import unit_scale
+from pss_cli.core.norms import scale_back
 from pss_cli.core.spectra import (
     exact_singular_values,
     gaussian_start,
@@ -107,7 +107,7 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
         if config.exact:
             spectra = exact_singular_values(matrices).to("cpu", torch.float64)
             for row, slot in enumerate(usable):
-                full[slot] = spectra[row] * unit_scale(frobenius[slot])
+                full[slot] = scale_back(spectra[row], frobenius[slot])
                 top[slot] = full[slot][:k]
                 solver[slot] = "exact"
         else:
@@ -116,7 +116,7 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
                 start = gaussian_start([chunk[s].seed for s in usable], tall_n, settings.block_size)
             result = top_singular_values(matrices, k, start, settings)
             for row, slot in enumerate(usable):
-                top[slot] = result.values[row] * unit_scale(frobenius[slot])
+                top[slot] = scale_back(result.values[row], frobenius[slot])
                 iterations[slot] = result.iterations[row]
                 if result.iterations[row] == 0:
                     solver[slot] = "exact"

@@ -105,16 +105,25 @@ def _check_crcs(path: Path) -> None:
         return
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            for info in archive.infolist():
+                # torch.serialization.set_crc32_options(False) writes 0 for every record:
+                # nothing to check there (torch.load reads such files).
+                if info.CRC == 0 and info.file_size > 0:
+                    continue
+                try:
+                    with archive.open(info) as record:  # checks the CRC at the record's end
+                        while record.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    raise CorruptCheckpointError(
+                        f"'{path}' is damaged: its record '{info.filename}' does not match its "
+                        "CRC-32 checksum",
+                        hint=_DAMAGED_HINT,
+                    ) from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CorruptCheckpointError(
             f"cannot read '{path}' as a zip checkpoint: {exc}", hint=_DAMAGED_HINT
         ) from None
-    if bad is not None:
-        raise CorruptCheckpointError(
-            f"'{path}' is damaged: its record '{bad}' does not match its CRC-32 checksum",
-            hint=_DAMAGED_HINT,
-        )
     _VERIFIED.add(key)
 
 

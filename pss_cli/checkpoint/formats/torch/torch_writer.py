@@ -147,10 +147,12 @@ def _replace(
     own instead: writing through it changed the overlapping names too, and the verification
     then failed as "a bug in pss". The others keep the values they had.
     """
+    # Other names by key, not by object: torch.load gives a tensor saved under two names back
+    # as one object, and that tie once went unnoticed (`other is not target` skipped it).
     overlapping = [
         (name, same)
-        for name, _, other in tensors
-        if other is not target
+        for name, key, other in tensors
+        if key != entry.key
         for same in [_same_view(other, target)]
         if same or _overlap(other, target)
     ]
