@@ -74,3 +74,29 @@ def test_own_history_from_the_trend_cache(tmp_path: Path) -> None:
     before = scan_checkpoint(run / "checkpoint-10", ScanConfig()).layers[0].stable_rank
     assert layer.target_stable_rank is not None and before is not None
     assert abs(layer.target_stable_rank - before) < 1e-6
+
+
+def test_history_is_judged_by_this_runs_threshold_not_the_caches(tmp_path: Path) -> None:
+    """A cache written by `pss trend --min-stable-rank 2` holds checkpoint-15 unflagged at a
+    stable rank below 5: smoothing with the default 5 must not aim at it (the "repaired"
+    matrix stayed flagged), but at checkpoint-10, healthy by 5."""
+    run = tmp_path / "run"
+    sagging = with_spectrum(48, 32, spiky(32, (3.0,)), 3).float()  # stable rank ~3.0
+    weights = ((10, _healthy(48, 32, 1, 0.4)), (15, sagging), (20, _collapsed(48, 32, 2)))
+    for step, weight in weights:
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({"head.weight": weight}, run / f"checkpoint-{step}" / "model.safetensors")
+    from pss_cli.pipeline import scan_checkpoint
+
+    ranks = {
+        s: scan_checkpoint(run / f"checkpoint-{s}", ScanConfig()).layers[0].stable_rank
+        for s, _ in weights
+    }
+    assert ranks[15] is not None and 2 < ranks[15] < 5, ranks  # flagged at 5, not at 2
+    result = CliRunner().invoke(app, ["trend", str(run), "-q", "--min-stable-rank", "2"])
+    assert result.exit_code in (0, 1), result.stderr
+    report = smooth_checkpoint(run / "checkpoint-20", None, SmoothConfig(dry_run=True))
+    (layer,) = report.layers
+    assert layer.target_source == "its own stable rank at step 10 (trend cache)"
+    assert layer.target_stable_rank is not None and ranks[10] is not None
+    assert abs(layer.target_stable_rank - ranks[10]) < 1e-6

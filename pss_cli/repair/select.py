@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.selection import select
+from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK
 from pss_cli.core.smoothing import METHODS
 from pss_cli.errors import PssError, UsageError
 from pss_cli.repair.model import (
@@ -20,6 +21,7 @@ from pss_cli.repair.model import (
     skip_result,
 )
 from pss_cli.results import Flag, LayerResult, ScanReport, SkippedResult
+from pss_cli.thresholds import stable_rank_floor
 
 # Names under which transformers ties the LM head to the token embedding (tie_word_embeddings),
 # and the embedding names it ties to.
@@ -150,7 +152,7 @@ def _with_targets(
     4. just above the flag threshold (FALLBACK_TARGET_FACTOR): the mildest edit that unflags it.
     """
     healthy = [x for x in scan.layers if not x.flags and x.stable_rank is not None]
-    history = _own_history(source) if source is not None else {}
+    history = _own_history(source, config.scan.min_stable_rank) if source is not None else {}
     out: list[Plan] = []
     skipped: list[SkippedResult] = []
     for plan in plans:
@@ -212,9 +214,16 @@ def _default_target(
     )
 
 
-def _own_history(source: Path) -> dict[tuple[str, int | None], tuple[float, int]]:
+def _own_history(
+    source: Path, min_stable_rank: float
+) -> dict[tuple[str, int | None], tuple[float, int]]:
     """(name, index) -> (stable rank, step) at the latest earlier checkpoint where the matrix
-    was healthy, from the trend cache beside ``source`` (empty when there is none)."""
+    was healthy, from the trend cache beside ``source`` (empty when there is none).
+
+    Healthy by this run's --min-stable-rank, not by the flags the cached scan was made with:
+    a cache written by `pss trend --min-stable-rank 2` once gave targets of 3.4 and 4.1,
+    below 5, and the "repaired" matrices stayed flagged.
+    """
     from pss_cli.report_io import report_from_json_dict
     from pss_cli.trend.cache_store import DEFAULT_CACHE_DIR_NAME
     from pss_cli.trend.discovery import step_from_name
@@ -235,7 +244,12 @@ def _own_history(source: Path) -> dict[tuple[str, int | None], tuple[float, int]
         if step is None or step >= my_step or checkpoint.parent != source.parent.resolve():
             continue
         for x in report.layers:
-            if x.flags or x.stable_rank is None:
+            if x.nonfinite_count or x.stable_rank is None:
+                continue
+            floor = stable_rank_floor(
+                min_stable_rank, min(x.matrix_shape), MIN_STABLE_RANK_FRACTION_OF_RANK
+            )
+            if x.stable_rank < floor:
                 continue
             key = (x.name, x.index)
             if key not in best or best[key][1] < step:
