@@ -141,6 +141,7 @@ def check_smooth_options(
     lr_scale: float | None,
     clip_count: int,
     target_stable_rank: float | None,
+    optimizer_state: OptimizerPolicy | str = OptimizerPolicy.KEEP,
 ) -> None:
     """The UsageErrors of `smooth`'s options (torch-free; `pss smooth` checks them before it
     draws a progress bar)."""
@@ -150,6 +151,16 @@ def check_smooth_options(
         raise UsageError(f"--temperature must be a positive number (got {temperature})")
     if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
         raise UsageError(f"--lr-scale must be a positive number (got {lr_scale})")
+    if lr_scale is not None and OptimizerPolicy(optimizer_state) == OptimizerPolicy.DROP:
+        # Refused on every layout: with the optimizer state dropped, HF Trainer restarts its
+        # schedule at the LR it is given (a halved scheduler.pt did nothing), a Lightning
+        # checkpoint failed the LR verification, and a DCP folder reported nothing to scale.
+        raise UsageError(
+            "--lr-scale scales the stored optimizer and scheduler state, which "
+            "--optimizer-state drop does not write",
+            "keep or reset the optimizer state with --lr-scale, or drop it and pass the lower "
+            "learning rate to the trainer you resume with",
+        )
     if clip_count < 1:
         raise UsageError(f"--clip-count must be at least 1 (got {clip_count})")
     if target_stable_rank is not None and not (
@@ -206,6 +217,7 @@ def smooth(
         lr_scale=lr_scale,
         clip_count=clip_count,
         target_stable_rank=target_stable_rank,
+        optimizer_state=optimizer_state,
     )
     from pss_cli.core.smoothing import SmoothingParams
     from pss_cli.repair import SmoothConfig, smooth_checkpoint

@@ -254,3 +254,25 @@ def test_tied_lm_head_in_layers_names_the_embedding(tmp_path: Path) -> None:
     code, _, err = _pss("smooth", folder, "--layers", "lm_head.weight", "--dry-run")
     assert code == 2
     assert "tied to 'transformer.wte.weight'" in err and "--layers 'transformer.wte.weight'" in err
+
+
+def test_lr_scale_with_dropped_optimizer_state_is_refused_before_computing(
+    model: Path, tmp_path: Path, no_compute: None
+) -> None:
+    # It gave three outcomes on three layouts: a claimed-but-ineffective halving (HF), a
+    # "bug in pss" verification failure (Lightning), "nothing to scale" (DCP).
+    code, _, err = _pss(
+        "smooth", model, "--out", tmp_path / "o", "--optimizer-state", "drop", "--lr-scale", "0.5"
+    )
+    assert code == 2 and "--optimizer-state drop does not write" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_quiet_keeps_the_rotation_warning(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoint-10").mkdir(parents=True)
+    save_file(model_state(), str(run / "checkpoint-10" / "model.safetensors"))
+    out = run / "checkpoint-10-pss-smoothed"
+    code, _, err = _pss("smooth", run / "checkpoint-10", "--out", out, "-q", "-f", "json")
+    assert code == 0
+    assert "warning:" in err and "rotation" in err

@@ -131,7 +131,8 @@ def smooth_command(
             "trainer's checkpoint rotation deletes it)",
         )
     risk = rotation_risk(out) if out is not None else None
-    if risk is not None and not quiet:
+    # A warning, not progress: -q silences the plan, progress and recipe, never this.
+    if risk is not None:
         typer.echo(
             f"warning: {risk}; resume with another output_dir, or write to "
             f"--out {shlex.quote(str(suggested))}",
@@ -146,6 +147,7 @@ def smooth_command(
         lr_scale=lr_scale,
         clip_count=clip_count,
         target_stable_rank=target_stable_rank,
+        optimizer_state=optimizer_state,
     )
     from pss_cli.report.progress import stderr_progress
     from pss_cli.report.smooth import render_plan, render_smooth, resume_recipe
