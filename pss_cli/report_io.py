@@ -36,8 +36,16 @@ def load_report(path: Path) -> ScanReport:
             "pass a checkpoint as MODEL, and a report written by `pss scan CKPT -f json -o FILE` "
             "as --baseline",
         ) from None
+    except IsADirectoryError:
+        raise UsageError(
+            f"'{path}' is a folder, not a scan report",
+            "save one with `pss scan CKPT -f json -o FILE` and pass FILE",
+        ) from None
     except OSError as exc:
-        raise UsageError(f"cannot read report '{path}': {exc}") from exc
+        raise UsageError(
+            f"cannot read report '{path}': {exc.strerror or exc}",
+            "check the path and its permissions",
+        ) from exc
     except json.JSONDecodeError as exc:
         raise UsageError(f"'{path}' is not valid JSON: {exc}", _RESCAN) from exc
     try:

@@ -294,6 +294,9 @@ def test_baseline_through_the_cli(runner: CliRunner, tmp_path: Path) -> None:
     bad.write_text('{"schema_version": 99}')
     wrong = runner.invoke(app, ["check", str(HEALTHY), "--baseline", str(bad)])
     assert wrong.exit_code == 2 and "schema_version 99" in wrong.stderr
+    folder = runner.invoke(app, ["check", str(HEALTHY), "--baseline", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder, not a scan report" in folder.stderr
+    assert "Hint: " in folder.stderr
 
 
 def test_unreadable_checkpoints_are_pss002_findings(runner: CliRunner, tmp_path: Path) -> None:

@@ -114,14 +114,20 @@ def _meta_model_parameters(folder: Path, architecture: str) -> tuple[list[str], 
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
         return None
+    # transformers logs config warnings on stdout/stderr; pss keeps its streams clean. Its
+    # logger's handler holds the stderr of its creation, so redirecting sys.stderr alone let
+    # "[transformers] Model config: bos_token_id must be ..." through: lower its verbosity too.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     try:
-        # transformers logs config warnings on stdout/stderr; pss keeps its streams clean
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
             with torch.device("meta"):
                 model = model_class(config)
     except Exception:
         return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     get_decay = getattr(transformers.Trainer, "get_decay_parameter_names", None)
     try:

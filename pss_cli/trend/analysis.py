@@ -59,6 +59,8 @@ def analyse_run(
     if use_cache and cache_dir is None:
         cache_dir = default_cache_dir(run, paths)
     cache = cache_dir if use_cache else None
+    if notice is not None:
+        notice = _once(notice)  # an unwritable cache said so once per checkpoint: 10 lines
     statuses: list[CheckpointStatus] = []
     scans: list[dict[tuple[str, int | None], LayerResult]] = []
     order: dict[tuple[str, int | None], LayerResult] = {}
@@ -117,6 +119,18 @@ def default_cache_dir(run: RunLayout, paths: list[Path]) -> Path:
         return run.root / cache_store.DEFAULT_CACHE_DIR_NAME
     parents = [str(p.resolve().parent) for p in paths]
     return Path(os.path.commonpath(parents)) / cache_store.DEFAULT_CACHE_DIR_NAME
+
+
+def _once(notice: Notice) -> Notice:
+    """`notice`, passing each distinct message once."""
+    said: set[str] = set()
+
+    def once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            notice(message)
+
+    return once
 
 
 def _layers_of(
