@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,15 @@ def safetensors_reference(tmp_path: Path, model: dict[str, torch.Tensor]) -> dic
     path = tmp_path / "reference.safetensors"
     save_file({k: v.contiguous() for k, v in model.items()}, str(path))
     return stable_ranks(path)
+
+
+def flip_bytes_in_largest_record(path: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of the largest record of a zip `.pt` (its CRC no
+    longer matches; torch.load itself does not notice)."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
+    data = bytearray(path.read_bytes())
+    middle = start + record.file_size // 2
+    data[middle : middle + count] = bytes(255 - b for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))

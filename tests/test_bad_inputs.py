@@ -29,6 +29,7 @@ from typer.testing import CliRunner, Result
 
 import pss_cli.checkpoint.formats.safetensors.header as header_mod
 from pss_cli.app import app
+from tests.format_factory import flip_bytes_in_largest_record
 from tests.safetensors_factory import (
     encode_header,
     layout_header,
@@ -1126,13 +1127,7 @@ def test_damaged_zip_record(runner: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     torch.manual_seed(5)
     torch.save({"a.weight": torch.randn(64, 48), "b.weight": torch.randn(32, 32)}, path)
-    with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda info: info.file_size)
-        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
-    data = bytearray(path.read_bytes())
-    middle = start + record.file_size // 2
-    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
-    path.write_bytes(bytes(data))
+    flip_bytes_in_largest_record(path)
     result = runner.invoke(app, ["scan", str(path)])
     assert result.exit_code == 3 and "CRC-32" in result.stderr
     result = runner.invoke(app, ["check", str(path)])

@@ -23,6 +23,7 @@ from pss_cli.repair import SmoothConfig, smooth_checkpoint
 from tests.format_factory import (
     COLLAPSED,
     adam_state,
+    flip_bytes_in_largest_record,
     hostile_torch_file,
     model_state,
     safetensors_reference,
@@ -438,13 +439,7 @@ def test_flipped_bytes_inside_a_tensor_record_are_caught(tmp_path: Path, runner:
     # silently, and the scan reported other numbers for that layer with exit 0.
     path = tmp_path / "model.pt"
     torch.save(model_state(), path)
-    with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda info: info.file_size)
-        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra)
-    data = bytearray(path.read_bytes())
-    middle = start + record.file_size // 2
-    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
-    path.write_bytes(bytes(data))
+    flip_bytes_in_largest_record(path)
     for command in (["scan", str(path)], ["smooth", str(path), "--out", str(tmp_path / "o.pt")]):
         result = runner.invoke(app, command)
         assert result.exit_code == 3, result.output

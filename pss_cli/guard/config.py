@@ -304,27 +304,16 @@ def _problems(config: GuardConfig) -> list[tuple[str, str]]:
     for name in ("spike_ema_decay", "zscore_alpha"):
         if not 0.0 <= float(getattr(config, name)) < 1.0:
             problems.append((name, f"must be in [0, 1) (got {getattr(config, name)!r})"))
-    non_negative = (
-        "warmup_steps",
-        "cooldown_steps",
-        "zscore_warmup_steps",
-        "check_every",
-        "power_iters",
-        "first_power_iters",
+    counts_from = (
+        (0, ("warmup_steps", "cooldown_steps", "zscore_warmup_steps", "check_every")),
+        (0, ("power_iters", "first_power_iters")),
+        (1, ("matrices_per_check", "spectral_window", "log_every", "smooth_top_k")),
+        (1, ("clip_count",)),
     )
-    for name in non_negative:
-        if int(getattr(config, name)) < 0:
-            problems.append((name, f"must be >= 0 (got {getattr(config, name)!r})"))
-    at_least_one = (
-        "matrices_per_check",
-        "spectral_window",
-        "log_every",
-        "smooth_top_k",
-        "clip_count",
-    )
-    for name in at_least_one:
-        if int(getattr(config, name)) < 1:
-            problems.append((name, f"must be >= 1 (got {getattr(config, name)!r})"))
+    for minimum, names in counts_from:
+        for name in names:
+            if int(getattr(config, name)) < minimum:
+                problems.append((name, f"must be >= {minimum} (got {getattr(config, name)!r})"))
     if not 0.0 < config.min_stable_rank_fraction <= 1.0:
         problems.append(
             (
