@@ -280,6 +280,16 @@ def test_stacked_experts_are_smoothed_one_by_one(tmp_path: Path) -> None:
     assert torch.equal(new[0], stack[0]) and torch.equal(new[2], stack[2])
     assert not torch.equal(new[1], stack[1])
     assert report.layers[0].verified
+    # One expert by the name the report prints for it ("[2]" alone would be a glob class).
+    named = smooth_checkpoint(
+        source,
+        tmp_path / "named.safetensors",
+        SmoothConfig(
+            layers=("layers.0.mlp.experts.down_proj[2]",),
+            params=SmoothingParams(target_stable_rank=25.0),
+        ),
+    )
+    assert [(x.name, x.index) for x in named.layers] == [("layers.0.mlp.experts.down_proj", 2)]
 
 
 def test_cli_smooth_json_and_errors(tmp_path: Path) -> None:

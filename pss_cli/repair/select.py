@@ -78,6 +78,14 @@ def would_smooth_by_default(layers: tuple[LayerResult, ...]) -> int:
     )
 
 
+def _named(layer: LayerResult, pattern: str) -> bool:
+    """--layers matches a tensor name as a glob, or one matrix of a stacked tensor by the name
+    the report prints for it (`experts.w1[3]`, where `[3]` would be a glob character class)."""
+    return fnmatchcase(layer.name, pattern) or (
+        layer.index is not None and layer.display_name == pattern
+    )
+
+
 def select_plans(
     scan: ScanReport, layout: CheckpointLayout, config: SmoothConfig
 ) -> tuple[list[Plan], tuple[SkippedResult, ...]]:
@@ -86,9 +94,7 @@ def select_plans(
     plans: list[Plan] = []
     skipped: list[SkippedResult] = []
     if config.layers:
-        unmatched = [
-            g for g in config.layers if not any(fnmatchcase(x.name, g) for x in scan.layers)
-        ]
+        unmatched = [g for g in config.layers if not any(_named(x, g) for x in scan.layers)]
         if unmatched:
             tied = _tied_to(unmatched[0], scan, layout)
             raise UsageError(
@@ -104,7 +110,7 @@ def select_plans(
                 else "run `pss scan` to list the matrix names",
             )
     for layer in scan.layers:
-        explicit = any(fnmatchcase(layer.name, g) for g in config.layers)
+        explicit = any(_named(layer, g) for g in config.layers)
         if config.layers:
             chosen = explicit
         elif config.all_layers:
