@@ -145,3 +145,26 @@ def test_a_forked_child_gets_threads_of_its_own(two_threads: None) -> None:
     with context.Pool(1) as children:
         result = children.apply_async(exact_singular_values, (matrices,))
         assert torch.equal(result.get(timeout=60), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_do_not_depend_on_threads_or_batch_mates(dtype: torch.dtype) -> None:
+    # 258 x 33 float32 (257 x 33 float64): matrix 1 of a batch starts at a byte offset that is
+    # not a multiple of 16, where a batched MKL call rounded other last bits. One call per
+    # matrix on any thread count gives each matrix the same bits, alone or in a batch.
+    shape = (4, 258, 33) if dtype == torch.float32 else (4, 257, 33)
+    matrices = _batch(*shape, seed=5).to(dtype)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = exact_singular_values(matrices)
+        q1, r1 = batched_qr(matrices)
+        torch.set_num_threads(2)
+        two_threads = exact_singular_values(matrices)
+        q2, r2 = batched_qr(matrices)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one_thread, two_threads)
+    assert torch.equal(q1, q2) and torch.equal(r1, r2)
+    for i in range(shape[0]):
+        assert torch.equal(exact_singular_values(matrices[i : i + 1])[0], one_thread[i])

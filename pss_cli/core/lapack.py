@@ -124,11 +124,14 @@ def _pool() -> ThreadPoolExecutor:
 def batched_qr(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduced QR of a (B, m, b) batch, one matrix per `per_matrix` call: (Q, R), Q's matrices
     column-major as torch.linalg.qr returns them (krylov_basis.Basis copies Q^T contiguously)."""
-    if lapack_workers(blocks, blocks.shape[0]) <= 1:
-        # Batched LAPACK loops over the matrices itself: the same calls, without the stacking.
-        with deterministic_lapack(blocks):
-            q, r = torch.linalg.qr(blocks)
+    if blocks.device.type != "cpu":
+        q, r = torch.linalg.qr(blocks)  # one batched call on a GPU
         return q, r
+    # On the CPU always one call per matrix, even on one thread: a batched call hands LAPACK
+    # matrix i at byte offset i*m*n*itemsize, and MKL rounded other last bits where that offset
+    # is not a multiple of 16 (float32 with m*n = 2 mod 4), so the result depended on the
+    # thread count and on the batch's other matrices. torch copies each single matrix into a
+    # fresh, aligned buffer.
     parts = per_matrix(blocks, blocks.shape[0], lambda i: torch.linalg.qr(blocks[i]))
     return torch.stack([part.Q.mT for part in parts]).mT, torch.stack([part.R for part in parts])
 
@@ -139,8 +142,8 @@ def exact_singular_values(matrices: torch.Tensor) -> torch.Tensor:
     LAPACK was 2.5-3.5x slower on a wide matrix than on its transpose here: use the tall side.
     """
     tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
-    if lapack_workers(tall, tall.shape[0]) <= 1:
-        with deterministic_lapack(tall):
-            values: torch.Tensor = torch.linalg.svdvals(tall)
+    if tall.device.type != "cpu":
+        values: torch.Tensor = torch.linalg.svdvals(tall)
         return values
+    # One call per matrix on the CPU, whatever the thread count (see `batched_qr`).
     return torch.stack(per_matrix(tall, tall.shape[0], lambda i: torch.linalg.svdvals(tall[i])))
