@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pss_cli.api_args import names, option, whole
 from pss_cli.api_check import check, check_input, check_policy
 from pss_cli.config import (
     DEFAULT_DEVICE,
@@ -74,6 +75,8 @@ def scan_config(
     seed: int = DEFAULT_SEED,
 ) -> ScanConfig:
     """The checked ScanConfig of `scan`'s options (shared with `pss scan`)."""
+    top_k = whole(top_k, "top_k")
+    seed = whole(seed, "seed")
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     if not (math.isfinite(min_stable_rank) and min_stable_rank > 0):
@@ -83,15 +86,15 @@ def scan_config(
             f"a stable rank lies between 1 and min(m, n); the default is {DEFAULT_MIN_STABLE_RANK}",
         )
     return ScanConfig(
-        include=tuple(include),
-        exclude=tuple(exclude),
+        include=names(include, "include"),
+        exclude=names(exclude, "exclude"),
         top_k=top_k,
         min_stable_rank=min_stable_rank,
         exact=exact,
         device=device,
         seed=seed,
-        compute_dtype=ComputeDtype(compute_dtype),
-        precision=ProductPrecision(precision),
+        compute_dtype=option(ComputeDtype, compute_dtype, "compute_dtype"),
+        precision=option(ProductPrecision, precision, "precision"),
     )
 
 
@@ -151,7 +154,8 @@ def check_smooth_options(
         raise UsageError(f"--temperature must be a positive number (got {temperature})")
     if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
         raise UsageError(f"--lr-scale must be a positive number (got {lr_scale})")
-    if lr_scale is not None and OptimizerPolicy(optimizer_state) == OptimizerPolicy.DROP:
+    policy = option(OptimizerPolicy, optimizer_state, "optimizer_state")
+    if lr_scale is not None and policy == OptimizerPolicy.DROP:
         # Refused on every layout: with the optimizer state dropped, HF Trainer restarts its
         # schedule at the LR it is given (a halved scheduler.pt did nothing), a Lightning
         # checkpoint failed the LR verification, and a DCP folder reported nothing to scale.
@@ -207,7 +211,7 @@ def smooth(
     reset | drop. lr_scale: multiply the stored learning rates. announce: sees the plan before
     anything is written. The other options are `scan`'s.
     """
-    layers = tuple(layers)
+    layers = names(layers, "layers")
     if out is None and not dry_run:
         raise UsageError("--out is required unless --dry-run is given")
     check_smooth_options(
@@ -235,12 +239,12 @@ def smooth(
         layers=layers,
         all_layers=all_layers,
         params=SmoothingParams(
-            method=SmoothingMethod(method),
+            method=option(SmoothingMethod, method, "method"),
             target_stable_rank=target_stable_rank,
             temperature=temperature,
             clip_count=clip_count,
         ),
-        optimizer_state=OptimizerPolicy(optimizer_state),
+        optimizer_state=option(OptimizerPolicy, optimizer_state, "optimizer_state"),
         allow_master_weights=allow_master_weights,
         force=force,
         dry_run=dry_run,
@@ -262,6 +266,8 @@ def trend_config(
     """The checked TrendConfig of `trend`'s detector options (shared with `pss trend`)."""
     if not 0 < drop_fraction < 1:
         raise UsageError(f"--drop-fraction must lie between 0 and 1 (got {drop_fraction})")
+    window = whole(window, "window")
+    collapse_layers = whole(collapse_layers, "collapse_layers")
     if window < 1:
         raise UsageError(f"--window must be at least 1 (got {window})")
     if not sigma_growth > 1:

@@ -7,17 +7,20 @@ for one process. `pss_cli.api` re-exports all three: import them from there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pss_cli.api_args import names, option
 from pss_cli.config import DEFAULT_DEVICE, DEFAULT_PRECISION, ProductPrecision, ScanConfig
 from pss_cli.errors import CheckpointError
 from pss_cli.gate import CheckResult, Policy, Severity, evaluate, unreadable
 
 if TYPE_CHECKING:
     from pss_cli.distributed import Session
+    from pss_cli.pipeline import ProgressCallback
 
 PathLike = str | os.PathLike[str]
 
@@ -46,8 +49,8 @@ def check_policy(
         "max_topk_energy": max_topk_energy,
         "max_stable_rank_drop": max_stable_rank_drop,
         "max_sigma_max_growth": max_sigma_max_growth,
-        "fail_on": Severity(fail_on) if fail_on is not None else None,
-        "ignore": list(ignore) or None,
+        "fail_on": option(Severity, fail_on, "fail_on") if fail_on is not None else None,
+        "ignore": list(names(ignore, "ignore")) or None,
     }
     config = Path(policy_file) if policy_file is not None else None
     return load_policy(Path.cwd(), config, os.environ, flags).policy
@@ -81,10 +84,15 @@ def check_input(
             ),
             share=False,
         )
-    from pss_cli.report.progress import stderr_progress
+    # The progress bar's module imports rich, whose import draws from Python's global `random`
+    # (rich.style): a library caller's quiet check must not move the caller's random state.
+    bar: contextlib.AbstractContextManager[ProgressCallback | None] = contextlib.nullcontext()
+    if not quiet and session.rank == 0:
+        from pss_cli.report.progress import stderr_progress
 
+        bar = stderr_progress(enabled=True)
     try:
-        with stderr_progress(enabled=not quiet and session.rank == 0) as progress:
+        with bar as progress:
             report = session.scan(model, ScanConfig(device=device, precision=precision), progress)
     except CheckpointError as exc:
         # Raised on every rank at once (the session synchronises errors): all carry on.
@@ -134,6 +142,8 @@ def check(
             max_sigma_max_growth=max_sigma_max_growth,
         )
     base = Path(baseline) if baseline is not None else None
-    result = check_input(Path(path), base, policy, device, precision=ProductPrecision(precision))
+    result = check_input(
+        Path(path), base, policy, device, precision=option(ProductPrecision, precision, "precision")
+    )
     assert result is not None  # a single process is rank 0
     return result

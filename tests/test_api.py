@@ -107,3 +107,50 @@ def test_trend_equals_the_cli_json() -> None:
     _same(trend_to_json_dict(report), cli)
     with pytest.raises(UsageError, match="--window"):
         pss_cli.trend(paths, window=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "parameter"),
+    [
+        (lambda: pss_cli.scan(DIVERGED, precision="fp16"), "precision"),
+        (lambda: pss_cli.scan(DIVERGED, compute_dtype="float16"), "compute_dtype"),
+        (lambda: pss_cli.scan(DIVERGED, top_k="16"), "top_k"),
+        (lambda: pss_cli.scan(DIVERGED, include=[3]), "include"),
+        (lambda: pss_cli.smooth(DIVERGED, None, dry_run=True, method="median"), "method"),
+        (
+            lambda: pss_cli.smooth(DIVERGED, None, dry_run=True, optimizer_state="zero"),
+            "optimizer_state",
+        ),
+        (lambda: pss_cli.check(DIVERGED, fail_on="fatal"), "fail_on"),
+        (lambda: pss_cli.trend([DIVERGED], window=2.5), "window"),
+    ],
+)
+def test_a_bad_argument_is_a_usage_error_naming_the_parameter(call: Any, parameter: str) -> None:
+    # They once raised a bare ValueError ('fp16' is not a valid ProductPrecision) or TypeError.
+    with pytest.raises(UsageError, match=f"^{parameter}: "):
+        call()
+
+
+def test_a_single_string_is_one_glob_not_its_characters() -> None:
+    # exclude="*wte*" was iterated into "*", "w", "t", "e", "*" and excluded every matrix.
+    one = pss_cli.scan(DIVERGED / "model.safetensors", exclude="*wte*")
+    listed = pss_cli.scan(DIVERGED / "model.safetensors", exclude=["*wte*"])
+    assert [x.name for x in one.layers] == [x.name for x in listed.layers] != []
+    ignored = pss_cli.check(DIVERGED / "model.safetensors", ignore="PSS006")
+    assert all(f.rule_id != "PSS006" for f in ignored.findings)
+
+
+def test_the_library_leaves_pythons_random_state_alone() -> None:
+    # A fresh interpreter: importing rich (for a progress bar the library never draws) drew
+    # from Python's global `random` on the first check().
+    sample = DIVERGED / "model.safetensors"
+    code = (
+        "import random, pss_cli\n"
+        "state = random.getstate()\n"
+        f"pss_cli.check({str(sample)!r})\n"
+        f"pss_cli.scan({str(sample)!r})\n"
+        f"pss_cli.smooth({str(sample)!r}, None, dry_run=True)\n"
+        "assert random.getstate() == state, 'random state moved'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

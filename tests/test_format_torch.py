@@ -467,3 +467,31 @@ def test_scan_re_maps_files_without_changing_results(
     expected = stable_ranks(path)
     monkeypatch.setattr(torch_file, "REMAP_BYTES", 0)
     assert stable_ranks(path) == expected == safetensors_reference(tmp_path, model)
+
+
+def test_concurrent_loads_leave_the_process_wide_state_as_it_was(tmp_path: Path) -> None:
+    # warnings.catch_warnings() is process-wide: two threads loading legacy pickles once left
+    # ('ignore', 'Detected pickle protocol') in warnings.filters for good.
+    import sys
+    import threading
+    import warnings
+
+    path = tmp_path / "legacy.pt"
+    torch.save(model_state(), path, _use_new_zipfile_serialization=False)
+    filters, stderr = list(warnings.filters), sys.stderr
+    errors: list[BaseException] = []
+
+    def scan_a_few() -> None:
+        try:
+            for _ in range(4):
+                scan_checkpoint(path, ScanConfig())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scan_a_few) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert warnings.filters == filters and sys.stderr is stderr

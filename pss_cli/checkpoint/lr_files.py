@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pss_cli.checkpoint.formats.torch import torch_file
 from pss_cli.checkpoint.optimizer import OPTIMIZER_FILE_NAMES
 from pss_cli.checkpoint.optimizer_in_file import IN_FILE_OPTIMIZER_KEYS
 from pss_cli.errors import CheckpointError
+from pss_cli.quiet import quiet_warnings
 
 SCHEDULER_FILE_NAMES = ("scheduler.pt", "scheduler.bin")  # HF Trainer / accelerate
 IN_FILE_SCHEDULER_KEYS = ("lr_schedulers", "lr_scheduler", "scheduler")
@@ -34,8 +34,7 @@ def _load(path: Path) -> Any:
     """Optimizer and scheduler files with the same safe loader as everything else: a file that
     needs more than plain data is refused, never unpickled."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        with quiet_warnings("Detected pickle protocol"):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(

@@ -5,7 +5,6 @@ optimizer files (optimizer.py) and the optimizer state inside one torch checkpoi
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.errors import CheckpointError
+from pss_cli.quiet import quiet_warnings
 
 # Float dtypes a trainable parameter can have: integer/bool tensors are buffers, never params.
 _FLOAT_DTYPES = frozenset(
@@ -29,10 +29,9 @@ def load_state_dict(src: Path) -> dict[str, Any]:
         "(restart the optimizer)"
     )
     try:
-        with warnings.catch_warnings():
-            # Raw (non-zip) pickles make torch warn about the protocol before refusing them; the
-            # refusal below says all the user needs.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        # Raw (non-zip) pickles make torch warn about the protocol before refusing them; the
+        # refusal below says all the user needs.
+        with quiet_warnings("Detected pickle protocol"):
             loaded: Any = torch.load(src, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise CheckpointError(

@@ -21,8 +21,6 @@ the check is not used.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 
 from pss_cli.checkpoint.model import TensorEntry
+from pss_cli.quiet import quiet_transformers
 
 # Float buffers that nn modules register (never parameters, so never in the optimizer).
 _BUFFER_NAMES = re.compile(
@@ -114,20 +113,15 @@ def _meta_model_parameters(folder: Path, architecture: str) -> tuple[list[str], 
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
         return None
-    # transformers logs config warnings on stdout/stderr; pss keeps its streams clean. Its
-    # logger's handler holds the stderr of its creation, so redirecting sys.stderr alone let
-    # "[transformers] Model config: bos_token_id must be ..." through: lower its verbosity too.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    # transformers warns about configs (e.g. "bos_token_id must be None or an integer within
+    # the vocabulary") through its logger: pss keeps its streams clean (pss_cli/quiet.py).
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_transformers(transformers):
             config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
             with torch.device("meta"):
                 model = model_class(config)
     except Exception:
         return None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     get_decay = getattr(transformers.Trainer, "get_decay_parameter_names", None)
     try:

@@ -16,6 +16,7 @@ from pss_cli.checkpoint.formats.dcp.dcp import SafeFileSystemReader, one_line
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.torch_dtypes import torch_dtype_of
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
+from pss_cli.quiet import quiet_lock
 
 
 class DcpBackend:
@@ -49,9 +50,10 @@ def load_into(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     try:
-        with warnings.catch_warnings():
-            # no_dist=True is the documented single-process mode; torch still warns that it
-            # assumes no process group, which is what we want.
+        # no_dist=True is the documented single-process mode; torch still warns that it
+        # assumes no process group, which is what we want. Under pss's one lock for
+        # process-wide warning filters (pss_cli/quiet.py).
+        with quiet_lock(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(no_dist|process group).*")
             warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
             dcp_load(tensors, storage_reader=SafeFileSystemReader(str(folder)), no_dist=True)

@@ -18,10 +18,10 @@ key path (TensorEntry.key) so that a repair can put tensors back exactly where t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import threading
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +33,7 @@ from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.names import HARMLESS_PICKLE_TYPES, allow_pickle_types
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
+from pss_cli.quiet import quiet_warnings
 
 # Wrapper keys whose value is the model's state dict, in the order they are tried.
 MODEL_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -74,11 +75,10 @@ def load(path: Path) -> Any:
     if mappable:
         _check_crcs(path)
     try:
-        with warnings.catch_warnings():
-            # Legacy (non-zip) files make torch warn about the pickle protocol; irrelevant here.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            with torch.serialization.safe_globals(_extra_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
+        # Legacy (non-zip) files make torch warn about the pickle protocol; irrelevant here.
+        quiet = contextlib.nullcontext() if mappable else quiet_warnings("Detected pickle protocol")
+        with quiet, torch.serialization.safe_globals(_extra_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
     except OSError as exc:
         raise CorruptCheckpointError(
             f"cannot read '{path}': {exc.strerror or exc}", hint=_DAMAGED_HINT
