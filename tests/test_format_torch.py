@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.formats.torch.format import TorchKind
 from pss_cli.config import OptimizerPolicy, ScanConfig
 from pss_cli.core.smoothing import SmoothingParams
-from pss_cli.errors import CheckpointError
+from pss_cli.errors import CheckpointError, UsageError
 from pss_cli.pipeline import scan_checkpoint
 from pss_cli.repair import SmoothConfig, smooth_checkpoint
 from tests.format_factory import (
@@ -241,6 +242,15 @@ def test_tied_weights_stay_shared_and_are_smoothed_once(tmp_path: Path) -> None:
     head, embed = loaded["lm_head.weight"], loaded["model.embed_tokens.weight"]
     assert head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
     assert (out / "pss-provenance.json").is_file()
+    # The aliases are reported (they were absent from the report), and naming one in
+    # --layers points at the name it is analysed under.
+    reasons = {x.name: x.reason for x in scan_checkpoint(path, ScanConfig()).skipped}
+    assert reasons["model.layers.0.mlp.down_proj_alias.weight"] == (
+        f"the same tensor as '{COLLAPSED}' (tied): analysed under that name"
+    )
+    assert "lm_head.weight" in reasons
+    with pytest.raises(UsageError, match=rf"tied to '{re.escape(COLLAPSED)}'"):
+        _smooth(path, tmp_path / "o2", layers=("model.layers.0.mlp.down_proj_alias.weight",))
 
 
 @pytest.mark.parametrize("view", ["rows", "transpose"])

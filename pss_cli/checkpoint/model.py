@@ -53,6 +53,9 @@ class CheckpointLayout:
     # The user named one weights file: a repaired copy is one file too, and the files beside it
     # (optimizer.pt, ZeRO state) are not part of the checkpoint.
     one_file: bool = False
+    # Names under which a torch file stores a tensor it also stores under an earlier name (tied
+    # weights): (alias, the name it is analysed under, file). Reported, never analysed twice.
+    aliases: tuple[tuple[str, str, Path], ...] = ()
 
     @property
     def folder(self) -> Path:

@@ -50,28 +50,42 @@ def assemble_report(
     settings = plan.settings
     layers = tuple(results[item.key] for item in plan.items)
     index_name = layout.index_file.name if layout.index_file is not None else ""
-    skipped = tuple(
-        SkippedResult(
-            name=s.entry.name,
-            file=relative_file(layout, s.entry.file),
-            shape=s.entry.shape,
-            dtype=s.entry.dtype,
-            reason=s.reason,
+    by_name = {entry.name: entry for entry in layout.entries}
+    skipped = (
+        tuple(
+            SkippedResult(
+                name=s.entry.name,
+                file=relative_file(layout, s.entry.file),
+                shape=s.entry.shape,
+                dtype=s.entry.dtype,
+                reason=s.reason,
+            )
+            for s in plan.skipped
         )
-        for s in plan.skipped
-    ) + tuple(
-        SkippedResult(
-            name="",  # a whole file, not a tensor
-            file=relative_file(layout, file),
-            shape=(),
-            dtype="",
-            reason=(
-                f"file not named by the index '{index_name}': not scanned"
-                if index_name and file.name.endswith(".safetensors")
-                else "torch weights beside safetensors ones, which are read instead: not scanned"
-            ),
+        + tuple(
+            SkippedResult(
+                name="",  # a whole file, not a tensor
+                file=relative_file(layout, file),
+                shape=(),
+                dtype="",
+                reason=(
+                    f"file not named by the index '{index_name}': not scanned"
+                    if index_name and file.name.endswith(".safetensors")
+                    else "torch weights beside safetensors ones, which are read instead: not scanned"
+                ),
+            )
+            for file in layout.unindexed_files
         )
-        for file in layout.unindexed_files
+        + tuple(
+            SkippedResult(
+                name=alias,
+                file=relative_file(layout, file),
+                shape=by_name[name].shape if name in by_name else (),
+                dtype=by_name[name].dtype if name in by_name else "",
+                reason=f"the same tensor as '{name}' (tied): analysed under that name",
+            )
+            for alias, name, file in layout.aliases
+        )
     )
     return ScanReport(
         pss_version=__version__,

@@ -35,6 +35,9 @@ def _tied_to(pattern: str, scan: ScanReport, layout: CheckpointLayout) -> str | 
     """The token embedding an absent, tied LM head shares its storage with (safetensors and
     torch files keep tied tensors once); None unless the model's config says nothing against
     tying and exactly one token embedding is stored."""
+    stored = [name for alias, name, _ in layout.aliases if fnmatchcase(alias, pattern)]
+    if stored:
+        return stored[0]  # a torch file's tied alias: the name it is analysed under
     if not any(fnmatchcase(name, pattern) for name in _LM_HEAD_NAMES) and not any(
         pattern.endswith(name) for name in _LM_HEAD_NAMES
     ):
@@ -100,12 +103,11 @@ def select_plans(
             raise UsageError(
                 f"--layers '{unmatched[0]}' matches no analysed matrix in '{layout.root}'"
                 + (
-                    f": the LM head is tied to '{tied}' (the checkpoint stores that one "
-                    "tensor for both)"
+                    f": it is tied to '{tied}' (the checkpoint stores that one tensor for both)"
                     if tied
                     else ""
                 ),
-                f"name it instead: --layers '{tied}' (smoothing it changes the LM head too)"
+                f"name it instead: --layers '{tied}' (smoothing it changes both names)"
                 if tied
                 else "run `pss scan` to list the matrix names",
             )

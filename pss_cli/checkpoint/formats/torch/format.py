@@ -136,8 +136,11 @@ def _open_torch_files(root: Path, files: list[Path], kind: TorchKind) -> Checkpo
     from pss_cli.checkpoint.formats.torch.torch_file import load as load_torch
 
     entries: list[TensorEntry] = []
+    aliases: list[tuple[str, str, Path]] = []
     for file in files:
-        entries.extend(entries_of(file, load_torch(file)))
+        tied: dict[str, str] = {}
+        entries.extend(entries_of(file, load_torch(file), tied))
+        aliases.extend((alias, name, file) for alias, name in tied.items())
     reject_duplicates(entries)
     return CheckpointLayout(
         root=root,
@@ -145,6 +148,7 @@ def _open_torch_files(root: Path, files: list[Path], kind: TorchKind) -> Checkpo
         files=tuple(files),
         entries=tuple(entries),
         one_file=kind is TorchKind.FILE,
+        aliases=tuple(aliases),
     )
 
 

@@ -239,9 +239,10 @@ def lookup(obj: Any, key: tuple[str | int, ...]) -> Any:
     return obj
 
 
-def entries_of(path: Path, obj: Any) -> list[TensorEntry]:
+def entries_of(path: Path, obj: Any, aliases: dict[str, str] | None = None) -> list[TensorEntry]:
     """Entries of one loaded file; a tensor shared under several names (tied weights) is listed
-    once, under its first name, so that it is scanned and smoothed once."""
+    once, under its first name, so that it is scanned and smoothed once. `aliases`, when
+    given, receives each other name -> the name it is listed under."""
     if not isinstance(obj, Mapping) and _holds_tensor(obj):
         # A bare tensor or a list of state dicts has no names to report: once an empty report
         # with exit 0, as if the file held no weights.
@@ -271,6 +272,8 @@ def entries_of(path: Path, obj: Any) -> list[TensorEntry]:
             tensor.dtype,
         )
         if tensor.numel() and alias in seen:
+            if aliases is not None:
+                aliases[name] = seen[alias]
             continue
         seen[alias] = name
         entries.append(
