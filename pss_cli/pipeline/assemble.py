@@ -38,6 +38,9 @@ def scan_checkpoint(
     )
 
 
+_BESIDE_SAFETENSORS = "torch weights beside safetensors ones, which are read instead: not scanned"
+
+
 def assemble_report(
     plan: ScanPlan,
     results: Mapping[tuple[str, int | None], LayerResult],
@@ -71,7 +74,7 @@ def assemble_report(
                 reason=(
                     f"file not named by the index '{index_name}': not scanned"
                     if index_name and file.name.endswith(".safetensors")
-                    else "torch weights beside safetensors ones, which are read instead: not scanned"
+                    else _BESIDE_SAFETENSORS
                 ),
             )
             for file in layout.unindexed_files
