@@ -53,12 +53,6 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def lapack_workers(like: torch.Tensor, count: int) -> int:
-    """How many threads `per_matrix` would spread `count` matrices over: torch's CPU thread
-    budget, read outside `deterministic_lapack` (inside it the budget reads 1); 1 on a GPU."""
-    return min(count, torch.get_num_threads()) if like.device.type == "cpu" else 1
-
-
 def per_matrix(like: torch.Tensor, count: int, solve: Callable[[int], T]) -> list[T]:
     """[solve(0), ..., solve(count - 1)]: one LAPACK call per matrix of a batch, each on one
     thread (`deterministic_lapack`), the matrices spread over the threads torch may use.
@@ -70,7 +64,8 @@ def per_matrix(like: torch.Tensor, count: int, solve: Callable[[int], T]) -> lis
     (tests/test_lapack.py). The threads share `deterministic_lapack`'s one saved thread count.
     Nested inside `deterministic_lapack` (one thread already) or on a GPU, the loop is serial.
     """
-    workers = lapack_workers(like, count)
+    # torch's CPU thread budget, read before `deterministic_lapack` sets it to 1.
+    workers = min(count, torch.get_num_threads()) if like.device.type == "cpu" else 1
     with deterministic_lapack(like):
         if workers <= 1:
             return [solve(i) for i in range(count)]

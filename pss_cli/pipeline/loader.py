@@ -18,7 +18,6 @@ from pss_cli.config import STAGING_BUFFER_BYTES
 from pss_cli.core.norms import (
     buffer_norm,
     count_nonfinite,
-    divide_by_power_of_two,
     frobenius_norm,
     scale_to_unit,
 )
@@ -209,12 +208,9 @@ def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int
         # float64 weights may not fit float32: measure on the source, scale, then copy.
         bad = count_nonfinite(source)
         norm = 0.0 if bad else frobenius_norm(source)
-        if 0.0 < norm < math.inf:
-            scaled = oriented.clone()  # float64: the power-of-two division is exact there
-            divide_by_power_of_two(scaled, math.frexp(norm)[1])
-            target.copy_(scaled)
-        else:
-            target.zero_()
+        scaled = oriented.clone()  # float64: the power-of-two division is exact there
+        scale_to_unit(scaled, norm)
+        target.copy_(scaled)
         return norm, bad
     # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (docs/DESIGN.md).
     target.copy_(oriented)

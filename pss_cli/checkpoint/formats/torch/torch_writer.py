@@ -111,7 +111,12 @@ def _write_one(
     edited = False
     if mine or edit_object is not None:
         obj = torch_file.load(src)
-        tensors = [(name, key, t) for name, key, t in torch_file.flatten(obj)]
+        # Tensors by storage, built once per file: only tensors in one storage can overlap
+        # (each replacement compared itself with every tensor of the file before: ~1 us per
+        # pair, seconds for `--all` over a few thousand tensors).
+        by_storage: dict[int, list[tuple[str, tuple[str | int, ...], torch.Tensor]]] = {}
+        for name, key, tensor in torch_file.flatten(obj):
+            by_storage.setdefault(_storage_of(tensor), []).append((name, key, tensor))
         for entry in mine:
             target = torch_file.lookup(obj, entry.key)
             if not isinstance(target, torch.Tensor) or tuple(target.shape) != entry.shape:
@@ -119,7 +124,8 @@ def _write_one(
                     f"'{src}' changed since it was opened: '{entry.name}' is not where it was",
                     hint="make sure nothing else writes to the input, then run pss again",
                 )
-            _replace(src, obj, entry, target, replacements[entry.name], tensors)
+            sharing = by_storage.get(_storage_of(target), [])
+            _replace(src, obj, entry, target, replacements[entry.name], sharing)
         if edit_object is not None:
             edited = edit_object(src, obj)
     if not mine and not edited:
@@ -170,6 +176,10 @@ def _replace(
             "each tensor .clone()d (or as safetensors), or leave it out with --layers",
         )
     parent[entry.key[-1]] = value.to(target.dtype).clone()
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    return int(tensor.untyped_storage().data_ptr())
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
