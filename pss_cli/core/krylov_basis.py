@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
+from pss_cli.core.band_eigen import BandEigenError, top_band_eigen
 from pss_cli.core.krylov_settings import relative_scale
-from pss_cli.core.lapack import deterministic_lapack
+from pss_cli.core.lapack import per_matrix
 
 
 class Basis:
@@ -88,7 +89,7 @@ def block_bidiagonal(r_blocks: list[torch.Tensor], s_blocks: list[torch.Tensor])
 
 
 def import_lapack_in_background() -> None:
-    """Start importing scipy.linalg (LAPACK's band and MRRR eigensolvers below) on a thread.
+    """Start importing scipy.linalg's LAPACK (the band eigensolver of band_eigen.py) on a thread.
 
     Importing it costs ~0.19 s (AMD EPYC Zen 4), a cost the first Ritz values would otherwise
     pay on the critical path of every `pss scan` process. Started when a scan has Krylov work,
@@ -96,9 +97,11 @@ def import_lapack_in_background() -> None:
     caller that arrives early wait only for the rest. Not a daemon: an interpreter never exits
     in the middle of an import.
     """
-    if "scipy.linalg" not in sys.modules:
+    if "scipy.linalg.cython_lapack" not in sys.modules:
         threading.Thread(
-            target=importlib.import_module, args=("scipy.linalg",), name="pss-import"
+            target=importlib.import_module,
+            args=("scipy.linalg.cython_lapack",),
+            name="pss-import",
         ).start()
 
 
@@ -148,17 +151,18 @@ def _per_matrix(
     s_all = (
         torch.stack(s_blocks[: count - 1], dim=1).to("cpu", torch.float64) if count > 1 else None
     )
-    # One matrix at a time: a batched product's blocking (hence its last bits) may depend on the
-    # batch size, and a matrix's result must not depend on its batch-mates. On one thread: the
-    # (J, b, b) float64 products gave other last bits under 1 and 2 threads (AMD EPYC Zen 4).
-    # Serial, not spread over threads like the QRs and SVDs (lapack.per_matrix): scipy's dsbevx
-    # calls did not run concurrently (32 calls at n = 256: 82-104 ms serial, 91-103 ms on two
-    # threads, OPENBLAS_NUM_THREADS=1 or not; a GIL-free hash ran 2x faster on the same two
-    # threads; AMD EPYC Zen 4).
-    with deterministic_lapack(r_all):
-        return torch.stack(
-            [solve(r_all[i], None if s_all is None else s_all[i]) for i in range(r_all.shape[0])]
+    # One matrix per call: a batched product's blocking (hence its last bits) may depend on the
+    # batch size, and a matrix's result must not depend on its batch-mates. Each call on one
+    # thread: the (J, b, b) float64 products gave other last bits under 1 and 2 threads (AMD
+    # EPYC Zen 4). The matrices are spread over torch's threads (lapack.per_matrix): dsbevx is
+    # called without the GIL (band_eigen.py), so two solves run at once.
+    return torch.stack(
+        per_matrix(
+            r_all,
+            r_all.shape[0],
+            lambda i: solve(r_all[i], None if s_all is None else s_all[i]),
         )
+    )
 
 
 def _gram_strips(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
@@ -200,29 +204,18 @@ def _gram_top(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The top `count` singular values of one matrix's T (descending, float64) from dsbevx on
     the band of T^T T, and with `vectors` its top right singular vectors ((J*b, count))."""
-    from scipy.linalg import LinAlgError, eig_banded  # lazy: ~0.17 s to import
-
-    n = r.shape[0] * r.shape[1]
     try:
-        found = eig_banded(
-            _gram_band(r, s).numpy(),
-            lower=False,
-            eigvals_only=not vectors,
-            select="i",
-            select_range=(n - count, n - 1),
-            check_finite=False,
-        )
-    except LinAlgError:
+        eigen, right = top_band_eigen(_gram_band(r, s).numpy(), count, vectors)
+    except BandEigenError:
         # dsbevx did not converge (not seen in practice): the dense SVD of T answers.
         if not vectors:
             dense_values: torch.Tensor = torch.linalg.svdvals(_dense(r, s))
             return dense_values[:count], None
         _, dense_all, vh = torch.linalg.svd(_dense(r, s))
         return dense_all[:count], vh[:count].mT
-    eigen, right = (found, None) if not vectors else found
     # Ascending eigenvalues of a Gram matrix; rounding may leave a zero one slightly below 0.
-    values = torch.from_numpy(eigen.copy()).flip(0).clamp_min(0.0).sqrt()
-    return values, None if right is None else torch.from_numpy(right.copy()).flip(-1)
+    values = torch.from_numpy(eigen).flip(0).clamp_min(0.0).sqrt()
+    return values, None if right is None else torch.from_numpy(right).flip(-1)
 
 
 def _dense(r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
