@@ -15,12 +15,18 @@ from pss_cli.results import LayerResult, ScanReport
 from pss_cli.thresholds import stable_rank_floor
 
 
+# The report layouts (checkpoint/formats/*/format.py kinds) that name one file, not a folder.
+SINGLE_FILE_LAYOUTS = frozenset({"single-file", "torch-file"})
+
+
 def artifact_path(checkpoint: str, file: str, layout: str | None = None) -> str:
     """Where a layer's file lies, relative to where the checkpoint was named: a file or an index
     names its folder's files, a folder names its own (no filesystem access: works on a report).
     The report's layout decides when known (a single file need not end in .safetensors)."""
     root = PurePosixPath(checkpoint.replace("\\", "/"))
-    if layout == "single-file":
+    # A single file (a .safetensors, or a .pt/.bin/.pth/.ckpt whatever its name) is its own
+    # artifact: joining its name again gave "sd.pt/sd.pt", a path no CI annotation can attach to.
+    if layout in SINGLE_FILE_LAYOUTS or (layout is None and root.name == file):
         return str(root)
     if root.suffix in {".safetensors", ".json"}:
         root = root.parent

@@ -438,3 +438,35 @@ def test_malformed_ignore_list_is_a_usage_error(tmp_path: Path, monkeypatch) -> 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["check", str(HEALTHY)])
     assert result.exit_code == 2 and "'ignore'" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["sd.pt", "run.ckpt", "weights"])
+def test_a_single_torch_file_is_its_own_artifact(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # A .pt/.ckpt (or suffix-less torch file) is one artifact: findings, JSON, SARIF and the
+    # GitHub annotations name it, not "sd.pt/sd.pt" (a path that does not exist).
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(load_file(DIVERGED), name)
+    data = json.loads(runner.invoke(app, ["check", name, "-f", "json"]).stdout)
+    assert data["passed"] is False and data["findings"]
+    assert {finding["file"] for finding in data["findings"]} == {name}
+    sarif = json.loads(runner.invoke(app, ["check", name, "-f", "sarif"]).stdout)
+    uris = {
+        result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        for result in sarif["runs"][0]["results"]
+    }
+    assert uris == {name}
+    github = runner.invoke(app, ["check", name, "-f", "github"]).stdout
+    assert f"file={name}," in github and f"{name}/{name}" not in github
+
+
+def test_single_file_layouts_are_the_formats_single_file_kinds() -> None:
+    from pss_cli.checkpoint.formats.safetensors.format import SafetensorsKind
+    from pss_cli.checkpoint.formats.torch.format import TorchKind
+    from pss_cli.gate_findings import SINGLE_FILE_LAYOUTS
+
+    assert SINGLE_FILE_LAYOUTS == {SafetensorsKind.SINGLE_FILE, TorchKind.FILE}
