@@ -14,7 +14,6 @@ from pss_cli.gate_rules import RULES_BY_ID, Finding, Policy, Thresholds
 from pss_cli.results import LayerResult, ScanReport
 from pss_cli.thresholds import stable_rank_floor
 
-
 # The report layouts (checkpoint/formats/*/format.py kinds) that name one file, not a folder.
 SINGLE_FILE_LAYOUTS = frozenset({"single-file", "torch-file"})
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from pss_cli import __version__
 from pss_cli.config import BF16_MIN_SPEEDUP, MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
 from pss_cli.pipeline.plan import (
+    MASK_REASON,
+    SOLVER_MASK,
     ProgressCallback,
     ScanPlan,
     plan_scan,
@@ -51,7 +53,8 @@ def assemble_report(
     layout = plan.layout
     config = plan.config
     settings = plan.settings
-    layers = tuple(results[item.key] for item in plan.items)
+    analysed = tuple(results[item.key] for item in plan.items)
+    layers = tuple(layer for layer in analysed if layer.solver != SOLVER_MASK)
     index_name = layout.index_file.name if layout.index_file is not None else ""
     by_name = {entry.name: entry for entry in layout.entries}
     skipped = (
@@ -88,6 +91,17 @@ def assemble_report(
                 reason=f"the same tensor as '{name}' (tied): analysed under that name",
             )
             for alias, name, file in layout.aliases
+        )
+        + tuple(
+            SkippedResult(
+                name=layer.display_name,
+                file=layer.file,
+                shape=layer.shape,
+                dtype=layer.dtype,
+                reason=MASK_REASON,
+            )
+            for layer in analysed
+            if layer.solver == SOLVER_MASK
         )
     )
     return ScanReport(

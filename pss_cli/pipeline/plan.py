@@ -33,6 +33,10 @@ class ProgressCallback(Protocol):
 FLAG_LOW_STABLE_RANK = Flag.LOW_STABLE_RANK
 FLAG_NONFINITE = Flag.NONFINITE
 FLAG_ZERO = Flag.ZERO_MATRIX
+# The solver of a matrix whose values are all 0 or 1 (solve._is_mask): not a weight, so
+# assemble_report moves it from the layers to the skipped tensors, with MASK_REASON.
+SOLVER_MASK = "mask"
+MASK_REASON = "values are only 0 and 1: a mask buffer, not a weight (not analysed)"
 
 
 def krylov_path(tall_shape: tuple[int, int], config: ScanConfig, settings: KrylovSettings) -> bool:

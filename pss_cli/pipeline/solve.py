@@ -28,6 +28,7 @@ from pss_cli.pipeline.plan import (
     FLAG_LOW_STABLE_RANK,
     FLAG_NONFINITE,
     FLAG_ZERO,
+    SOLVER_MASK,
     ComputeOutcome,
     MatrixItem,
     ProgressCallback,
@@ -92,11 +93,13 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
     frobenius = loaded.frobenius
     nonfinite = loaded.nonfinite
     tall_m, tall_n = chunk[0].tall_shape
-    usable = [
+    finite = [
         slot
         for slot in range(len(chunk))
         if nonfinite[slot] == 0 and 0 < frobenius[slot] < math.inf
     ]
+    masks = {slot for slot in finite if _is_mask(buffer[slot], frobenius[slot])}
+    usable = [slot for slot in finite if slot not in masks]
     k = min(config.top_k, tall_n)
     top = torch.zeros(len(chunk), k, dtype=torch.float64)
     full: dict[int, torch.Tensor] = {}
@@ -125,7 +128,10 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
 
     results = []
     for slot, item in enumerate(chunk):
-        if nonfinite[slot] or frobenius[slot] == math.inf:
+        if slot in masks:
+            solver[slot] = SOLVER_MASK  # assemble_report lists it as skipped, with the reason
+            metrics = SpectralMetrics(None, None, None, None, None)
+        elif nonfinite[slot] or frobenius[slot] == math.inf:
             metrics = SpectralMetrics(None, None, None, None, None)
         else:
             metrics = spectral_metrics(top[slot], frobenius[slot], full.get(slot))
@@ -143,6 +149,27 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
             )
         )
     return results
+
+
+def _is_mask(matrix: torch.Tensor, frobenius: float) -> bool:
+    """Whether a matrix's values are all 0 or 1 (at least one 1): a mask buffer, such as a
+    causal tril(ones) kept in a state dict, which a checkpoint cannot tell from a weight.
+
+    Such a matrix is never a trained weight, and analysing it did harm: a causal mask has a
+    stable rank of ~1.2, so it was flagged, failed `pss check`, and `pss smooth` rewrote its
+    zeros, switching causal masking off. `matrix` is the buffer, divided by a power of two
+    (exactly) since loading; `frobenius` its true norm. A cheap test first: a 0/1 matrix's
+    squared norm is its count of ones, an integer, which a trained weight's almost never is.
+    """
+    squared = frobenius * frobenius
+    count = round(squared)
+    if count < 1 or abs(squared - count) > 1e-9 * squared or count > matrix.numel():
+        return False
+    top = matrix.amax()
+    # Every nonzero value equal, and as many of them as the squared norm: each is exactly 1.
+    return (
+        bool(((matrix == 0) | (matrix == top)).all()) and int(torch.count_nonzero(matrix)) == count
+    )
 
 
 def _layer_result(
