@@ -54,7 +54,7 @@ def _make(
 
 
 def layer_findings(report: ScanReport, layer: LayerResult, policy: Policy) -> Iterator[Finding]:
-    limits, ignore = policy.for_layer(layer.name, layer.role)
+    limits, ignore = policy.for_layer(layer.name, layer.role, layer.index)
     candidates = [
         _nonfinite(report, layer),
         _low_stable_rank(report, layer, limits, policy.rank_fraction),
@@ -151,7 +151,7 @@ def baseline_findings(
     current = {(la.name, la.index): la for la in report.layers}
     previous = {(la.name, la.index): la for la in baseline.layers}
     for key, layer in current.items():
-        limits, ignore = policy.for_layer(layer.name, layer.role)
+        limits, ignore = policy.for_layer(layer.name, layer.role, layer.index)
         before = previous.get(key)
         found = (
             [_new(report, layer)]
@@ -160,7 +160,7 @@ def baseline_findings(
         )
         yield from (f for f in found if f is not None and f.rule_id not in ignore)
     for key, layer in previous.items():
-        _limits, ignore = policy.for_layer(layer.name, layer.role)
+        _limits, ignore = policy.for_layer(layer.name, layer.role, layer.index)
         if key not in current and "PSS009" not in ignore:
             # Reported against the model (the file under review), not the baseline's path.
             yield _make("PSS009", report, layer, "in the baseline but not in this model")

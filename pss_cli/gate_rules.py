@@ -33,10 +33,10 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from fnmatch import fnmatchcase
 
 from pss_cli import __version__
 from pss_cli.config import DEFAULT_MIN_STABLE_RANK, MIN_STABLE_RANK_FRACTION_OF_RANK
+from pss_cli.results import name_matches
 
 
 class Severity(StrEnum):
@@ -175,20 +175,23 @@ class Policy:
     # scan's rank-aware floor (pss_cli.thresholds.stable_rank_floor)
     rank_fraction: float = MIN_STABLE_RANK_FRACTION_OF_RANK
 
-    def for_layer(self, name: str, role: str) -> tuple[Thresholds, frozenset[str]]:
-        """Thresholds and ignores for one layer: defaults < role group < role < globs."""
+    def for_layer(
+        self, name: str, role: str, index: int | None = None
+    ) -> tuple[Thresholds, frozenset[str]]:
+        """Thresholds and ignores for one layer (matrix `index` of a stacked tensor): defaults
+        < role group < role < globs, which may name one matrix as `check` prints it (`x[2]`)."""
         thresholds, ignore = self.thresholds, self.ignore
-        for override in self._matching(name, role):
+        for override in self._matching(name, role, index):
             thresholds = replace(thresholds, **dict(override.values))
             ignore = ignore | override.ignore
         return thresholds, ignore
 
-    def _matching(self, name: str, role: str) -> Iterator[Override]:
+    def _matching(self, name: str, role: str, index: int | None) -> Iterator[Override]:
         yield from (
             o for key, o in self.roles if key in ROLE_GROUPS and role.startswith(ROLE_GROUPS[key])
         )
         yield from (o for key, o in self.roles if key == role)
-        yield from (o for glob, o in self.per_tensor if fnmatchcase(name, glob))
+        yield from (o for glob, o in self.per_tensor if name_matches(name, index, glob))
 
 
 @dataclass(frozen=True)

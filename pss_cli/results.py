@@ -9,9 +9,11 @@ runs on the same input and seed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -28,6 +30,20 @@ class Flag(StrEnum):
 def display_name(name: str, index: int | None) -> str:
     """`name`, or `name[i]` for matrix i of a stacked (E, m, n) tensor."""
     return name if index is None else f"{name}[{index}]"
+
+
+_INDEXED = re.compile(r"(.*)\[(\d+)\]")
+
+
+def name_matches(name: str, index: int | None, pattern: str) -> bool:
+    """Whether a user's glob names this matrix: every matrix of a tensor by the tensor's name
+    (fnmatch, case-sensitive), or one matrix of a stacked tensor by a glob on its name followed
+    by `[i]` as the report prints it (`*.experts.down_proj[2]`; fnmatch alone would read `[2]`
+    as a character class, so the exact printed name matched nothing but itself)."""
+    if fnmatchcase(name, pattern):
+        return True
+    found = _INDEXED.fullmatch(pattern) if index is not None else None
+    return found is not None and int(found[2]) == index and fnmatchcase(name, found[1])
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,33 @@ def test_ignores_global_role_and_glob(tmp_path: Path) -> None:
     }
 
 
+def test_one_matrix_of_a_stack_is_configured_by_its_printed_name(tmp_path: Path) -> None:
+    # `check` prints `experts.down_proj[1]` for matrix 1 of a stacked tensor: that name, or a
+    # glob followed by [1], configures that matrix alone ([1] alone is a glob character class).
+    policy = policy_from(
+        """
+        [per-tensor-ignores]
+        "model.layers.0.mlp.experts.down_proj[1]" = ["PSS003"]
+        "*.experts.up_proj[0]" = ["PSS003"]
+        """,
+        tmp_path,
+    )
+    collapsed = {"stable_rank": 1.1}
+    rep = report(
+        *(
+            layer(f"model.layers.0.mlp.experts.{kind}", index=i, **collapsed)
+            for kind in ("down_proj", "up_proj")
+            for i in range(3)
+        )
+    )
+    assert {(f.rule_id, f.tensor) for f in evaluate(rep, policy).findings} == {
+        ("PSS003", "model.layers.0.mlp.experts.down_proj[0]"),
+        ("PSS003", "model.layers.0.mlp.experts.down_proj[2]"),
+        ("PSS003", "model.layers.0.mlp.experts.up_proj[1]"),
+        ("PSS003", "model.layers.0.mlp.experts.up_proj[2]"),
+    }
+
+
 def test_user_role_table_refines_the_builtin_one(tmp_path: Path) -> None:
     policy = policy_from("[roles.embedding]\nmin_stable_rank = 1.0\n", tmp_path)
     emb = layer("wte", role="embedding", stable_rank=1.2, sigma1_over_sigma2=30.0)

@@ -290,6 +290,16 @@ def test_stacked_experts_are_smoothed_one_by_one(tmp_path: Path) -> None:
         ),
     )
     assert [(x.name, x.index) for x in named.layers] == [("layers.0.mlp.experts.down_proj", 2)]
+    # A glob on the name followed by the index: one expert of every matching tensor.
+    globbed = smooth_checkpoint(
+        source,
+        tmp_path / "globbed.safetensors",
+        SmoothConfig(
+            layers=("*.experts.down_proj[2]",),
+            params=SmoothingParams(target_stable_rank=25.0),
+        ),
+    )
+    assert [(x.name, x.index) for x in globbed.layers] == [("layers.0.mlp.experts.down_proj", 2)]
 
 
 def test_cli_smooth_json_and_errors(tmp_path: Path) -> None:

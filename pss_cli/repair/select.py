@@ -20,7 +20,7 @@ from pss_cli.repair.model import (
     SmoothConfig,
     skip_result,
 )
-from pss_cli.results import Flag, LayerResult, ScanReport, SkippedResult
+from pss_cli.results import Flag, LayerResult, ScanReport, SkippedResult, name_matches
 from pss_cli.thresholds import stable_rank_floor
 
 # Names under which transformers ties the LM head to the token embedding (tie_word_embeddings),
@@ -84,9 +84,7 @@ def would_smooth_by_default(layers: tuple[LayerResult, ...]) -> int:
 def _named(layer: LayerResult, pattern: str) -> bool:
     """--layers matches a tensor name as a glob, or one matrix of a stacked tensor by the name
     the report prints for it (`experts.w1[3]`, where `[3]` would be a glob character class)."""
-    return fnmatchcase(layer.name, pattern) or (
-        layer.index is not None and layer.display_name == pattern
-    )
+    return name_matches(layer.name, layer.index, pattern)
 
 
 def select_plans(
