@@ -276,3 +276,28 @@ def test_quiet_keeps_the_rotation_warning(tmp_path: Path) -> None:
     code, _, err = _pss("smooth", run / "checkpoint-10", "--out", out, "-q", "-f", "json")
     assert code == 0
     assert "warning:" in err and "rotation" in err
+
+
+def test_torch_weights_beside_safetensors_are_left_out_of_the_output(tmp_path: Path) -> None:
+    # A folder with model.safetensors and a pytorch_model.bin of the same (collapsed) weights:
+    # pss reads and repairs the safetensors; the .bin copied unchanged would keep the collapsed
+    # weights in the output for any loader that prefers it. It is left out, and said so.
+    from safetensors.torch import load_file
+
+    diverged = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "diverged"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((diverged / "model.safetensors").read_bytes())
+    torch.save(load_file(diverged / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    out = tmp_path / "fixed"
+    report = smooth_checkpoint(folder, out, SmoothConfig())
+    assert report.layers and all(layer.verified for layer in report.layers)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("pss")) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    notes = [m for m in report.messages if m.startswith("left out")]
+    assert len(notes) == 2 and "pytorch_model.bin:" in notes[0]
+    assert (folder / "pytorch_model.bin").exists()  # the input is never touched

@@ -12,6 +12,7 @@ from pss_cli.checkpoint.formats.protocol import WriteRequest
 from pss_cli.checkpoint.formats.registry import format_of
 from pss_cli.checkpoint.lr_files import LrScalePlan
 from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.names import TORCH_INDEX_SUFFIX
 from pss_cli.checkpoint.optimizer import OptimizerOutcome, rewrite_optimizer_state
 from pss_cli.checkpoint.optimizer_in_file import apply_in_file
 from pss_cli.checkpoint.reader import TensorReader
@@ -78,6 +79,7 @@ class OutputWriter:
         self.modified_names = sorted(self.replacements)
         self.optimizer_file = format_of(layout.kind).optimizer_file(layout)
         self.scheduler_file = lr_plan.scheduler_file if lr_plan is not None else None
+        self.left_out = stale_weight_files(layout)
         self.optimizer_outcomes: list[OptimizerOutcome] = []
         self.verification: list[tuple[int, Measured]] = []
 
@@ -127,7 +129,7 @@ class OutputWriter:
             self.lr_plan.write_folder(staging)
 
     def _skip_copy(self, path: Path) -> bool:
-        return path in (self.optimizer_file, self.scheduler_file)
+        return path in (self.optimizer_file, self.scheduler_file) or path in self.left_out
 
     def _edit_in_file_optimizer(self, file: Path, obj: object) -> bool:
         """{"model": ..., "optimizer": ...} in one .pt: the same policy as optimizer.pt."""
@@ -150,3 +152,28 @@ class OutputWriter:
         self.verification.append(verify_or_raise(self.layout, staged, self.changes, self.config))
         if self.lr_plan is not None:
             self.lr_plan.verify(staged)
+
+
+def stale_weight_files(layout: CheckpointLayout) -> tuple[Path, ...]:
+    """Torch weight files beside the safetensors ones that pss reads and repairs (a folder with
+    both model.safetensors and pytorch_model.bin), with their index: left out of the output.
+
+    Copied unchanged, they put the collapsed weights back beside the repaired ones: a loader
+    that prefers them (transformers' from_pretrained(use_safetensors=False)) resumed from the
+    weights the repair was for, and nothing said so.
+    """
+    stale = tuple(p for p in layout.unindexed_files if p.suffix != ".safetensors")
+    if not stale:
+        return ()
+    indexes = tuple(
+        sorted(p for p in stale[0].parent.glob(f"*{TORCH_INDEX_SUFFIX}") if p.is_file())
+    )
+    return stale + indexes
+
+
+def stale_weight_note(path: Path) -> str:
+    return (
+        f"left out {path.name}: weights in another format beside the safetensors ones repaired "
+        "here; copied unchanged it would keep the collapsed weights in the output (a loader "
+        "that prefers it, e.g. from_pretrained(use_safetensors=False), would read them)"
+    )
