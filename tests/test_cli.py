@@ -348,3 +348,18 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == ExitCode.INPUT, done.stderr
     assert "internal error: BrokenPipeError" in done.stderr
+
+
+def test_summary_and_notes_are_one_line_each_however_long(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # `pss scan ... | tail -1` reads the summary (docs/smooth.md): a long tensor name must not
+    # break it onto two lines when stdout is a pipe (it was wrapped at 160 columns).
+    import torch
+
+    name = "model.transformer.encoder.layers.0." + "very_long_module_name." * 8 + "weight"
+    spike = torch.ones(64, 1) @ torch.ones(1, 64)
+    path = write_tensors(tmp_path / "m.safetensors", {name: torch.eye(64) + 10 * spike})
+    lines = runner.invoke(app, ["scan", str(path)]).stdout.rstrip("\n").splitlines()
+    assert lines[-1].startswith("1 matrix, 1 flagged") and lines[-1].endswith(" s")
+    assert name in lines[-1]

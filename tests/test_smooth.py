@@ -493,3 +493,31 @@ def test_a_change_that_wipes_the_matrix_out_is_reported(tmp_path: Path) -> None:
     )
     assert healthy.layers and all(x.relative_change < 0.9 for x in healthy.layers)
     assert not any("of its norm" in message for message in healthy.messages)
+
+
+def test_a_flagged_embedding_left_alone_is_named_with_the_way_to_smooth_it(
+    tmp_path: Path,
+) -> None:
+    # `check` fails on a collapsed embedding; a default smooth leaves it (role), and says so
+    # with the --layers to use, instead of an unexplained "nothing to change".
+    generator = torch.Generator().manual_seed(0)
+    spike = torch.randn(200, 1, generator=generator) @ torch.randn(1, 64, generator=generator)
+    source = write_tensors(
+        tmp_path / "m.safetensors",
+        {
+            "model.embed_tokens.weight": torch.randn(200, 64, generator=generator) + 5 * spike,
+            "model.layers.0.mlp.up_proj.weight": torch.randn(128, 64, generator=generator),
+        },
+    )
+    report = smooth_checkpoint(source, tmp_path / "out.safetensors", SmoothConfig())
+    assert report.layers == () and report.output is None
+    (left,) = report.not_smoothed
+    assert left.name == "model.embed_tokens.weight"
+    assert "--layers 'model.embed_tokens.weight'" in left.reason
+    named = smooth_checkpoint(
+        source,
+        tmp_path / "named.safetensors",
+        SmoothConfig(layers=("model.embed_tokens.weight",)),
+    )
+    assert [layer.name for layer in named.layers] == ["model.embed_tokens.weight"]
+    assert named.not_smoothed == ()

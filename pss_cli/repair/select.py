@@ -68,6 +68,10 @@ def selected_by_default(layer: LayerResult) -> bool:
     return Flag.LOW_STABLE_RANK in layer.flags and layer.role not in PROTECTED_ROLES
 
 
+def _flagged_protected(layer: LayerResult) -> bool:
+    return Flag.LOW_STABLE_RANK in layer.flags and layer.role in PROTECTED_ROLES
+
+
 def would_smooth_by_default(layers: tuple[LayerResult, ...]) -> int:
     """How many matrices a default `pss smooth` changes: selected, and smoothable (finite, not
     quantized, not all-zero)."""
@@ -118,6 +122,15 @@ def select_plans(
         else:
             chosen = selected_by_default(layer)
         if not chosen:
+            if not config.layers and _flagged_protected(layer):
+                # `check` fails on it, so say why smooth leaves it: not silently "nothing to do".
+                skipped.append(
+                    skip_result(
+                        layer,
+                        f"role {layer.role}: embeddings and the LM head are low-rank by nature "
+                        f"and left alone unless named (--layers '{layer.display_name}')",
+                    )
+                )
             continue
         reason = None
         if layer.scale_tensor is not None:

@@ -66,7 +66,9 @@ def render_plan(report: SmoothReport) -> str:
     buffer = io.StringIO()
     console = _console(buffer, sys.stderr.isatty())
     if not report.layers:
-        console.print("pss smooth: nothing to change (no selected matrix needs smoothing)")
+        console.print(
+            "pss smooth: nothing to change (no selected matrix needs smoothing)", soft_wrap=True
+        )
     else:
         console.print(
             _table(report, f"pss smooth plan ({report.method}): {escape(report.input)}", False)
@@ -77,10 +79,11 @@ def render_plan(report: SmoothReport) -> str:
                 Text(
                     f"target of {printable(layer.display_name)}: "
                     f"{_fmt(layer.target_stable_rank, 3)} = {layer.target_source}"
-                )
+                ),
+                soft_wrap=True,
             )
     for skipped in report.not_smoothed:
-        console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"))
+        console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"), soft_wrap=True)
     return buffer.getvalue()
 
 
@@ -100,10 +103,11 @@ def _render_table(report: SmoothReport) -> str:
             _table(report, f"pss smooth --dry-run ({report.method}): {report.input}", False)
         )
         for skipped in report.not_smoothed:
-            console.print(f"left alone: {skipped.name}: {skipped.reason}")
+            console.print(f"left alone: {skipped.name}: {skipped.reason}", soft_wrap=True)
         console.print(
             f"dry run: {count(len(report.layers), 'matrix', 'matrices')} would change; "
-            "nothing written"
+            "nothing written",
+            soft_wrap=True,
         )
         return buffer.getvalue()
     if report.layers:
@@ -118,12 +122,13 @@ def _render_table(report: SmoothReport) -> str:
                 f"{count(report.untouched_tensors_verified, 'other tensor')} byte-identical to "
                 "the input; "
                 f"written to {report.output}"
-            )
+            ),
+            soft_wrap=True,
         )
     for skipped in report.not_smoothed:
-        console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"))
+        console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"), soft_wrap=True)
     for message in report.messages:
-        console.print(Text(f"note: {message}"))
+        console.print(Text(f"note: {message}"), soft_wrap=True)
     return buffer.getvalue()
 
 

@@ -82,11 +82,13 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
         )
     console.print(table)
     if limit is not None and len(rows) > limit:
-        console.print(f"({len(rows) - limit} more layers not shown; drop --limit to see all)")
-    console.print(_summary_line(report))
+        console.print(
+            f"({len(rows) - limit} more layers not shown; drop --limit to see all)", soft_wrap=True
+        )
+    console.print(_summary_line(report), soft_wrap=True)
     for skipped in report.skipped:
         if not skipped.name:  # a whole file left out (see pipeline: unindexed files)
-            console.print(Text(f"note: {skipped.file}: {skipped.reason}"))
+            console.print(Text(f"note: {skipped.file}: {skipped.reason}"), soft_wrap=True)
     return buffer.getvalue()
 
 
