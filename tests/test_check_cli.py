@@ -469,4 +469,4 @@ def test_single_file_layouts_are_the_formats_single_file_kinds() -> None:
     from pss_cli.checkpoint.formats.torch.format import TorchKind
     from pss_cli.gate_findings import SINGLE_FILE_LAYOUTS
 
-    assert SINGLE_FILE_LAYOUTS == {SafetensorsKind.SINGLE_FILE, TorchKind.FILE}
+    assert {SafetensorsKind.SINGLE_FILE, TorchKind.FILE} == SINGLE_FILE_LAYOUTS
