@@ -521,3 +521,20 @@ def test_a_flagged_embedding_left_alone_is_named_with_the_way_to_smooth_it(
     )
     assert [layer.name for layer in named.layers] == ["model.embed_tokens.weight"]
     assert named.not_smoothed == ()
+
+
+def test_dry_run_refuses_the_outputs_the_real_run_refuses(tmp_path: Path) -> None:
+    # --dry-run is the preflight of the same command: an OUT the write would refuse (existing,
+    # the input itself, in a missing folder) is refused by the dry run too, before computing.
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"x")
+    for out, message in (
+        (existing, "already exists"),
+        (DIVERGED, ""),
+        (tmp_path / "missing" / "out.safetensors", ""),
+    ):
+        with pytest.raises(UsageError, match=message):
+            smooth_checkpoint(DIVERGED, out, SmoothConfig(dry_run=True))
+        with pytest.raises(UsageError, match=message):
+            smooth_checkpoint(DIVERGED, out, SmoothConfig())
+    assert existing.read_bytes() == b"x"

@@ -161,9 +161,11 @@ def _is_mask(matrix: torch.Tensor, frobenius: float) -> bool:
     (exactly) since loading; `frobenius` its true norm. A cheap test first: a 0/1 matrix's
     squared norm is its count of ones, an integer, which a trained weight's almost never is.
     """
-    squared = frobenius * frobenius
+    squared = frobenius * frobenius  # inf for float64 norms beyond 1e154: not a mask
+    if not 0.5 <= squared <= matrix.numel() + 0.5:
+        return False
     count = round(squared)
-    if count < 1 or abs(squared - count) > 1e-9 * squared or count > matrix.numel():
+    if abs(squared - count) > 1e-9 * squared:
         return False
     top = matrix.amax()
     # Every nonzero value equal, and as many of them as the squared norm: each is exactly 1.

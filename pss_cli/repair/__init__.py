@@ -64,9 +64,11 @@ def smooth_checkpoint(
             "resume loads the model weights (e.g. load_from_fp32_weights=False)",
         )
     notes: list[str] = []
-    if out is not None and not config.dry_run:
+    if out is not None:
+        # A dry run refuses what the real run would refuse: it is the preflight of that run.
         check_output(layout, out, config.force)
-        notes.extend(staging_notes(out, config.clean_stale))
+        if not config.dry_run:
+            notes.extend(staging_notes(out, config.clean_stale))
     lr_plan = lr_scale_plan(layout, config)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = select_plans(scan, layout, config)
