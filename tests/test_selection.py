@@ -68,6 +68,17 @@ CASES: list[tuple[str, Role, int | None]] = [
     ("gpt_neox.layers.2.attention.query_key_value.weight", R.ATTN_QKV, 2),
     ("gpt_neox.layers.2.attention.dense.weight", R.ATTN_O, 2),
     ("embed_out.weight", R.LM_HEAD, None),
+    # DeepSeek-V3 multi-head latent attention
+    ("model.layers.1.self_attn.q_a_proj.weight", R.ATTN_Q, 1),
+    ("model.layers.1.self_attn.q_b_proj.weight", R.ATTN_Q, 1),
+    ("model.layers.1.self_attn.kv_a_proj_with_mqa.weight", R.ATTN_QKV, 1),
+    ("model.layers.1.self_attn.kv_b_proj.weight", R.ATTN_QKV, 1),
+    # ConvNeXt's pointwise-convolution MLP, Wav2Vec2's feed-forward, a module named `emb`
+    ("convnext.encoder.stages.1.layers.2.pwconv1.weight", R.MLP_UP, 2),
+    ("convnext.encoder.stages.1.layers.2.pwconv2.weight", R.MLP_DOWN, 2),
+    ("wav2vec2.encoder.layers.3.feed_forward.intermediate_dense.weight", R.MLP_UP, 3),
+    ("wav2vec2.encoder.layers.3.feed_forward.output_dense.weight", R.MLP_DOWN, 3),
+    ("emb.weight", R.EMBEDDING, None),
     # OPT / GPT-J / MPT / DistilBERT
     ("model.decoder.embed_positions.weight", R.EMBEDDING, None),
     ("model.decoder.layers.4.self_attn.out_proj.weight", R.ATTN_O, 4),

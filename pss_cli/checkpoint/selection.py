@@ -66,13 +66,17 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], Role], ...] = tuple(
         # Embedding tables.
         (
             _seg(
-                r"wte|wpe|shared|embed_tokens|embed_positions|tok_embeddings|embed_in"
+                r"wte|wpe|shared|embed_tokens|embed_positions|tok_embeddings|embed_in|emb"
                 r"|relative_attention_bias|\w*_embeddings?|embeddings?"
             ),
             Role.EMBEDDING,
         ),
         # Fused attention input projections.
         (_seg(r"c_attn|query_key_value|qkv_proj|Wqkv|qkv|in_proj_weight"), Role.ATTN_QKV),
+        # DeepSeek-V2/V3 multi-head latent attention: the low-rank query pair makes queries, the
+        # KV pair makes keys and values together (kv_a also the shared RoPE key).
+        (_seg(r"q_a_proj|q_b_proj"), Role.ATTN_Q),
+        (_seg(r"kv_a_proj_with_mqa|kv_b_proj"), Role.ATTN_QKV),
         # Attention outputs (before the generic MLP "dense"/"c_proj"/"wo" patterns).
         (r"(?:^|\.)attention\.output\.dense\.", Role.ATTN_O),
         (
@@ -97,10 +101,16 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], Role], ...] = tuple(
         # MLP projections; BERT's "intermediate.dense" and "output.dense" after attention ones.
         (_seg(r"gate_proj"), Role.MLP_GATE),
         (r"(?:^|\.)intermediate\.dense\.", Role.MLP_UP),
-        (_seg(r"up_proj|c_fc|fc1|fc_in|dense_h_to_4h|lin1"), Role.MLP_UP),
+        # ConvNeXt's pointwise convolutions pwconv1/2 are its MLP; Wav2Vec2's feed_forward has
+        # intermediate_dense and output_dense.
+        (
+            _seg(r"up_proj|c_fc|fc1|fc_in|dense_h_to_4h|lin1|pwconv1|intermediate_dense"),
+            Role.MLP_UP,
+        ),
         (r"(?:^|\.)(?:mlp|ffn)\.c_proj\.", Role.MLP_DOWN),
         (r"(?:^|\.)output\.dense\.", Role.MLP_DOWN),
-        (_seg(r"down_proj|fc2|fc_out|dense_4h_to_h|lin2"), Role.MLP_DOWN),
+        (_seg(r"down_proj|fc2|fc_out|dense_4h_to_h|lin2|pwconv2"), Role.MLP_DOWN),
+        (r"(?:^|\.)feed_forward\.output_dense(?:\.|$)", Role.MLP_DOWN),
         (r"(?:^|\.)(?:mlp|ffn|feed_forward)\.(?:up|w_in)(?:\.|$)", Role.MLP_UP),
         (r"(?:^|\.)(?:mlp|ffn|feed_forward)\.(?:down|w_out)(?:\.|$)", Role.MLP_DOWN),
     )
