@@ -419,3 +419,34 @@ def test_files_beside_an_index_that_it_does_not_name_are_reported(tmp_path: Path
     stray = [s for s in report.skipped if s.file == "consolidated.safetensors"]
     assert len(stray) == 1 and "not named by the index" in stray[0].reason
     assert report.summary.flagged == 0  # the index's tensors only
+
+
+def test_stacked_fp8_experts_with_a_block_scale_per_expert(tmp_path: Path) -> None:
+    # transformers 5 keeps DeepSeek-V3's FP8 experts stacked: `experts.gate_up_proj` (E, m, n)
+    # with `experts.gate_up_proj_scale_inv` (E, ceil(m/128), ceil(n/128)). Each expert is
+    # dequantized with its own block grid (they were skipped as "without a scale tensor found",
+    # and check passed without analysing a routed expert).
+    experts = torch.stack(
+        [
+            with_spectrum(300, 200, power_law(200, 0.4 + 0.2 * e), seed=10 + e).float()
+            for e in range(3)
+        ]
+    )
+    generator = torch.Generator().manual_seed(3)
+    block_scale = torch.rand(3, 3, 2, generator=generator) * 4 + 0.25
+    tiled = block_scale.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :300, :200]
+    fp8 = (experts / tiled).to(torch.float8_e4m3fn)
+    name = "model.layers.3.mlp.experts.gate_up_proj"
+    path = write_tensors(
+        tmp_path / "moe.safetensors", {name: fp8, f"{name}_scale_inv": block_scale}
+    )
+    report = scan_checkpoint(path, SMALL)
+    assert [(x.name, x.index) for x in report.layers] == [(name, e) for e in range(3)]
+    for e, layer in enumerate(report.layers):
+        assert layer.scale_tensor == f"{name}_scale_inv"
+        reference = fp8[e].double() * tiled[e].double()
+        assert layer.sigma_max == pytest.approx(_exact_top(reference)[0].item(), rel=1e-6)
+        frobenius = float(reference.norm())
+        assert layer.stable_rank == pytest.approx((frobenius / layer.sigma_max) ** 2, rel=1e-6)
+    reasons = {x.name: x.reason for x in report.skipped}
+    assert reasons[f"{name}_scale_inv"].startswith("scale of quantized")

@@ -280,13 +280,17 @@ _STANDARD_BLOCK = 128
 
 
 def _block_of(scale: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """(bm, bn) when a 2-D scale holds one value per (bm, bn) block of a 2-D tensor.
+    """(bm, bn) when a 2-D scale holds one value per (bm, bn) block of a 2-D tensor, or a
+    (E, s0, s1) scale one per block of each matrix of an (E, m, n) stack (transformers 5 keeps
+    DeepSeek-V3's FP8 experts stacked as `experts.gate_up_proj` + `experts.gate_up_proj_scale_inv`).
 
     With partial edge blocks the shapes alone are ambiguous (300 rows in 3 blocks: any block
     of 100 to 149 rows), so the standard 128 x 128 block is taken when it fits, else blocks
     that divide the tensor exactly; otherwise no block (the tensor is then skipped, never
     dequantized with a guessed block).
     """
+    if len(scale) == len(shape) == 3 and scale[0] == shape[0]:
+        scale, shape = scale[1:], shape[1:]  # per matrix of the stack
     if len(scale) != 2 or len(shape) != 2 or 0 in scale:
         return None
     if all(-(-d // _STANDARD_BLOCK) == s for d, s in zip(shape, scale, strict=True)):

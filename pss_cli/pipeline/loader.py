@@ -247,12 +247,14 @@ def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:
 
 def _per_entry(target: MatrixTarget, part: torch.Tensor, slot: int) -> torch.Tensor:
     """A scale or zero point as one value per entry of matrix `slot`: broadcast per tensor or
-    channel, or tiled over (bm, bn) blocks (2-D tensors only: one matrix)."""
+    channel, or tiled over (bm, bn) blocks (of the one matrix, or of matrix `slot` of a stack)."""
     if target.scale_block is None:
         tiled: torch.Tensor = target.as_matrices(torch.broadcast_to(part, target.entry.shape))
         return tiled[slot]
     m, n = target.matrix_shape
     rows, cols = target.scale_block
+    if part.dim() == 3:  # one (s0, s1) block grid per matrix of a stack
+        part = part[slot]
     return part.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:m, :n]
 
 
