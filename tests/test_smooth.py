@@ -538,3 +538,21 @@ def test_dry_run_refuses_the_outputs_the_real_run_refuses(tmp_path: Path) -> Non
         with pytest.raises(UsageError, match=message):
             smooth_checkpoint(DIVERGED, out, SmoothConfig())
     assert existing.read_bytes() == b"x"
+
+
+def test_a_method_that_leaves_the_matrix_more_singular_says_so(tmp_path: Path) -> None:
+    # softmax sharpens: on a near rank-1 matrix it moves sigma_2 into sigma_1 and the stable
+    # rank falls; the result is "verified" (it matches its prediction), so a note says it.
+    (tmp_path / "in").mkdir()
+    spectrum = power_law(48, 0.3).clone()
+    spectrum[0] = 60.0
+    weight = with_spectrum(48, 160, spectrum, seed=4).float()
+    source = write_tensors(tmp_path / "in" / "m.safetensors", {"down.weight": weight})
+    params = SmoothingParams(method=SmoothingMethod.SOFTMAX, temperature=4.0)
+    report = smooth_checkpoint(source, tmp_path / "out", _config(params=params))
+    (layer,) = report.layers
+    assert layer.stable_rank_after is not None
+    assert layer.stable_rank_after < layer.stable_rank_before
+    assert any("'down.weight' is more singular after smoothing" in m for m in report.messages)
+    capped = smooth_checkpoint(source, tmp_path / "capped", _config())
+    assert not any("more singular" in m for m in capped.messages)

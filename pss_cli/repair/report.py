@@ -95,6 +95,18 @@ def build_report(
             if not verified:
                 messages.append(f"'{layer.display_name}' did not reach its target after writing")
         assert layer.sigma_max is not None and layer.stable_rank is not None
+        if (
+            measured is not None
+            and measured.stable_rank is not None
+            and measured.stable_rank < layer.stable_rank * (1 - 1e-6)  # beyond float noise
+        ):
+            # A method without a target (softmax sharpens a spectrum it cannot flatten) may
+            # leave the matrix more singular than it was: "verified" alone would hide it.
+            messages.append(
+                f"'{layer.display_name}' is more singular after smoothing: stable rank "
+                f"{layer.stable_rank:.4g} -> {measured.stable_rank:.4g}; this method does not "
+                "repair it (try --method cap or clip)"
+            )
         if change.relative_change > WIPED_CHANGE:
             messages.append(
                 f"'{layer.display_name}' changes by {change.relative_change:.3f} of its norm "
