@@ -146,9 +146,10 @@ def resume_recipe(report: SmoothReport) -> str:
         f"its stored learning rates are already x{factor:g} (--lr-scale): resume from it as "
         "it is, or add gradient clipping"
         if isinstance(factor, float)
-        else "resume at a lower learning rate (e.g. half: `pss smooth ... --lr-scale 0.5`, "
-        "because a trainer that restores the optimizer and scheduler state ignores the LR "
-        "you pass at resume) or with gradient clipping"
+        else "resume at a lower learning rate (e.g. half; where the checkpoint stores "
+        "optimizer or scheduler state, with `pss smooth ... --lr-scale 0.5`, because a trainer "
+        "that restores that state ignores the LR you pass at resume; else in your training "
+        "script) or with gradient clipping"
     )
     return (
         "To resume from the repaired checkpoint:\n"

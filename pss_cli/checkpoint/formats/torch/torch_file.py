@@ -53,10 +53,12 @@ NON_MODEL_KEYS = frozenset(
         "loops",
     }
 )
+# A plain state dict is what pss reads; torch.save keeps tied weights (safetensors' save_file
+# refuses tensors that share memory, and the object torch.load returns may be a whole module).
 CONVERT_HINT = (
-    "pss never executes pickled code; convert the weights to safetensors in a trusted "
-    "environment (model = torch.load(path, weights_only=False); "
-    "safetensors.torch.save_file(state_dict, 'model.safetensors')) and scan that"
+    "pss never executes pickled code; in a trusted environment, save the weights as a plain "
+    "state dict (obj = torch.load(path, weights_only=False); torch.save(obj.state_dict() if "
+    "hasattr(obj, 'state_dict') else obj, 'weights.pt')) and scan that"
 )
 _DAMAGED_HINT = "the file is truncated or damaged: copy or download it again"
 # Re-map a file after this many bytes were read through its mapping (the unpickling it costs is
