@@ -148,6 +148,10 @@ class MatrixTarget:
     scale: TensorEntry | None = None
     zero_point: TensorEntry | None = None
     scale_block: tuple[int, int] | None = None  # (bm, bn) of a block-wise scale
+    # For a weight-normalised tensor stored as direction v and magnitude g (torch's weight_norm:
+    # `X.weight_v` + `X.weight_g`, or parametrize's `...original1` + `...original0`): g, so that
+    # the weight the model uses, g * v / ||v||, is analysed, not the direction alone.
+    norm_magnitude: TensorEntry | None = None
 
     def as_matrices(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (``entry.shape``) as (batch, m, n); a view whenever ``t`` is contiguous.
@@ -196,9 +200,20 @@ def select(
     quantized_checkpoint = any(
         e.dtype in QUANTIZED_DTYPES or e.dtype == "I32" for e in entries if len(e.shape) >= 2
     )
+    magnitudes = weight_norm_pairs(entries)
+    magnitude_of = {g.name: v for v, g in magnitudes.items()}
     targets: list[MatrixTarget] = []
     skipped: list[SkippedTarget] = []
     for entry in entries:
+        if entry.name in magnitude_of:
+            skipped.append(
+                SkippedTarget(
+                    entry,
+                    f"weight-norm magnitude g of '{magnitude_of[entry.name]}' (analysed with it "
+                    "as the weight g * v / ||v||)",
+                )
+            )
+            continue
         if entry.name in used_by:
             owner = used_by[entry.name]
             kind = "zero point" if quantized[owner].zero_point is entry else "scale"
@@ -232,9 +247,44 @@ def select(
                 parts.scale if parts is not None else None,
                 parts.zero_point if parts is not None else None,
                 parts.block if parts is not None else None,
+                magnitudes.get(entry.name),
             )
         )
     return targets, skipped
+
+
+# torch.nn.utils.weight_norm's and torch.nn.utils.parametrizations.weight_norm's names.
+_WEIGHT_NORM_PAIRS = (("weight_v", "weight_g"), ("weight.original1", "weight.original0"))
+
+
+def weight_norm_pairs(entries: Iterable[TensorEntry]) -> dict[str, TensorEntry]:
+    """Direction tensor name -> its magnitude g, for weight-normalised tensors whose g
+    broadcasts against v with one dimension kept (g has v's rank, and size 1 but in one dim).
+
+    Analysing v alone reported the direction's spectrum: on a Wav2Vec2 positional conv, stable
+    rank 30.6 and sigma_max 0.83 where the weight the model builds had 7.76 and 42.1.
+    """
+    by_name = {entry.name: entry for entry in entries}
+    pairs: dict[str, TensorEntry] = {}
+    for name, v in by_name.items():
+        for direction, magnitude in _WEIGHT_NORM_PAIRS:
+            if not name.endswith(direction):
+                continue
+            g = by_name.get(name[: -len(direction)] + magnitude)
+            if g is not None and is_weight_norm_magnitude(g.shape, v.shape):
+                pairs[name] = g
+    return pairs
+
+
+def names_weight_norm_magnitude(name: str) -> bool:
+    """Whether a report's `scale_tensor` is a weight-norm magnitude g (not a quantization
+    scale)."""
+    return any(name.endswith(magnitude) for _, magnitude in _WEIGHT_NORM_PAIRS)
+
+
+def is_weight_norm_magnitude(g: tuple[int, ...], v: tuple[int, ...]) -> bool:
+    kept = [i for i, size in enumerate(g) if size != 1]
+    return len(g) == len(v) and len(kept) <= 1 and all(g[i] == v[i] for i in kept)
 
 
 QUANTIZED_DTYPES = frozenset({"I8", "U8", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})

@@ -121,7 +121,10 @@ class _Loader:
 
     def _streamable(self, item: MatrixItem) -> bool:
         entry = item.target.entry
-        if item.target.scale is not None or not self.reader.can_read_into(entry):
+        target = item.target
+        if target.scale is not None or target.norm_magnitude is not None:
+            return False  # the analysed matrix is computed from two tensors (_source_matrix)
+        if not self.reader.can_read_into(entry):
             return False
         if entry.dtype in _STREAMED_DTYPES:
             return True
@@ -228,6 +231,9 @@ def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:
     Only this matrix's bytes are read, not its whole stack."""
     target = item.target
     slot = item.index if item.index is not None else 0
+    if target.norm_magnitude is not None:
+        weight: torch.Tensor = target.as_matrices(_weight_norm(reader, target))[slot]
+        return weight
     matrix = _read_matrix(reader, target.entry, target.matrix_shape, slot)
     if matrix is None:
         matrix = target.as_matrices(reader.read(target.entry))[slot]
@@ -243,6 +249,19 @@ def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:
             values = values - zero.to(dtype)
         matrix = values * _per_entry(target, scale, slot).to(dtype)
     return matrix
+
+
+def _weight_norm(reader: TensorReader, target: MatrixTarget) -> torch.Tensor:
+    """The weight a weight-normalised layer uses, g * v / ||v||, the norm taken over every
+    dimension where g has size 1 (torch's weight_norm), in float32 (float64 if either is)."""
+    assert target.norm_magnitude is not None
+    v = _whole(reader, target.entry)
+    g = _whole(reader, target.norm_magnitude)
+    dtype = torch.float64 if torch.float64 in (v.dtype, g.dtype) else torch.float32
+    v, g = v.to(dtype), g.to(dtype)
+    dims = [i for i, size in enumerate(g.shape) if size == 1]
+    norms: torch.Tensor = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+    return v * (g / norms)
 
 
 def _per_entry(target: MatrixTarget, part: torch.Tensor, slot: int) -> torch.Tensor:

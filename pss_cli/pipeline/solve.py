@@ -206,7 +206,11 @@ def _layer_result(
         role=str(target.role),
         block=target.block,
         view=str(target.view),
-        scale_tensor=target.scale.name if target.scale is not None else None,
+        # The quantization scale, or the weight-norm magnitude g, the matrix was computed with.
+        scale_tensor=next(
+            (part.name for part in (target.scale, target.norm_magnitude) if part is not None),
+            None,
+        ),
         sigma_max=metrics.sigma_max,
         frobenius_norm=None if nonfinite or frobenius == math.inf else frobenius,
         stable_rank=metrics.stable_rank,

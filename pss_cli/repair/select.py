@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from pss_cli.checkpoint.model import CheckpointLayout
-from pss_cli.checkpoint.selection import select
+from pss_cli.checkpoint.selection import names_weight_norm_magnitude, select
 from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK
 from pss_cli.core.smoothing import METHODS
 from pss_cli.errors import PssError, UsageError
@@ -133,7 +133,13 @@ def select_plans(
                 )
             continue
         reason = None
-        if layer.scale_tensor is not None:
+        if layer.scale_tensor is not None and names_weight_norm_magnitude(layer.scale_tensor):
+            reason = (
+                f"weight-normalised (stored as direction v and magnitude '{layer.scale_tensor}'; "
+                "the weight is g * v / ||v||): smoothing it would rewrite both, which pss does "
+                "not do; remove the weight norm (torch.nn.utils.remove_weight_norm) to smooth it"
+            )
+        elif layer.scale_tensor is not None:
             reason = (
                 "quantized (integers + scale): writing it back would need re-quantization, "
                 "which pss does not do; smooth the full-precision checkpoint instead"
