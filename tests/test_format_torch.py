@@ -505,3 +505,29 @@ def test_concurrent_loads_leave_the_process_wide_state_as_it_was(tmp_path: Path)
         thread.join()
     assert not errors
     assert warnings.filters == filters and sys.stderr is stderr
+
+
+@pytest.mark.parametrize(
+    ("model_key", "other_key"), [("model", "ema"), ("state_dict", "state_dict_ema")]
+)
+def test_a_second_weight_set_beside_the_model_is_reported(
+    tmp_path: Path, model_key: str, other_key: str
+) -> None:
+    # {"model", "ema"} or timm's {"state_dict", "state_dict_ema"}: the model's weights are
+    # analysed; the other set is named under skipped (it was left out without a word).
+    generator = torch.Generator().manual_seed(0)
+    weights = {"fc.weight": torch.randn(64, 64, generator=generator), "fc.bias": torch.zeros(64)}
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {model_key: weights, other_key: {k: v.clone() for k, v in weights.items()}, "step": 3},
+        path,
+    )
+    report = scan_checkpoint(path, ScanConfig())
+    assert [layer.name for layer in report.layers] == ["fc.weight"]
+    (other,) = [entry for entry in report.skipped if entry.name == other_key]
+    assert "a second set of 2 weights" in other.reason and f"ckpt['{other_key}']" in other.reason
+    table = CliRunner().invoke(app, ["scan", str(path)]).stdout
+    assert "note: ckpt.pt: a second set of 2 weights" in table
+    # Optimizer state and plain values beside the model are not weight sets.
+    torch.save({"model": weights, "optimizer": {"state": {0: {"exp_avg": torch.ones(4, 4)}}}}, path)
+    assert not [e for e in scan_checkpoint(path, ScanConfig()).skipped if "second set" in e.reason]

@@ -56,6 +56,9 @@ class CheckpointLayout:
     # Names under which a torch file stores a tensor it also stores under an earlier name (tied
     # weights): (alias, the name it is analysed under, file). Reported, never analysed twice.
     aliases: tuple[tuple[str, str, Path], ...] = ()
+    # Dicts of weights a wrapped torch file keeps beside the model's (an EMA copy): (key, tensor
+    # count, file). Not analysed; reported so that nobody believes they were.
+    other_weight_sets: tuple[tuple[str, int, Path], ...] = ()
 
     @property
     def folder(self) -> Path:

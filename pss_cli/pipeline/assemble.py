@@ -94,6 +94,19 @@ def assemble_report(
         )
         + tuple(
             SkippedResult(
+                name=key,
+                file=relative_file(layout, file),
+                shape=(),
+                dtype="",
+                reason=(
+                    f"a second set of {count} weights beside the model's (an EMA copy?): not "
+                    f"analysed; to scan it, save it alone (torch.save(ckpt['{key}'], 'x.pt'))"
+                ),
+            )
+            for key, count, file in layout.other_weight_sets
+        )
+        + tuple(
+            SkippedResult(
                 name=layer.display_name,
                 file=layer.file,
                 shape=layer.shape,

@@ -87,7 +87,7 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
         )
     console.print(_summary_line(report), soft_wrap=True)
     for skipped in report.skipped:
-        if not skipped.name:  # a whole file left out (see pipeline: unindexed files)
+        if not skipped.dtype:  # not a tensor: a whole file, or a second set of weights
             console.print(Text(f"note: {skipped.file}: {skipped.reason}"), soft_wrap=True)
     return buffer.getvalue()
 

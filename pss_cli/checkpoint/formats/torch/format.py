@@ -132,15 +132,18 @@ class TorchFormat:
 
 def _open_torch_files(root: Path, files: list[Path], kind: TorchKind) -> CheckpointLayout:
     # imports torch: only when needed
-    from pss_cli.checkpoint.formats.torch.torch_file import entries_of
+    from pss_cli.checkpoint.formats.torch.torch_file import entries_of, other_weight_sets
     from pss_cli.checkpoint.formats.torch.torch_file import load as load_torch
 
     entries: list[TensorEntry] = []
     aliases: list[tuple[str, str, Path]] = []
+    others: list[tuple[str, int, Path]] = []
     for file in files:
         tied: dict[str, str] = {}
-        entries.extend(entries_of(file, load_torch(file), tied))
+        obj = load_torch(file)
+        entries.extend(entries_of(file, obj, tied))
         aliases.extend((alias, name, file) for alias, name in tied.items())
+        others.extend((key, count, file) for key, count in other_weight_sets(obj))
     reject_duplicates(entries)
     return CheckpointLayout(
         root=root,
@@ -149,6 +152,7 @@ def _open_torch_files(root: Path, files: list[Path], kind: TorchKind) -> Checkpo
         entries=tuple(entries),
         one_file=kind is TorchKind.FILE,
         aliases=tuple(aliases),
+        other_weight_sets=tuple(others),
     )
 
 

@@ -195,6 +195,25 @@ def model_root(obj: Any) -> tuple[tuple[str | int, ...], Mapping[Any, Any]]:
             return path, current
 
 
+def other_weight_sets(obj: Any) -> list[tuple[str, int]]:
+    """(key, tensor count) of the dicts of weights stored beside the model's in a wrapped
+    checkpoint ({"model": ..., "ema": ...}, timm's {"state_dict": ..., "state_dict_ema": ...}),
+    which pss does not analyse: they were left out of the report without a word."""
+    root, _ = model_root(obj)
+    if not root or not isinstance(obj, Mapping):
+        return []
+    found = []
+    for key, value in obj.items():
+        if key == root[0] or not isinstance(key, str) or key in NON_MODEL_KEYS:
+            continue
+        if not isinstance(value, Mapping):
+            continue
+        tensors = [t for _, _, t in flatten(value)]
+        if any(t.dim() >= 2 for t in tensors):
+            found.append((key, len(tensors)))
+    return found
+
+
 def _holds_tensor(value: Any, depth: int = 0) -> bool:
     if isinstance(value, torch.Tensor):
         return True
