@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 import sys
@@ -301,3 +302,24 @@ def test_torch_weights_beside_safetensors_are_left_out_of_the_output(tmp_path: P
     notes = [m for m in report.messages if m.startswith("left out")]
     assert len(notes) == 2 and "pytorch_model.bin:" in notes[0]
     assert (folder / "pytorch_model.bin").exists()  # the input is never touched
+
+
+def test_scan_says_which_embedding_is_also_the_tied_lm_head(tmp_path: Path) -> None:
+    # transformers does not store an LM head tied to the token embedding (tie_word_embeddings):
+    # scan notes which analysed matrix is the output head too, without counting it as skipped.
+    trainer = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "trainer"
+    folder = next(trainer.glob("checkpoint-*"))
+    from pss_cli.config import ScanConfig
+    from pss_cli.pipeline import scan_checkpoint
+
+    report = scan_checkpoint(folder, ScanConfig())
+    notes = [entry for entry in report.skipped if entry.file == "config.json"]
+    assert len(notes) == 1 and "'transformer.wte.weight'" in notes[0].reason
+    assert report.summary.skipped == len(report.skipped) - 1
+    # An untied model (tie_word_embeddings false) or a stored head: no note.
+    untied = tmp_path / "untied"
+    shutil.copytree(folder, untied)
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    report = scan_checkpoint(untied, ScanConfig())
+    assert not [entry for entry in report.skipped if entry.file == "config.json"]

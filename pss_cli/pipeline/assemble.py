@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pss_cli import __version__
+from pss_cli.checkpoint.ties import tied_head_embedding
 from pss_cli.config import BF16_MIN_SPEEDUP, MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
 from pss_cli.pipeline.plan import (
     MASK_REASON,
@@ -117,6 +118,27 @@ def assemble_report(
             if layer.solver == SOLVER_MASK
         )
     )
+    tied = tied_head_embedding(
+        layout.folder,
+        [entry.name for entry in layout.entries] + [alias for alias, _, _ in layout.aliases],
+        [layer.name for layer in layers if layer.index is None],
+    )
+    # A fact about the checkpoint, listed with the skipped entries (in JSON and the table's
+    # notes) but not counted as a skipped tensor.
+    notes: tuple[SkippedResult, ...] = ()
+    if tied is not None:
+        notes = (
+            SkippedResult(
+                name="",  # not a tensor: a fact about one
+                file="config.json",
+                shape=(),
+                dtype="",
+                reason=(
+                    f"the LM head is not stored: config.json ties it to '{tied}' "
+                    "(tie_word_embeddings), which is the output head too"
+                ),
+            ),
+        )
     return ScanReport(
         pss_version=__version__,
         checkpoint=str(plan.path),
@@ -144,7 +166,7 @@ def assemble_report(
             bf16_min_speedup=BF16_MIN_SPEEDUP,
         ),
         layers=layers,
-        skipped=skipped,
+        skipped=skipped + notes,
         summary=summarise(layers, len(skipped)),
         timings=timings,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.selection import names_weight_norm_magnitude, select
+from pss_cli.checkpoint.ties import LM_HEAD_NAMES, config_ties_embeddings, token_embedding
 from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK
 from pss_cli.core.smoothing import METHODS
 from pss_cli.errors import PssError, UsageError
@@ -23,13 +24,6 @@ from pss_cli.repair.model import (
 from pss_cli.results import Flag, LayerResult, ScanReport, SkippedResult, name_matches
 from pss_cli.thresholds import stable_rank_floor
 
-# Names under which transformers ties the LM head to the token embedding (tie_word_embeddings),
-# and the embedding names it ties to.
-_LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
-
-
-_TOKEN_EMBEDDING_HINTS = ("wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in")
-
 
 def _tied_to(pattern: str, scan: ScanReport, layout: CheckpointLayout) -> str | None:
     """The token embedding an absent, tied LM head shares its storage with (safetensors and
@@ -38,29 +32,13 @@ def _tied_to(pattern: str, scan: ScanReport, layout: CheckpointLayout) -> str | 
     stored = [name for alias, name, _ in layout.aliases if fnmatchcase(alias, pattern)]
     if stored:
         return stored[0]  # a torch file's tied alias: the name it is analysed under
-    if not any(fnmatchcase(name, pattern) for name in _LM_HEAD_NAMES) and not any(
-        pattern.endswith(name) for name in _LM_HEAD_NAMES
+    if not any(fnmatchcase(name, pattern) for name in LM_HEAD_NAMES) and not any(
+        pattern.endswith(name) for name in LM_HEAD_NAMES
     ):
         return None
-    folder = layout.folder
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        import json
-
-        try:
-            tie = json.loads(config_file.read_text(encoding="utf-8")).get(
-                "tie_word_embeddings", True
-            )
-        except (OSError, ValueError, AttributeError):
-            tie = True
-        if tie is False:
-            return None
-    candidates = [
-        x.name
-        for x in scan.layers
-        if x.index is None and any(hint in x.name for hint in _TOKEN_EMBEDDING_HINTS)
-    ]
-    return candidates[0] if len(candidates) == 1 else None
+    if config_ties_embeddings(layout.folder) is False:
+        return None
+    return token_embedding(x.name for x in scan.layers if x.index is None)
 
 
 def selected_by_default(layer: LayerResult) -> bool:
