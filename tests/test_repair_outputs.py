@@ -292,15 +292,20 @@ def test_torch_weights_beside_safetensors_are_left_out_of_the_output(tmp_path: P
     torch.save(load_file(diverged / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    # Other torch weights (a PEFT adapter) may be different weights: copied, with a note.
+    torch.save({"lora_A": torch.ones(4, 4)}, folder / "adapter_model.bin")
     out = tmp_path / "fixed"
     report = smooth_checkpoint(folder, out, SmoothConfig())
     assert report.layers and all(layer.verified for layer in report.layers)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("pss")) == [
+        "adapter_model.bin",
         "config.json",
         "model.safetensors",
     ]
     notes = [m for m in report.messages if m.startswith("left out")]
     assert len(notes) == 2 and "pytorch_model.bin:" in notes[0]
+    assert "pytorch_model.bin.index.json" in notes[1]
+    assert any(m.startswith("copied adapter_model.bin unchanged") for m in report.messages)
     assert (folder / "pytorch_model.bin").exists()  # the input is never touched
 
 

@@ -17,7 +17,12 @@ from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.optimizer import detect_master_weights
 from pss_cli.errors import UsageError
 from pss_cli.pipeline import ProgressCallback, scan_checkpoint
-from pss_cli.repair.apply import OutputWriter, stale_weight_note
+from pss_cli.repair.apply import (
+    OutputWriter,
+    copied_weight_files,
+    copied_weight_note,
+    stale_weight_note,
+)
 from pss_cli.repair.model import (
     FALLBACK_TARGET_FACTOR,
     PROTECTED_ROLES,
@@ -108,4 +113,5 @@ def smooth_checkpoint(
         started,
     )
     notes.extend(stale_weight_note(path) for path in writer.left_out)
+    notes.extend(copied_weight_note(path) for path in copied_weight_files(layout))
     return replace(final, messages=(*notes, *final.messages))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from pss_cli.checkpoint.formats.protocol import WriteRequest
 from pss_cli.checkpoint.formats.registry import format_of
 from pss_cli.checkpoint.lr_files import LrScalePlan
 from pss_cli.checkpoint.model import CheckpointLayout
-from pss_cli.checkpoint.names import TORCH_INDEX_SUFFIX
 from pss_cli.checkpoint.optimizer import OptimizerOutcome, rewrite_optimizer_state
 from pss_cli.checkpoint.optimizer_in_file import apply_in_file
 from pss_cli.checkpoint.reader import TensorReader
@@ -154,26 +154,49 @@ class OutputWriter:
             self.lr_plan.verify(staged)
 
 
+# transformers' torch twin of model.safetensors (single or sharded): the same weights, saved
+# before safetensors became the default, or beside it. Other torch files beside safetensors
+# (a PEFT adapter_model.bin, a custom .pt) may be different weights: copied, with a note.
+_TORCH_TWIN = re.compile(r"pytorch_model(?:-\d+-of-\d+)?\.bin(?:\.index\.json)?")
+
+
 def stale_weight_files(layout: CheckpointLayout) -> tuple[Path, ...]:
-    """Torch weight files beside the safetensors ones that pss reads and repairs (a folder with
-    both model.safetensors and pytorch_model.bin), with their index: left out of the output.
+    """transformers' pytorch_model*.bin (and its index) beside the safetensors weights that pss
+    reads and repairs: left out of the output.
 
     Copied unchanged, they put the collapsed weights back beside the repaired ones: a loader
     that prefers them (transformers' from_pretrained(use_safetensors=False)) resumed from the
     weights the repair was for, and nothing said so.
     """
-    stale = tuple(p for p in layout.unindexed_files if p.suffix != ".safetensors")
-    if not stale:
+    beside = [p for p in layout.unindexed_files if p.suffix != ".safetensors"]
+    if not beside:
         return ()
-    indexes = tuple(
-        sorted(p for p in stale[0].parent.glob(f"*{TORCH_INDEX_SUFFIX}") if p.is_file())
+    folder = beside[0].parent
+    twins = [p for p in beside if _TORCH_TWIN.fullmatch(p.name)]
+    index = folder / "pytorch_model.bin.index.json"
+    if twins and index.is_file():
+        twins.append(index)
+    return tuple(twins)
+
+
+def copied_weight_files(layout: CheckpointLayout) -> tuple[Path, ...]:
+    """Other torch weight files beside the safetensors ones: copied unchanged, never read."""
+    left_out = set(stale_weight_files(layout))
+    return tuple(
+        p for p in layout.unindexed_files if p.suffix != ".safetensors" and p not in left_out
     )
-    return stale + indexes
 
 
 def stale_weight_note(path: Path) -> str:
     return (
-        f"left out {path.name}: weights in another format beside the safetensors ones repaired "
-        "here; copied unchanged it would keep the collapsed weights in the output (a loader "
-        "that prefers it, e.g. from_pretrained(use_safetensors=False), would read them)"
+        f"left out {path.name}: transformers' torch copy of the weights repaired here in "
+        "safetensors; copied unchanged it would keep the collapsed weights in the output (a "
+        "loader that prefers it, e.g. from_pretrained(use_safetensors=False), would read them)"
+    )
+
+
+def copied_weight_note(path: Path) -> str:
+    return (
+        f"copied {path.name} unchanged: torch weights beside the safetensors ones, which pss "
+        "neither reads nor repairs (an adapter, or another copy of the weights?)"
     )
