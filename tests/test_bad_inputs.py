@@ -1145,8 +1145,46 @@ def test_a_pt_without_names(runner: CliRunner, tmp_path: Path, content: str) -> 
     assert result.exit_code == 1 and "PSS002" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("name", "saver", "says"),
+    [
+        ("weights.pt", "safetensors", "is a safetensors file, whatever its name"),
+        ("weights.safetensors", "torch", "is a torch checkpoint (torch.save), whatever its name"),
+        ("weights", "torch", "is a torch checkpoint (torch.save), whatever its name"),
+        ("legacy.safetensors", "legacy", "is a torch checkpoint (torch.save), whatever its name"),
+    ],
+)
+def test_a_checkpoint_named_for_another_format_says_what_it_is(
+    tmp_path: Path, name: str, saver: str, says: str
+) -> None:
+    # pss picks the format by name; a file of the other format said only "header length field
+    # claims 578712552184433488 bytes" or "Unsupported operand 160".
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    tensors = {"w": torch.randn(8, 8)}
+    if saver == "safetensors":
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path, _use_new_zipfile_serialization=saver == "torch")
+    result = CliRunner().invoke(app, ["scan", str(path)])
+    assert result.exit_code == 3
+    error, hint = result.stderr.strip().splitlines()
+    assert error.startswith("Error: ") and "not a" in error
+    suffix = ".safetensors" if saver == "safetensors" else ".pt"
+    assert hint == f"Hint: '{name}' {says}: name it {suffix}"
+    check = CliRunner().invoke(app, ["check", str(path)])
+    assert check.exit_code == 1 and "PSS002" in check.stdout
+
+
 HANDLED_ROWS = {
     "NaN or Inf weights": ("0; check: 1", test_nan_and_inf_weights),
+    "a checkpoint named for another format (torch.save output named .safetensors or with no "
+    "suffix, a safetensors file named .pt)": (
+        "3; check: 1",
+        test_a_checkpoint_named_for_another_format_says_what_it_is,
+    ),
     "an all-zero matrix (sigma_max = 0)": ("0", test_all_zero_matrix),
     "1 x N and N x 1 matrices": ("0", test_one_by_n_and_n_by_one),
     "extreme aspect ratios (2 x 100000, 100000 x 2)": ("0", test_extreme_aspect_ratios),

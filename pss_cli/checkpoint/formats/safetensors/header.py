@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pss_cli.checkpoint.model import TensorEntry
+from pss_cli.checkpoint.sniff import renaming_hint
 from pss_cli.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 # The safetensors library refuses larger headers (MAX_HEADER_SIZE); a larger claim means garbage.
@@ -135,6 +136,10 @@ def _read_header_bytes(path: Path, file_len: int) -> bytes:
                     _NOT_SAFETENSORS_HINT,
                 )
             (header_len,) = struct.unpack("<Q", prefix[:8])
+            if header_len > MAX_HEADER_BYTES or header_len > file_len - 8:
+                renamed = renaming_hint(path, "safetensors")
+                if renamed is not None:
+                    _corrupt(path, "not a safetensors file", renamed)
             if header_len > MAX_HEADER_BYTES:
                 _corrupt(
                     path,

@@ -31,6 +31,7 @@ import torch
 
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.checkpoint.names import HARMLESS_PICKLE_TYPES, allow_pickle_types
+from pss_cli.checkpoint.sniff import renaming_hint
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
 from pss_cli.quiet import quiet_warnings
@@ -162,6 +163,9 @@ def load_error(path: Path, exc: BaseException) -> CheckpointError:
             "refuses it, because unpickling can run any code the file's author chose",
             hint=hint,
         )
+    renamed = renaming_hint(path, "torch")
+    if renamed is not None:
+        return CorruptCheckpointError(f"'{path}' is not a torch checkpoint", hint=renamed)
     if "WeightsUnpickler error:" in text:
         # Not a global: an opcode or structure torch's safe unpickler refuses (garbage, or a
         # pickle built by hand). Either way pss cannot read it safely.
