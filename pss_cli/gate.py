@@ -29,7 +29,7 @@ from pss_cli.gate_rules import (
     Severity,
     Thresholds,
 )
-from pss_cli.results import ScanReport
+from pss_cli.results import ScanReport, name_matches
 
 __all__ = [
     "BUILTIN_ROLE_OVERRIDES",
@@ -89,6 +89,14 @@ def evaluate(
         layers_checked=len(report.layers),
         findings=tuple(sorted(findings, key=_order)),
         ignored_rules=policy.ignore,
+        unmatched_globs=tuple(
+            dict.fromkeys(
+                glob
+                for glob, _ in policy.per_tensor
+                if report.layers
+                and not any(name_matches(x.name, x.index, glob) for x in report.layers)
+            )
+        ),
     )
 
 
@@ -118,6 +126,10 @@ def merge(results: Sequence[CheckResult]) -> CheckResult:
         files=tuple(sorted({file for r in results for file in r.files})),
         layers_checked=sum(r.layers_checked for r in results),
         findings=tuple(sorted((f for r in results for f in r.findings), key=_order)),
+        # A key may name one model's matrices: it is unmatched only if no model has them.
+        unmatched_globs=tuple(
+            g for g in first.unmatched_globs if all(g in r.unmatched_globs for r in results)
+        ),
     )
 
 

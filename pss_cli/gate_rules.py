@@ -223,6 +223,9 @@ class CheckResult:
     findings: tuple[Finding, ...]
     ignored_rules: frozenset[str] = frozenset()  # ignored everywhere (left out of JUnit cases)
     pss_version: str = __version__
+    # The policy's per-tensor keys that named no analysed matrix: a typo there silently
+    # configured nothing (the CLI warns on stderr).
+    unmatched_globs: tuple[str, ...] = ()
 
     @property
     def errors(self) -> int:

@@ -470,3 +470,21 @@ def test_single_file_layouts_are_the_formats_single_file_kinds() -> None:
     from pss_cli.gate_findings import SINGLE_FILE_LAYOUTS
 
     assert {SafetensorsKind.SINGLE_FILE, TorchKind.FILE} == SINGLE_FILE_LAYOUTS
+
+
+def test_a_per_tensor_key_that_matches_nothing_is_warned_about(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # A typo in a CI policy's per-tensor key configured nothing, silently.
+    policy = tmp_path / "pss.toml"
+    policy.write_text(
+        '[per-tensor-ignores]\n"transformer.h.3.mlp.c_fc.weight" = ["PSS003"]\n'
+        '"transformer.h.3.mpl.*" = ["PSS003"]\n'
+    )
+    result = runner.invoke(app, ["check", str(DIVERGED), "--config", str(policy)])
+    assert result.exit_code == 1  # the other collapsed matrices still fail
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert warnings == [
+        "Warning: the policy's per-tensor key 'transformer.h.3.mpl.*' matches no analysed "
+        "matrix (a typo, or a tensor pss skips?): it configures nothing"
+    ]

@@ -144,6 +144,12 @@ def _emit(
         write_text_atomically(output, text)
     _append_step_summary(result, output_format)
     typer.echo(text, nl=False)
+    for glob in result.unmatched_globs:
+        print(
+            f"Warning: the policy's per-tensor key '{glob}' matches no analysed matrix (a typo, "
+            "or a tensor pss skips?): it configures nothing",
+            file=sys.stderr,
+        )
     if output_format is not CheckFormat.TEXT and not quiet:
         print(verdict_line(result), file=sys.stderr)
     return result.passed
