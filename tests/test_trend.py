@@ -121,6 +121,18 @@ def test_a_folder_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_a_lightning_run_folder_points_at_its_checkpoints(tmp_path: Path) -> None:
+    # Lightning keeps checkpoints in lightning_logs/version_N/checkpoints/epoch=E-step=N.ckpt:
+    # the run folder's top level has none, and the hint names where they are.
+    deep = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    deep.mkdir(parents=True)
+    (deep / "epoch=0-step=100.ckpt").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CheckpointNotFoundError) as raised:
+        discover_run([tmp_path])
+    assert raised.value.hint == f"its checkpoints are in '{deep}': pss trend {deep}"
+
+
 def test_log_history_is_read_from_the_latest_trainer_state(tmp_path: Path) -> None:
     write_run(tmp_path, [100, 200, 300], loss_spike_step=250, log_every=10)
     run = discover_run([tmp_path])

@@ -100,14 +100,43 @@ def _run_folder(root: Path) -> RunLayout:
         if child.is_dir() or child.name.endswith(_FILE_SUFFIXES):
             found.append(RunCheckpoint(child, step, "name"))
     if not found:
+        deeper = _folder_with_checkpoints(root)
         raise CheckpointNotFoundError(
             f"no checkpoints found in '{root}'",
-            "pss trend looks for checkpoint-N/, step-N, step_N, global_stepN or iter_N entries; "
-            "or name the checkpoints explicitly, in order: pss trend CKPT_A CKPT_B ...",
+            f"its checkpoints are in '{deeper}': pss trend {deeper}"
+            if deeper is not None
+            else "pss trend looks for checkpoint-N/, step-N, step_N, global_stepN, iter_N or "
+            "Lightning's epoch=E-step=N.ckpt entries; or name the checkpoints explicitly, in "
+            "order: pss trend CKPT_A CKPT_B ...",
         )
     checkpoints = _sorted_unique(found)
     log, source = _training_log(root, checkpoints)
     return RunLayout(root, checkpoints, log, source)
+
+
+def _folder_with_checkpoints(root: Path, depth: int = 3, budget: int = 200) -> Path | None:
+    """The first folder below `root` (breadth first, at most `depth` levels and `budget`
+    folders) holding step-named checkpoints: Lightning keeps them in checkpoints/ or
+    lightning_logs/version_N/checkpoints/, where a run folder's top level has none."""
+    level = [root]
+    for _ in range(depth):
+        below: list[Path] = []
+        for folder in level:
+            try:
+                below.extend(
+                    sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                )
+            except OSError:
+                continue
+        for folder in below[:budget]:
+            try:
+                names = [child.name for child in folder.iterdir()]
+            except OSError:
+                continue
+            if any(step_from_name(name) is not None for name in names):
+                return folder
+        level = below[:budget]
+    return None
 
 
 def _explicit(paths: list[Path]) -> RunLayout:
