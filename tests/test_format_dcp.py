@@ -18,7 +18,7 @@ from pss_cli.checkpoint.formats.dcp.dcp import load_metadata
 from pss_cli.checkpoint.formats.dcp.format import DcpKind
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import OptimizerPolicy, ScanConfig
-from pss_cli.core.smoothing import SmoothingParams
+from pss_cli.core.smoothing import SmoothingMethod, SmoothingParams
 from pss_cli.errors import CheckpointError
 from pss_cli.pipeline import scan_checkpoint
 from pss_cli.repair import SmoothConfig, smooth_checkpoint
@@ -357,3 +357,37 @@ def test_a_real_two_rank_fsdp_style_save(tmp_path: Path) -> None:
     assert [x.name for x in report.layers] == [COLLAPSED] and report.layers[0].verified
     loaded = load_dcp(tmp_path / "out", {"model": model})["model"]
     assert all(torch.equal(loaded[k], v) for k, v in model.items() if k != COLLAPSED)
+
+
+def test_smoothing_one_copy_of_a_tied_embedding_is_noted(tmp_path: Path) -> None:
+    # A DCP save of a model whose head is tied to its embedding stores the tensor under both
+    # names; smoothing one by name leaves the other, which dcp.load then writes into the shared
+    # parameter last: the repair is undone. pss says so, naming both.
+    generator = torch.Generator().manual_seed(0)
+    spike = torch.randn(100, 1, generator=generator) @ torch.randn(1, 32, generator=generator)
+    embedding = torch.randn(100, 32, generator=generator) + 3 * spike
+    folder = save_dcp(
+        tmp_path / "dcp",
+        {
+            "emb.weight": embedding,
+            "head.weight": embedding,  # the same parameter, as model.state_dict() gives it
+            "fc.weight": torch.randn(32, 32, generator=generator),
+        },
+    )
+    config = SmoothConfig(
+        layers=("emb.weight",), params=SmoothingParams(method=SmoothingMethod.CLIP)
+    )
+    report = smooth_checkpoint(folder, tmp_path / "out", config)
+    assert [layer.name for layer in report.layers] == ["emb.weight"]
+    (note,) = [m for m in report.messages if "holds the same values" in m]
+    assert note.startswith("'head.weight' holds the same values as 'emb.weight'")
+    assert "--layers 'emb.weight' --layers 'head.weight'" in note
+    both = smooth_checkpoint(
+        folder,
+        tmp_path / "both",
+        SmoothConfig(
+            layers=("emb.weight", "head.weight"),
+            params=SmoothingParams(method=SmoothingMethod.CLIP),
+        ),
+    )
+    assert not [m for m in both.messages if "holds the same values" in m]

@@ -32,7 +32,12 @@ from pss_cli.repair.model import (
 from pss_cli.repair.output import check_output, lr_scale_plan, staging_notes
 from pss_cli.repair.plan import compute_changes
 from pss_cli.repair.report import build_report, optimizer_summary, why_nothing
-from pss_cli.repair.select import select_plans, selected_by_default, would_smooth_by_default
+from pss_cli.repair.select import (
+    equal_copies_left_alone,
+    select_plans,
+    selected_by_default,
+    would_smooth_by_default,
+)
 from pss_cli.results import SmoothReport
 
 __all__ = [
@@ -77,13 +82,14 @@ def smooth_checkpoint(
     lr_plan = lr_scale_plan(layout, config)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = select_plans(scan, layout, config)
+    notes.extend(equal_copies_left_alone(plans, scan, layout))
     changes, more_skips = compute_changes(layout, plans, config)
     not_smoothed = not_smoothed + more_skips
     planned = build_report(scan, layout, config, out, changes, not_smoothed, None, 0, None, started)
     if announce is not None:
         announce(planned)
     if config.dry_run:
-        return planned
+        return replace(planned, messages=(*notes, *planned.messages))
     if not changes:
         # Writing an identical copy would only suggest a repair that did not happen.
         return replace(

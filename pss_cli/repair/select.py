@@ -258,3 +258,47 @@ def _own_history(
             if key not in best or best[key][1] < step:
                 best[key] = (x.stable_rank, step)
     return best
+
+
+def equal_copies_left_alone(
+    plans: list[Plan], scan: ScanReport, layout: CheckpointLayout
+) -> list[str]:
+    """Notes for an embedding or LM head smoothed by name while another stored embedding or LM
+    head holds exactly the same values and is left as it is.
+
+    A format that stores tied weights twice (a DCP save of a model whose head is tied to its
+    embedding) loads both into the one shared parameter, the unchanged copy last: the repair of
+    the named one was silently lost. Checked only for an embedding or LM head (ties are between
+    those, whatever the other copy's name), against the few stored matrices of its shape.
+    """
+    import torch
+
+    from pss_cli.checkpoint.reader import TensorReader
+
+    named = [p for p in plans if p.layer.role in PROTECTED_ROLES and p.layer.index is None]
+    if not named:
+        return []
+    chosen = {(p.layer.name, p.layer.index) for p in plans}
+    notes: list[str] = []
+    with TensorReader(layout) as reader:
+        for plan in named:
+            layer = plan.layer
+            mine = None
+            for other in scan.layers:
+                if (
+                    (other.name, other.index) in chosen
+                    or other.index is not None
+                    or other.shape != layer.shape
+                    or other.dtype != layer.dtype
+                ):
+                    continue
+                if mine is None:
+                    mine = reader.read(plan.entry)
+                entry = next(e for e in layout.entries if e.name == other.name)
+                if torch.equal(mine, reader.read(entry)):
+                    notes.append(
+                        f"'{other.name}' holds the same values as '{layer.name}' and is left as "
+                        "it is: if the model ties them, loading it after the repaired one undoes "
+                        f"the repair; name both (--layers '{layer.name}' --layers '{other.name}')"
+                    )
+    return notes
