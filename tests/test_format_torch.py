@@ -249,6 +249,15 @@ def test_tied_weights_stay_shared_and_are_smoothed_once(tmp_path: Path) -> None:
         f"the same tensor as '{COLLAPSED}' (tied): analysed under that name"
     )
     assert "lm_head.weight" in reasons
+    # A tie to a tensor that is itself skipped (a 1-D bias) is not "analysed under that name".
+    bias = torch.ones(8)
+    torch.save({"cls.bias": bias, "cls.decoder.bias": bias}, tmp_path / "bias.pt")
+    bias_reasons = {
+        x.name: x.reason for x in scan_checkpoint(tmp_path / "bias.pt", ScanConfig()).skipped
+    }
+    assert bias_reasons["cls.decoder.bias"] == (
+        "the same tensor as 'cls.bias' (tied): listed under that name"
+    )
     with pytest.raises(UsageError, match=rf"tied to '{re.escape(COLLAPSED)}'"):
         _smooth(path, tmp_path / "o2", layers=("model.layers.0.mlp.down_proj_alias.weight",))
 

@@ -55,6 +55,7 @@ def assemble_report(
     config = plan.config
     settings = plan.settings
     analysed = tuple(results[item.key] for item in plan.items)
+    analysed_names = {layer.name for layer in analysed if layer.solver != SOLVER_MASK}
     layers = tuple(layer for layer in analysed if layer.solver != SOLVER_MASK)
     index_name = layout.index_file.name if layout.index_file is not None else ""
     by_name = {entry.name: entry for entry in layout.entries}
@@ -89,7 +90,12 @@ def assemble_report(
                 file=relative_file(layout, file),
                 shape=by_name[name].shape if name in by_name else (),
                 dtype=by_name[name].dtype if name in by_name else "",
-                reason=f"the same tensor as '{name}' (tied): analysed under that name",
+                reason=f"the same tensor as '{name}' (tied): "
+                + (
+                    "analysed under that name"
+                    if name in analysed_names
+                    else "listed under that name"
+                ),
             )
             for alias, name, file in layout.aliases
         )
