@@ -12,8 +12,9 @@ from pss_cli.config import OutputFormat, ProductPrecision
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
-        help="A .safetensors file, a sharded checkpoint folder (model.safetensors.index.json), "
-        "or a folder such as a Hugging Face Trainer checkpoint-N/.",
+        help="A .safetensors file or index, a .pt/.bin/.pth state dict or Lightning .ckpt, or "
+        "a folder: a Hugging Face Trainer checkpoint-N/, a sharded checkpoint, a PyTorch "
+        "Distributed Checkpoint (DCP).",
         show_default=False,
         metavar="CHECKPOINT",
     ),

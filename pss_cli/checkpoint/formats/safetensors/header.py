@@ -67,8 +67,8 @@ def stat_path(path: Path) -> os.stat_result:
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"path '{path}' does not exist",
-            hint="check the spelling; pass a .safetensors file, a *.safetensors.index.json "
-            "or a folder holding them",
+            hint="check the spelling; pass a .safetensors file or index, a .pt/.bin/.pth/.ckpt "
+            "file, or a folder holding a checkpoint (Trainer checkpoint-N/, sharded, DCP)",
         ) from None
     except OSError as exc:
         raise _os_error(path, exc) from None
