@@ -104,7 +104,7 @@ def build_report(
             # leave the matrix more singular than it was: "verified" alone would hide it.
             messages.append(
                 f"'{layer.display_name}' is more singular after smoothing: stable rank "
-                f"{layer.stable_rank:.4g} -> {measured.stable_rank:.4g}; this method does not "
+                f"{layer.stable_rank:.6g} -> {measured.stable_rank:.6g}; this method does not "
                 "repair it (try --method cap or clip)"
             )
         if change.relative_change > WIPED_CHANGE:
