@@ -55,8 +55,8 @@ def assemble_report(
     config = plan.config
     settings = plan.settings
     analysed = tuple(results[item.key] for item in plan.items)
-    analysed_names = {layer.name for layer in analysed if layer.solver != SOLVER_MASK}
     layers = tuple(layer for layer in analysed if layer.solver != SOLVER_MASK)
+    analysed_names = {layer.name for layer in layers}
     index_name = layout.index_file.name if layout.index_file is not None else ""
     by_name = {entry.name: entry for entry in layout.entries}
     skipped = (

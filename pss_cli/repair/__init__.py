@@ -119,5 +119,5 @@ def smooth_checkpoint(
         started,
     )
     notes.extend(stale_weight_note(path) for path in writer.left_out)
-    notes.extend(copied_weight_note(path) for path in copied_weight_files(layout))
+    notes.extend(copied_weight_note(path) for path in copied_weight_files(layout, writer.left_out))
     return replace(final, messages=(*notes, *final.messages))

@@ -179,9 +179,9 @@ def stale_weight_files(layout: CheckpointLayout) -> tuple[Path, ...]:
     return tuple(twins)
 
 
-def copied_weight_files(layout: CheckpointLayout) -> tuple[Path, ...]:
-    """Other torch weight files beside the safetensors ones: copied unchanged, never read."""
-    left_out = set(stale_weight_files(layout))
+def copied_weight_files(layout: CheckpointLayout, left_out: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Other torch weight files beside the safetensors ones (all but `left_out`, the
+    `stale_weight_files`): copied unchanged, never read."""
     return tuple(
         p for p in layout.unindexed_files if p.suffix != ".safetensors" and p not in left_out
     )

@@ -275,30 +275,31 @@ def equal_copies_left_alone(
 
     from pss_cli.checkpoint.reader import TensorReader
 
-    named = [p for p in plans if p.layer.role in PROTECTED_ROLES and p.layer.index is None]
-    if not named:
-        return []
     chosen = {(p.layer.name, p.layer.index) for p in plans}
+    pairs = [
+        (plan, other)
+        for plan in plans
+        if plan.layer.role in PROTECTED_ROLES and plan.layer.index is None
+        for other in scan.layers
+        if (other.name, other.index) not in chosen
+        and other.index is None
+        and other.shape == plan.layer.shape
+        and other.dtype == plan.layer.dtype
+    ]
+    if not pairs:
+        return []  # the usual case: no file is opened
+    by_name = {entry.name: entry for entry in layout.entries}
     notes: list[str] = []
     with TensorReader(layout) as reader:
-        for plan in named:
-            layer = plan.layer
-            mine = None
-            for other in scan.layers:
-                if (
-                    (other.name, other.index) in chosen
-                    or other.index is not None
-                    or other.shape != layer.shape
-                    or other.dtype != layer.dtype
-                ):
-                    continue
-                if mine is None:
-                    mine = reader.read(plan.entry)
-                entry = next(e for e in layout.entries if e.name == other.name)
-                if torch.equal(mine, reader.read(entry)):
-                    notes.append(
-                        f"'{other.name}' holds the same values as '{layer.name}' and is left as "
-                        "it is: if the model ties them, loading it after the repaired one undoes "
-                        f"the repair; name both (--layers '{layer.name}' --layers '{other.name}')"
-                    )
+        mine: tuple[str, torch.Tensor] | None = None  # at most two tensors held (embeddings)
+        for plan, other in pairs:  # grouped by plan
+            if mine is None or mine[0] != plan.entry.name:
+                mine = (plan.entry.name, reader.read(plan.entry))
+            if torch.equal(mine[1], reader.read(by_name[other.name])):
+                name = plan.layer.name
+                notes.append(
+                    f"'{other.name}' holds the same values as '{name}' and is left as "
+                    "it is: if the model ties them, loading it after the repaired one undoes "
+                    f"the repair; name both (--layers '{name}' --layers '{other.name}')"
+                )
     return notes
