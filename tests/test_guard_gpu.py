@@ -72,3 +72,27 @@ def test_skip_is_bit_exact_and_smooth_runs_on_cuda() -> None:
     assert fc.is_cuda and fc.dtype == torch.float32
     new_top = float(torch.linalg.svdvals(fc.detach().double())[0])
     assert new_top == pytest.approx(float(s[0] + 2 * s[1]) / 3, rel=1e-4)
+
+
+def test_a_guard_state_moved_to_the_gpu_loads() -> None:
+    # accelerate's `prepare` moves the optimizer's state dict, which carries the guard's, to the
+    # GPU; a resume may load optimizer.pt with map_location="cuda". The generator state then
+    # arrived as a CUDA tensor, which a CPU generator refused (TypeError).
+    model, guard = _cuda_guard(GuardConfig())
+    wrapped = guard.wrap_optimizer()
+    loss = loss_of(model, 0)
+    loss.backward()
+    wrapped.step()
+
+    def to_cuda(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return value.cuda()
+        if isinstance(value, dict):
+            return {k: to_cuda(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [to_cuda(v) for v in value]
+        return value
+
+    state = to_cuda(wrapped.state_dict())
+    wrapped.load_state_dict(state)  # type: ignore[arg-type]
+    assert guard.step_count == 1

@@ -203,3 +203,105 @@ def test_lightning_clipping_and_unguarded_optimizers_are_refused() -> None:
         trainer(max_steps=2, gradient_clip_val=1.0).fit(Net(SKIP_AT_5), loader())
     with pytest.raises(GuardConfigError, match="not guarded"):
         trainer(max_steps=2, callbacks=[GuardCallback()]).fit(Net(None), loader())
+
+
+class Recorder:
+    """A SummaryWriter stand-in for TensorBoardSink: (tag, value, step) of each scalar."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+
+class LoggingNet(Net):
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(GuardConfig())
+        self.recorder = recorder
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        from pss_cli.guard.sinks import TensorBoardSink
+
+        optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        sink = TensorBoardSink(writer=self.recorder)
+        return guarded_optimizers(self, optimizer, config=self.guard_config, sinks=[sink])
+
+
+def test_a_sink_lines_up_with_lightnings_own_curves(tmp_path: Path) -> None:
+    # Before: the sink wrote guard step k at k + 1 (HF's global_step), one step after the
+    # point at which Lightning logged the same loss.
+    from lightning.pytorch.loggers import CSVLogger
+
+    recorder = Recorder()
+    run = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    run.fit(LoggingNet(recorder), loader())
+    import csv
+
+    with open(next(tmp_path.rglob("metrics.csv"))) as metrics:
+        rows = list(csv.DictReader(metrics))
+    lightning = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+    guard = {step: value for tag, value, step in recorder.scalars if tag == "pss_guard/loss"}
+    assert len(lightning) == 6 and lightning.keys() == guard.keys()
+    for step, value in lightning.items():
+        assert guard[step] == pytest.approx(value, rel=1e-6)
+
+
+class TwoOptimizers(pl.LightningModule):  # type: ignore[misc]
+    """A GAN-shaped module: two optimizers, each over its own part (manual optimization)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Sequential(nn.Linear(WIDTH, 32), nn.GELU(), nn.Linear(32, WIDTH))
+        self.second = nn.Sequential(nn.Linear(WIDTH, 32), nn.GELU(), nn.Linear(32, 4))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        opt_first, opt_second = self.optimizers()
+        for opt in (opt_first, opt_second):
+            loss = nn.functional.mse_loss(self.second(self.first(x)), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self) -> Any:
+        a = torch.optim.AdamW(self.first.parameters(), lr=1e-3)
+        b = torch.optim.AdamW(self.second.parameters(), lr=1e-3)
+        return [
+            guarded_optimizers(self, a, model=self.first)["optimizer"],
+            guarded_optimizers(self, b, model=self.second)["optimizer"],
+        ]
+
+
+def test_two_optimizers_each_guard_their_own_part() -> None:
+    run = trainer(max_steps=8)
+    module = TwoOptimizers()
+    run.fit(module, loader())
+    first, second = find_guards(run)
+    assert first.step_count == second.step_count > 0
+    assert {s.param_name for s in first.specs} == {"0.weight", "2.weight"}
+    assert first.model is module.first and second.model is module.second
+    # Without model=, the whole module's other part is not held by the optimizer: refused
+    # with the hint that names model=.
+    with pytest.raises(GuardConfigError, match="does not hold") as refused:
+        guarded_optimizers(module, torch.optim.AdamW(module.first.parameters()))
+    assert "model=part" in (refused.value.hint or "")

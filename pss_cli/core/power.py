@@ -44,7 +44,10 @@ def power_step(
         u = u / u.norm().clamp_min(_TINY)
         wt_u = w.mT @ u  # (n,)
         sigma = wt_u.norm()
-        v = wt_u / sigma.clamp_min(_TINY)
+        # An all-zero matrix (a LoRA B, a zero-initialised projection at its first visit) has
+        # no direction to offer: keep the current vector rather than return zeros, from which
+        # every later warm-started call would read sigma = 0 again (no host sync: a select).
+        v = torch.where(sigma > 0, wt_u / sigma.clamp_min(_TINY), v)
     return sigma, v
 
 

@@ -5,6 +5,7 @@ without writing; plus the event's per-matrix rows.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -61,7 +62,15 @@ def smooth_matrices(
         if outcome.changed:
             touched.append(spec)
     if c.optimizer_policy == OptimizerPolicy.RESET:
-        reset_moments(optimizer, touched)
+        left = reset_moments(optimizer, touched)
+        if left:
+            warnings.warn(
+                f"pss guard: optimizer_policy='reset' zeroed the known moments only; left as "
+                f"they are: {', '.join(left[:6])}{' ...' if len(left) > 6 else ''} (not "
+                f"moments pss knows; {type(optimizer).__name__})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return outcomes
 
 
@@ -81,21 +90,79 @@ def measure_sje(config: GuardConfig, specs: list[MatrixSpec], step: int) -> dict
     return out
 
 
-def reset_moments(optimizer: torch.optim.Optimizer, specs: list[MatrixSpec]) -> None:
-    """Zero the smoothed entries' optimizer moments (same shape as the parameter); step
-    counts are kept, as `pss smooth --optimizer-state reset`."""
+# Per-entry moments (a running average of the gradient or of its square) that `reset` zeroes:
+# Adam/AdamW/NAdam/RAdam/Adamax, SGD momentum, RMSprop, Adagrad, Adadelta, Lion.
+_ELEMENT_MOMENTS = frozenset(
+    {
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "square_avg",
+        "grad_avg",
+        "acc_delta",
+        "sum",
+        "exp_inf",
+    }
+)
+# Factored second moments of a matrix (Adafactor): a row statistic (m,) or (m, 1) and a column
+# statistic (n,) or (1, n). torch.optim.Adafactor: row_var/col_var; transformers' Adafactor:
+# exp_avg_sq_row/exp_avg_sq_col. Zeroing them is safe in both (the next step adds the new
+# gradient's statistic before dividing, and both clamp the divisor).
+_ROW_MOMENTS = frozenset({"row_var", "exp_avg_sq_row"})
+_COLUMN_MOMENTS = frozenset({"col_var", "exp_avg_sq_col"})
+
+
+def reset_moments(optimizer: torch.optim.Optimizer, specs: list[MatrixSpec]) -> list[str]:
+    """Zero the smoothed matrices' optimizer moments; step counts are kept, as
+    `pss smooth --optimizer-state reset`. Returns the state entries left alone ("key of
+    param") because they are not known moments.
+
+    Only known moments, by name: a state tensor shaped like the parameter is not always a
+    moment (schedule-free AdamW's `z` is the base iterate, ASGD's `ax` an average of the
+    weights, Rprop's `step_size` a per-entry step), and zeroing one of those would wreck the
+    run. Factored moments of a split Q/K/V part: the statistic along the split is zeroed for
+    the part's slice; the one shared by the parts only when every part was smoothed.
+    """
+    parts_touched: dict[int, int] = {}
+    for spec in specs:
+        parts_touched[id(spec.param)] = parts_touched.get(id(spec.param), 0) + 1
+    left: list[str] = []
     with torch.no_grad():
         for spec in specs:
             state = optimizer.state.get(spec.param, {})
+            whole = spec.split_dim is None or parts_touched[id(spec.param)] == 3
             for key, value in state.items():
-                if key == "step" or not isinstance(value, torch.Tensor):
+                if key == "step" or not isinstance(value, torch.Tensor) or value.ndim == 0:
                     continue
-                if value.shape == spec.param.shape and value.is_floating_point():
-                    local = value.to_local() if is_dtensor(value) else value  # type: ignore[attr-defined]
-                    if is_dtensor(value):
-                        local.zero_()  # sharded moments: each rank zeroes its shard
-                    else:
-                        spec.view(local).zero_()
+                if not value.is_floating_point():
+                    continue
+                if key in _ELEMENT_MOMENTS and value.shape == spec.param.shape:
+                    _zero(value, spec, spec.split_dim)
+                elif key in _ROW_MOMENTS | _COLUMN_MOMENTS and _factor_of(value, spec, key):
+                    along = 0 if key in _ROW_MOMENTS else 1
+                    if spec.split_dim == along:
+                        _zero(value.reshape(-1), spec, 0)
+                    elif whole:
+                        _zero(value, spec, None)
+                else:
+                    left.append(f"{key} of {spec.param_name}")
+    return sorted(set(left))
+
+
+def _factor_of(value: torch.Tensor, spec: MatrixSpec, key: str) -> bool:
+    m, n = spec.param.shape
+    size = m if key in _ROW_MOMENTS else n
+    return value.numel() == size and value.ndim <= 2
+
+
+def _zero(value: torch.Tensor, spec: MatrixSpec, split_dim: int | None) -> None:
+    if is_dtensor(value):
+        value.to_local().zero_()  # type: ignore[attr-defined]  # sharded: each rank its shard
+    elif split_dim is None:
+        value.zero_()
+    else:
+        value.chunk(3, dim=split_dim)[spec.part].zero_()
 
 
 def outcome_rows(outcomes: list[SmoothOutcome]) -> list[dict[str, Any]]:

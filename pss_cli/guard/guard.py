@@ -39,8 +39,10 @@ from pss_cli.guard.rules import SpectralRule, SpikeRule, ZScoreRule
 from pss_cli.guard.targets import (
     MatrixSpec,
     check_optimizer_holds,
+    frozen_candidates,
     is_dtensor,
     monitored_matrices,
+    trainable_now,
     trainable_parameters,
 )
 from pss_cli.guard.telemetry import JsonlSink, Sink
@@ -86,9 +88,17 @@ class Guard:
         self.optimizer = optimizer
         self._trainable = trainable_parameters(model)
         check_optimizer_holds(self._trainable, optimizer)
+        # A model whose eligible matrices are all frozen for now (progressive unfreezing that
+        # starts from the head) is accepted: they are monitored once unfrozen (_refresh_specs).
+        later = bool(frozen_candidates(model, self.config.exclude_roles))
         self.specs: list[MatrixSpec] = monitored_matrices(
-            model, self._trainable, self.config.exclude_roles, self.config.split_fused_qkv
+            model,
+            self._trainable,
+            self.config.exclude_roles,
+            self.config.split_fused_qkv,
+            allow_empty=later,
         )
+        self._specs_key: tuple[Any, ...] | None = None
         self._device = self._trainable[0][1].device
         self._watched: list[tuple[str, nn.Parameter]] = []
         self._params: list[nn.Parameter] = []
@@ -152,6 +162,7 @@ class Guard:
         step = self.step_count
         self._refresh_watched()
         self._restart_rules_if_the_trainable_set_changed(step)
+        self._refresh_specs()
         indices = self.monitor.next_indices() if self.monitor.due(step) else []
         measure = (lambda: self.monitor.measure(indices, self._device)) if indices else None
         values = gather_step(self._params, self._sharded, self._device, loss, measure)
@@ -363,6 +374,32 @@ class Guard:
             self._emit(GuardEvent(step, "restart", reason, detail))
         self._trainable_key = key
 
+    def _refresh_specs(self) -> None:
+        """Monitor and smooth the matrices that are trainable now, not those of construction.
+
+        A matrix frozen after the guard was built was still smoothed (a frozen weight
+        rewritten), and one unfrozen or added with `add_param_group` later was never measured
+        nor smoothed. Rebuilt when the param groups or the requires_grad flags change (the
+        keys `_refresh_watched` and the restart check already keep); the monitor keeps the
+        vectors of the matrices that stay, and the spectral rule its history (both by name).
+        """
+        key = (self._watch_key, self._trainable_key)
+        if key == self._specs_key:
+            return
+        self._specs_key = key
+        c = self.config
+        specs = monitored_matrices(
+            self.model,
+            trainable_now(self.model, self._watched),
+            c.exclude_roles,
+            c.split_fused_qkv,
+            allow_empty=True,
+        )
+        if [(s.name, id(s.param)) for s in specs] == [(s.name, id(s.param)) for s in self.specs]:
+            return
+        self.specs = specs
+        self.monitor.set_specs(specs)
+
     def _top_grad_layers(self, sq_norms: Sequence[float]) -> list[str]:
         order = sorted(range(len(sq_norms)), key=lambda i: -sq_norms[i])
         return [self._names[i] for i in order[:_NAMED_LAYERS]]
@@ -425,7 +462,10 @@ class Guard:
         self.spectral.load_state_dict(state["spectral"])
         self.monitor.load_state_dict(state["monitor"])
         self._flagged = set(state.get("flagged", []))
-        self._generator.set_state(state["generator"])
+        # On the CPU whatever the state went through: accelerate moves the optimizer's state
+        # dict (which carries this one) to the GPU in `prepare`, and a resume may load it with
+        # map_location="cuda"; a CPU generator takes only a CPU ByteTensor.
+        self._generator.set_state(state["generator"].to("cpu"))
 
     # --- wrappers --------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ class SpectralMonitor:
     ) -> None:
         self.specs = specs
         self.check_every = check_every
+        self.requested_per_check = matrices_per_check
         self.matrices_per_check = min(matrices_per_check, len(specs))
         self.power_iters = power_iters
         self.first_power_iters = first_power_iters
@@ -39,8 +40,24 @@ class SpectralMonitor:
         # float64 weights), on the weight's device; None until its first visit.
         self.vectors: list[torch.Tensor | None] = [None] * len(specs)
 
+    def set_specs(self, specs: list[MatrixSpec]) -> None:
+        """Monitor these matrices from now on (the trainable set changed): a matrix that stays
+        keeps its vector; the cursor keeps its place in the round-robin."""
+        kept = {
+            spec.name: vector
+            for spec, vector in zip(self.specs, self.vectors, strict=True)
+            if vector is not None
+        }
+        self.vectors = [
+            kept[s.name] if s.name in kept and kept[s.name].shape == (s.shape[1],) else None
+            for s in specs
+        ]
+        self.specs = specs
+        self.matrices_per_check = min(self.requested_per_check, len(specs))
+        self.cursor = self.cursor % max(1, len(specs))
+
     def due(self, step: int) -> bool:
-        return self.check_every > 0 and step % self.check_every == 0
+        return self.check_every > 0 and self.matrices_per_check > 0 and step % self.check_every == 0
 
     def next_indices(self) -> list[int]:
         count = len(self.specs)
@@ -87,7 +104,13 @@ class SpectralMonitor:
         vectors = state.get("vectors", {})
         for i, spec in enumerate(self.specs):
             saved = vectors.get(spec.name)
-            if saved is not None and saved.shape == (spec.shape[1],):
+            # A zero vector (saved by a version whose power step returned one for an all-zero
+            # matrix) would never move again: a fresh random start instead.
+            if (
+                saved is not None
+                and saved.shape == (spec.shape[1],)
+                and bool(saved.abs().amax() > 0)
+            ):
                 self.vectors[i] = saved.to(spec.param.device)
             else:
                 self.vectors[i] = None

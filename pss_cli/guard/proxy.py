@@ -17,6 +17,13 @@ import torch
 
 class OptimizerProxy(torch.optim.Optimizer):
     _OWN: ClassVar[frozenset[str]] = frozenset({"optimizer"})
+    # Never forwarded from a fused inner optimizer: with it True, `GradScaler.step(proxy)`
+    # skips its own unscale and sets `grad_scale`/`found_inf` on the proxy for the inner
+    # kernel to apply, which never sees them (they are not forwarded on writes), so a fused
+    # SGD stepped on gradients still multiplied by the scale (weights moved 1024x too far) and
+    # the guard judged scaled norms. False: the scaler unscales first and skips the step on
+    # an overflow itself, as for any other optimizer.
+    _step_supports_amp_scaling: ClassVar[bool] = False
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__ on purpose
         self.__dict__["optimizer"] = optimizer

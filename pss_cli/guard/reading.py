@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pss_cli.errors import GuardConfigError
 from pss_cli.guard.config import NormKind
 from pss_cli.guard.rules import SpectralRule, SpectralWarning
 from pss_cli.guard.targets import MatrixSpec, is_dtensor
@@ -21,6 +22,24 @@ from pss_cli.guard.targets import MatrixSpec, is_dtensor
 # already carry. (A gradient whose norm overflows float32 inside the norm kernel, > 1.8e19,
 # still reads as non-finite and is skipped: no dtype of the vector changes that.)
 VECTOR_DTYPE = torch.float64
+# The vector's fixed entries before the per-parameter norms (`gather_step`).
+HEADER = 4
+
+
+def loss_scalar(loss: torch.Tensor) -> torch.Tensor:
+    """The loss as a 0-d detached tensor; a loss of any other size is refused.
+
+    `loss.backward()` itself needs one element; a per-sample vector given here was judged by
+    its first entry alone (a NaN in another entry went unseen), and an empty one crashed the
+    training step with an IndexError.
+    """
+    if loss.numel() != 1:
+        raise GuardConfigError(
+            f"guard.step(loss): the loss must be one number, got a tensor of shape "
+            f"{tuple(loss.shape)}",
+            "pass the reduced loss you call backward() on (e.g. loss.mean()), or no loss",
+        )
+    return loss.detach().reshape(())
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,8 @@ def gather_step(
     loss: torch.Tensor | float | None,
     measure: Callable[[], torch.Tensor] | None,
 ) -> list[float]:
-    """[nonfinite flag, loss, has loss, ||g_p||^2 per param..., monitor readings...].
+    """[nonfinite flag, non-finite loss flag, loss, has loss, ||g_p||^2 per param...,
+    monitor readings...] (the first `HEADER` entries, then the norms).
 
     sharded: per parameter, whether it is a DTensor shard. measure: on a monitor step, the
     monitor's (2c,) float64 readings on `device` (called after the norms are queued), else None.
@@ -54,13 +74,16 @@ def gather_step(
     if loss is None:
         loss_t, has_loss = zero, zero
     elif isinstance(loss, torch.Tensor):
-        loss_t = loss.detach().reshape(-1)[0].to(device=device, dtype=VECTOR_DTYPE)
+        loss_t = loss_scalar(loss).to(device=device, dtype=VECTOR_DTYPE)
         has_loss = torch.ones((), dtype=VECTOR_DTYPE, device=device)
     else:
         loss_t = torch.tensor(float(loss), dtype=VECTOR_DTYPE, device=device)
         has_loss = torch.ones((), dtype=VECTOR_DTYPE, device=device)
-    bad = (~torch.isfinite(norms)).sum() + (~torch.isfinite(loss_t)).to(VECTOR_DTYPE)
+    loss_bad = (~torch.isfinite(loss_t)).to(VECTOR_DTYPE)
+    bad = (~torch.isfinite(norms)).sum() + loss_bad
     norms = torch.where(torch.isfinite(norms), norms, zero)
+    # Zeroed for the all-reduce (a NaN would poison every rank's sum); its own flag says that
+    # the loss was not finite, so that it is reported as NaN, never as this 0.
     loss_t = torch.where(torch.isfinite(loss_t), loss_t, zero)
     if measure is not None:
         readings = measure()
@@ -71,6 +94,7 @@ def gather_step(
     vector = torch.cat(
         [
             bad.to(VECTOR_DTYPE).reshape(1),
+            loss_bad.reshape(1),
             loss_t.reshape(1),
             has_loss.reshape(1),
             norms,
@@ -83,9 +107,9 @@ def gather_step(
         # replicated weights) enter as x / world, so the SUM gives their mean; a shard's
         # squared norm enters whole, so the SUM gives the full tensor's.
         scale = torch.full_like(vector, 1.0 / world)
-        scale[0] = 1.0
+        scale[:2] = 1.0  # the flags: counts summed over ranks
         shard = torch.tensor(sharded, dtype=torch.bool, device=device)
-        scale[3 : 3 + len(params)] = torch.where(
+        scale[HEADER : HEADER + len(params)] = torch.where(
             shard, torch.ones_like(norms), torch.full_like(norms, 1.0 / world)
         )
         vector = vector * scale
@@ -147,16 +171,20 @@ def read_step(
 ) -> Reading:
     """The gathered vector as named numbers, and the monitor's readings (of `specs[indices]`)
     as metrics, passed through the spectral rule."""
-    sq_norms = values[3 : 3 + n_params]
+    sq_norms = values[HEADER : HEADER + n_params]
     nonfinite = values[0] > 0
+    if values[1] > 0:
+        loss: float | None = math.nan  # some rank's loss was not finite
+    else:
+        loss = values[2] if values[3] > 0 else None
     grad_sum = sum(math.sqrt(max(v, 0.0)) for v in sq_norms)
     grad_l2 = math.sqrt(max(sum(sq_norms), 0.0))
     watched = grad_sum if norm_kind == NormKind.SUM_OF_NORMS else grad_l2
     metrics: dict[str, float] = {}
-    warnings_ = read_monitor(indices, values[3 + n_params :], metrics, specs, spectral)
+    warnings_ = read_monitor(indices, values[HEADER + n_params :], metrics, specs, spectral)
     return Reading(
         nonfinite=nonfinite,
-        loss=values[1] if values[2] > 0 else None,
+        loss=loss,
         sq_norms=sq_norms,
         grad_sum=math.nan if nonfinite else grad_sum,
         grad_l2=math.nan if nonfinite else grad_l2,

@@ -12,9 +12,11 @@ steps), and each event as `pss_guard/events/<kind>` = 1 (trigger, skip, smooth, 
 raise), with its reason as text on TensorBoard. Non-finite values are not written (a NaN grad
 norm is recorded as the `nonfinite` event instead).
 
-Steps: guard step k is written at step k + `step_offset` (1 by default): the optimizer step
-counted from 1, which is the `global_step` HF Trainer and Lightning log that step's numbers at,
-so the guard's curves line up with theirs in the same TensorBoard / W&B run.
+Steps: guard step k is written at step k + `step_offset`. Left at None (the default) it is 1,
+the optimizer step counted from 1, which is the `global_step` HF Trainer logs that step's
+numbers at; the Lightning adapter sets 0, the step Lightning logs a training step's metrics at
+(its global_step before the optimizer step). So the guard's curves line up with the
+framework's in the same TensorBoard / W&B run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from pss_cli.guard.results import GuardEvent
 DEFAULT_PREFIX = "pss_guard"
 
 
+def _offset(step_offset: int | None) -> int:
+    return 1 if step_offset is None else step_offset
+
+
 class TensorBoardSink:
     """Writes to a `torch.utils.tensorboard.SummaryWriter` (needs the tensorboard package)."""
 
@@ -38,7 +44,7 @@ class TensorBoardSink:
         *,
         writer: Any = None,
         prefix: str = DEFAULT_PREFIX,
-        step_offset: int = 1,
+        step_offset: int | None = None,
         layers: bool = True,
     ) -> None:
         if writer is None:
@@ -56,7 +62,7 @@ class TensorBoardSink:
         self.layers = layers
 
     def record(self, step: int, metrics: dict[str, float], event: GuardEvent | None) -> None:
-        at = step + self.step_offset
+        at = step + _offset(self.step_offset)
         if event is not None:
             self.writer.add_scalar(f"{self.prefix}/events/{event.kind}", 1.0, at)
             self.writer.add_text(f"{self.prefix}/events", f"{event.kind}: {event.reason}", at)
@@ -87,7 +93,7 @@ class WandbSink:
         run: Any = None,
         *,
         prefix: str = DEFAULT_PREFIX,
-        step_offset: int = 1,
+        step_offset: int | None = None,
         layers: bool = True,
     ) -> None:
         if run is None:
@@ -112,7 +118,7 @@ class WandbSink:
         run.define_metric(f"{prefix}/*", step_metric=self.step_key)
 
     def record(self, step: int, metrics: dict[str, float], event: GuardEvent | None) -> None:
-        data: dict[str, float | int] = {self.step_key: step + self.step_offset}
+        data: dict[str, float | int] = {self.step_key: step + _offset(self.step_offset)}
         if event is not None:
             data[f"{self.prefix}/events/{event.kind}"] = 1
         else:

@@ -122,6 +122,12 @@ def check_optimizer_holds(
             f"Guard needs a torch optimizer, got {type(optimizer).__name__}",
             "pass the optimizer that updates the model (torch.optim.AdamW, ...)",
         )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise GuardConfigError(
+            "Guard cannot step LBFGS: it re-evaluates the loss through its closure several "
+            "times per step, while the guard decides on the gradients of one backward pass",
+            "use a first-order optimizer (AdamW, SGD, ...) with the guard",
+        )
     held = {id(p) for group in groups for p in group["params"]}
     missing = [name for name, p in trainable if id(p) not in held]
     if missing:
@@ -129,7 +135,9 @@ def check_optimizer_holds(
         raise GuardConfigError(
             f"the optimizer does not hold the trainable parameter '{missing[0]}'{more}",
             "build the optimizer from model.parameters() after wrapping the model, or freeze "
-            "what it should not train (requires_grad_(False))",
+            "what it should not train (requires_grad_(False)); with several optimizers that "
+            "each train a part of the model (a GAN), guard each one with its part: "
+            "Guard(part, optimizer), or in Lightning guarded_optimizers(..., model=part)",
         )
 
 
@@ -138,21 +146,20 @@ def monitored_matrices(
     trainable: list[tuple[str, nn.Parameter]],
     exclude_roles: tuple[str, ...],
     split_fused_qkv: bool,
+    allow_empty: bool = False,
 ) -> list[MatrixSpec]:
-    """The matrices the monitor and `smooth` see, in parameter order."""
-    embedding_params = {
-        id(p)
-        for module in model.modules()
-        if isinstance(module, nn.Embedding)
-        for p in module.parameters(recurse=False)
-    }
+    """The matrices the monitor and `smooth` see, in parameter order.
+
+    allow_empty: return [] instead of refusing (the guard's refresh after a freeze; and a model
+    whose eligible matrices are all frozen for now, as progressive unfreezing starts).
+    """
+    embedding_params = _embedding_params(model)
     modules = dict(model.named_modules())
     specs: list[MatrixSpec] = []
     for name, p in trainable:
         if p.ndim != 2:
             continue
-        role, _block = classify(name)
-        role_name = Role.EMBEDDING.value if id(p) in embedding_params else role.value
+        role_name = _role(name, p, embedding_params)
         if role_name in exclude_roles:
             continue
         m, n = p.shape
@@ -165,7 +172,7 @@ def monitored_matrices(
             specs.append(
                 MatrixSpec(f"{name}[{part}]", name, p, f"attn_{part}", split, index, part_shape)
             )
-    if not specs:
+    if not specs and not allow_empty:
         two_d = [name for name, p in trainable if p.ndim == 2]
         if two_d:
             raise GuardConfigError(
@@ -179,6 +186,42 @@ def monitored_matrices(
             "the guard is for models with linear layers (transformers, MLPs)",
         )
     return specs
+
+
+def trainable_now(
+    model: nn.Module, watched: list[tuple[str, nn.Parameter]]
+) -> list[tuple[str, nn.Parameter]]:
+    """The model's parameters that are trainable at this step: requires_grad, and held by the
+    optimizer (`watched`), in the model's parameter order (what `trainable_parameters` gives
+    at construction, where the optimizer must hold every trainable parameter)."""
+    held = {id(p) for _, p in watched}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in held]
+
+
+def frozen_candidates(model: nn.Module, exclude_roles: tuple[str, ...]) -> list[str]:
+    """Names of frozen 2-D weights the guard would monitor once they are unfrozen."""
+    embedding_params = _embedding_params(model)
+    return [
+        name
+        for name, p in model.named_parameters()
+        if not p.requires_grad
+        and p.ndim == 2
+        and _role(name, p, embedding_params) not in exclude_roles
+    ]
+
+
+def _embedding_params(model: nn.Module) -> set[int]:
+    return {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, nn.Embedding)
+        for p in module.parameters(recurse=False)
+    }
+
+
+def _role(name: str, p: nn.Parameter, embedding_params: set[int]) -> str:
+    role, _block = classify(name)
+    return Role.EMBEDDING.value if id(p) in embedding_params else role.value
 
 
 def _qkv_split(name: str, modules: dict[str, nn.Module], shape: tuple[int, int]) -> int | None:

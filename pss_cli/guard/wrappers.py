@@ -75,7 +75,11 @@ class GuardedScheduler:
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         decision = self.guard.last_decision
-        if self.per_step and decision is not None and decision.skipped:
+        # A step given a value is a metric-driven one (transformers' GreedyLR, stepped like
+        # ReduceLROnPlateau with the evaluation metric): it follows evaluations, not optimizer
+        # steps, and a skipped last training step must not make it miss one.
+        metric = bool(args or kwargs)
+        if self.per_step and not metric and decision is not None and decision.skipped:
             return
         self.scheduler.step(*args, **kwargs)
 

@@ -24,9 +24,10 @@ which only a fp16 grad-scaler overflow sets). So the guard enters where Trainer 
   the computation accelerate uses (`pss_cli.guard.adapters.clip`): a run without triggers is
   bit-identical to the unguarded Trainer run that clipped itself. Trainer still logs the
   pre-clip norm as `grad_norm` (it measures it with an infinite clip).
-- `GuardCallback` adds the guard's counters to Trainer's logs (and so to trainer_state.json and
-  the report_to integrations that run after it), forces a log line on a trigger step, and
-  refuses a Trainer whose optimizer is not guarded or that clips by itself.
+- `GuardCallback` adds the guard's counters to Trainer's logs and trainer_state.json, forces a
+  log line on a trigger step, and refuses a Trainer whose optimizer is not guarded or that clips
+  by itself. The report_to integrations run before user callbacks and do not see these keys:
+  TensorBoard / W&B curves come from `sinks=` (pss_cli.guard.sinks).
 - DeepSpeed: not supported here (its engine steps inside `engine.step()`; docs/GUARD.md).
 """
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from pss_cli.errors import GuardConfigError
 from pss_cli.guard.adapters.clip import ClipKind, ClipThenStep
@@ -62,9 +63,15 @@ def guarded_optimizers(
     clip_algorithm: ClipKind | str = ClipKind.NORM,
     event_log: str | os.PathLike[str] | None = None,
     sinks: Iterable[Sink] = (),
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """What `configure_optimizers` returns: the guarded optimizer and, when given, the
-    guarded LR scheduler with Lightning's `interval` / `frequency` / `monitor`."""
+    guarded LR scheduler with Lightning's `interval` / `frequency` / `monitor`.
+
+    model: the part of `module` this optimizer trains, when several optimizers each train a
+    part (a GAN's generator and discriminator): one guard per optimizer, each watching its
+    part. Default: the whole module.
+    """
     trainer = module._trainer  # None outside a fit (e.g. a unit test calling this directly)
     if trainer is not None:
         _refuse_clipping(trainer)
@@ -73,7 +80,15 @@ def guarded_optimizers(
         # The optimizer's parameters in group order: what Lightning's clip_grad_by_norm clips.
         params = [p for group in optimizer.param_groups for p in group["params"]]
         stepped = ClipThenStep(optimizer, params, max_grad_norm, clip_algorithm)
-    guard = Guard(module, stepped, config, event_log=event_log, sinks=sinks)
+    sinks = list(sinks)
+    for sink in sinks:
+        # Lightning logs optimizer step k's training metrics at its global_step k (counted from
+        # 0, before the step), HF Trainer at k + 1: a sink left at its default lines up here.
+        if getattr(sink, "step_offset", 0) is None:
+            sink.step_offset = 0  # type: ignore[attr-defined]
+    guard = Guard(
+        module if model is None else model, stepped, config, event_log=event_log, sinks=sinks
+    )
     guarded = guard.wrap_optimizer()
     out: dict[str, Any] = {"optimizer": guarded}
     if scheduler is not None:
