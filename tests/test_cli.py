@@ -363,3 +363,24 @@ def test_summary_and_notes_are_one_line_each_however_long(
     lines = runner.invoke(app, ["scan", str(path)]).stdout.rstrip("\n").splitlines()
     assert lines[-1].startswith("1 matrix, 1 flagged") and lines[-1].endswith(" s")
     assert name in lines[-1]
+
+
+def test_a_table_in_a_pipe_is_as_wide_as_it_needs(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files, pipes and CI logs got the table at a fixed 160 columns: long names folded, and the
+    # trend table's right-hand columns (sigma_max trend) were cut. COLUMNS still rules.
+    import torch
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    name = "model.transformer.encoder.layers.0." + "very_long_module_name." * 8 + "weight"
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    path = write_tensors(tmp_path / "m.safetensors", {name: weight})
+    table = runner.invoke(app, ["scan", str(path)]).stdout
+    row = next(line for line in table.splitlines() if name in line)  # one line, whole name
+    assert len(row) > 200 and row.rstrip().endswith("│")
+    monkeypatch.setenv("COLUMNS", "120")
+    narrow = runner.invoke(app, ["scan", str(path)]).stdout
+    rows = [line for line in narrow.splitlines() if "│" in line]
+    assert not any(name in line for line in rows)  # folded at 120
+    assert max(len(line) for line in rows) <= 120

@@ -129,3 +129,53 @@ def test_lr_scale_without_optimizer_state_is_refused_before_computing(tmp_path: 
     assert code == 2 and "--lr-scale has nothing to scale" in err
     code, _, err = _pss("smooth", path, "--lr-scale", "0", "--out", tmp_path / "o.safetensors")
     assert code == 2 and "positive" in err
+
+
+def test_lr_scale_alone_on_a_healthy_checkpoint_writes_it_with_the_scaled_lr(
+    tmp_path: Path,
+) -> None:
+    # The README's first advice: roll back to the last healthy checkpoint at a lower LR. Nothing
+    # there needs smoothing, and before, smooth exited 0 with "nothing was written": the
+    # --lr-scale was dropped without a word.
+    import accelerate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = _schedule(optimizer)
+    acc = accelerate.Accelerator(cpu=True)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    _train(model, optimizer, scheduler)
+    acc.save_state(str(tmp_path / "state"))
+    lr_before = optimizer.param_groups[0]["lr"]
+
+    code, out, err = _pss(
+        "smooth", tmp_path / "state", "--lr-scale", "0.5", "--out", tmp_path / "fixed",
+        "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["layers"] == [] and report["output"] == str(tmp_path / "fixed")
+    assert report["optimizer"]["lr_scale"]["verified"] is True
+    assert any("written as they are" in m for m in report["messages"])
+    assert "To resume" in err  # the recipe, for the rolled-back run too
+    for name in ("model.safetensors", "optimizer.bin"):
+        assert (tmp_path / "fixed" / name).is_file()
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "state" / "model.safetensors"))
+    after = load_file(str(tmp_path / "fixed" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the weights as they were
+
+    model2 = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    scheduler2 = _schedule(optimizer2)
+    acc2 = accelerate.Accelerator(cpu=True)
+    model2, optimizer2, scheduler2 = acc2.prepare(model2, optimizer2, scheduler2)
+    acc2.load_state(str(tmp_path / "fixed"))
+    assert math.isclose(optimizer2.param_groups[0]["lr"], 0.5 * lr_before, rel_tol=1e-9)
+    # Without --lr-scale the same input still writes nothing.
+    code, out, err = _pss("smooth", tmp_path / "state", "--out", tmp_path / "nothing")
+    assert code == 0 and not (tmp_path / "nothing").exists()
+    assert "nothing was written" in out

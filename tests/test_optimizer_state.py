@@ -78,7 +78,7 @@ def test_reset_exact_zeroes_only_the_modified_ids(tmp_path: Path) -> None:
     )
     assert outcome.mapping == "exact" and outcome.reset_param_ids == (1, 2)
     assert outcome.policy is OptimizerPolicy.RESET and outcome.file == src
-    assert any("3.2 x lr" in m and "lower learning rate" in m for m in outcome.messages)
+    assert any("x lr" in m and "lower learning rate" in m for m in outcome.messages)
     old, new = load(src), load(dst)
     old_state, new_state = old["state"], new["state"]
     assert isinstance(old_state, dict) and isinstance(new_state, dict)
@@ -247,3 +247,27 @@ def test_reset_without_param_names_and_repeated_shapes_resets_all(tmp_path: Path
         src, tmp_path / "out.pt", OptimizerPolicy.RESET, entries, ["1.weight"]
     )
     assert outcome.mapping == "all" and len(outcome.reset_param_ids) == 6
+
+
+@pytest.mark.parametrize("steps", [3, 50, 3000])
+def test_the_reset_note_states_the_first_update_adam_really_takes(
+    tmp_path: Path, steps: int
+) -> None:
+    # The note said ~3.2 x lr whatever the step; at step 50 Adam's bias correction still damps
+    # the update to ~0.7 x lr (measured on a resumed HF Trainer run: 0.71). Here the resumed
+    # optimizer takes one real step and the median |dW| / lr is compared with the note.
+    import re
+
+    model = unique_shapes_model()
+    src, entries = train_and_save(tmp_path / "ck", model, steps=steps)
+    dst = tmp_path / "optimizer.pt"
+    outcome = rewrite_optimizer_state(src, dst, OptimizerPolicy.RESET, entries, ["0.weight"])
+    stated = float(re.search(r"about ([0-9.]+) x lr", " ".join(outcome.messages)).group(1))  # type: ignore[union-attr]
+    lr = 1e-3
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer.load_state_dict(load(dst))
+    before = model[0].weight.detach().clone()
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    optimizer.step()
+    measured = float((model[0].weight.detach() - before).abs().median()) / lr
+    assert stated == pytest.approx(measured, abs=0.051)  # the note's one decimal

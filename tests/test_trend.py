@@ -621,3 +621,66 @@ def test_a_compute_failure_on_one_checkpoint_is_a_gap(
         report.checkpoints[1].error is not None and "solver failed" in report.checkpoints[1].error
     )
     assert report.verdict.status == "healthy"
+
+
+def _decaying(n: int, decay: float, spike: float, seed: int) -> Any:
+    """(n, n) matrix with singular values exp(-i / decay), sigma_1 raised by `spike`."""
+    import torch
+
+    from tests.spectra_factory import with_spectrum
+
+    s = torch.exp(-torch.arange(n, dtype=torch.float64) / decay)
+    s[0] += spike
+    return with_spectrum(n, n, s, seed).float().contiguous()
+
+
+def test_layers_to_smooth_include_collapses_that_start_below_the_floor(tmp_path: Path) -> None:
+    # A small model's matrices can sit below the floor from the start (SR ~2-3): their collapse
+    # to rank one is no `floor` event, only sigma_max growth. Before, one layer crossing the
+    # floor made the recipe drop them, leaving rank-1 matrices in the repaired checkpoint.
+    from safetensors.torch import save_file
+
+    below = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight")
+    crosses = "model.layers.0.self_attn.q_proj.weight"
+    grows_healthy = "model.layers.1.self_attn.q_proj.weight"  # sigma grows, SR stays high
+    for step in STEPS[:5]:
+        bad = step >= 400
+        tensors = {
+            below[0]: _decaying(64, 4.0, 30.0 if bad else 0.0, 1),
+            below[1]: _decaying(64, 2.0, 30.0 if bad else 0.0, 2),
+            crosses: _decaying(64, 13.0, 30.0 if bad else 0.0, 3),
+            grows_healthy: _decaying(64, 40.0, 0.0, 4) * (4.0 if bad else 1.0),
+        }
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"))
+    _, data = trend_json(str(tmp_path))
+    verdict = data["verdict"]
+    assert verdict["first_warning_step"] == 400
+    assert grows_healthy in verdict["first_warning_layers"]  # it warned (sigma growth) ...
+    assert sorted(verdict["layers_to_smooth"]) == sorted([*below, crosses])  # ... not smoothed
+
+
+def test_an_incomplete_trainer_checkpoint_is_named_in_the_recipe_and_by_smooth(
+    tmp_path: Path,
+) -> None:
+    # Trainer writes the weights first and trainer_state.json last: a trend run in between
+    # picked the half-written folder to repair without a word, and the resume failed.
+    run = tmp_path / "run"
+    write_run(run, STEPS[:5], COLLAPSING, 500, loss_spike_step=10**6)
+    (run / "checkpoint-500" / "trainer_state.json").unlink()
+    _, data = trend_json(str(run))
+    verdict = data["verdict"]
+    assert verdict["repair_checkpoint"] == str(run / "checkpoint-500")
+    assert any("checkpoint-500" in c and "trainer_state.json" in c for c in verdict["commands"][1:])
+    result = CliRunner().invoke(
+        app, ["smooth", str(run / "checkpoint-500"), "--out", str(tmp_path / "out"), "--all"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "trainer_state.json" in result.stdout and "resume_from_checkpoint fails" in result.stdout
+    # A run that never wrote trainer_state.json (save_pretrained alone) gets no such note.
+    plain = tmp_path / "plain"
+    write_run(plain, STEPS[:5], COLLAPSING, 500)
+    _, without = trend_json(str(plain))
+    assert without["verdict"]["repair_checkpoint"] == str(plain / "checkpoint-500")
+    assert not any("trainer_state" in c for c in without["verdict"]["commands"])

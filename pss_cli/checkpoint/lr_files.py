@@ -223,7 +223,8 @@ class LrScalePlan:
         )
         return (
             f"learning rates x{self.factor:g} in {where}{first}: {len(self.keys)} stored "
-            "value(s) scaled and re-read from the output, so the trainer resumes at the scaled "
+            "entries scaled (a list such as base_lrs is one entry) and re-read from the output, "
+            "so the trainer resumes at the scaled "
             "schedule even though it restores its optimizer and scheduler state"
         )
 

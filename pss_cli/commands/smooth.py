@@ -181,5 +181,5 @@ def smooth_command(
             else lambda plan: typer.echo(render_plan(plan), err=True),
         )
     typer.echo(render_smooth(report, output_format), nl=False)
-    if not dry_run and report.layers and not quiet:
+    if not dry_run and report.output is not None and not quiet:
         typer.echo(resume_recipe(report), err=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pss_cli.checkpoint.discover import open_checkpoint
 from pss_cli.checkpoint.optimizer import detect_master_weights
+from pss_cli.checkpoint.trainer_save import incomplete_trainer_save
 from pss_cli.errors import UsageError
 from pss_cli.pipeline import ProgressCallback, scan_checkpoint
 from pss_cli.repair.apply import (
@@ -80,6 +81,9 @@ def smooth_checkpoint(
         if not config.dry_run:
             notes.extend(staging_notes(out, config.clean_stale))
     lr_plan = lr_scale_plan(layout, config)
+    incomplete = incomplete_trainer_save(source)
+    if incomplete is not None:
+        notes.append(incomplete)
     scan = scan_checkpoint(source, config.scan, progress)
     plans, not_smoothed = select_plans(scan, layout, config)
     notes.extend(equal_copies_left_alone(plans, scan, layout))
@@ -90,8 +94,10 @@ def smooth_checkpoint(
         announce(planned)
     if config.dry_run:
         return replace(planned, messages=(*notes, *planned.messages))
-    if not changes:
-        # Writing an identical copy would only suggest a repair that did not happen.
+    if not changes and lr_plan is None:
+        # Writing an identical copy would only suggest a repair that did not happen. With
+        # --lr-scale the copy is still written (weights as they are, the LR scaled): rolling
+        # back to a healthy checkpoint at a lower LR is the repair the README advises first.
         return replace(
             planned,
             output=None,
@@ -118,6 +124,11 @@ def smooth_checkpoint(
         optimizer,
         started,
     )
+    if not changes:
+        notes.append(
+            "no selected matrix needs smoothing: the weights are written as they are, with the "
+            f"learning rate scaled by {config.lr_scale:g}"
+        )
     notes.extend(stale_weight_note(path) for path in writer.left_out)
     notes.extend(copied_weight_note(path) for path in copied_weight_files(layout, writer.left_out))
     return replace(final, messages=(*notes, *final.messages))

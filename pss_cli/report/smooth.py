@@ -66,9 +66,7 @@ def render_plan(report: SmoothReport) -> str:
     buffer = io.StringIO()
     console = _console(buffer, sys.stderr.isatty())
     if not report.layers:
-        console.print(
-            "pss smooth: nothing to change (no selected matrix needs smoothing)", soft_wrap=True
-        )
+        console.print("pss smooth: no selected matrix needs smoothing", soft_wrap=True)
     else:
         console.print(
             _table(report, f"pss smooth plan ({report.method}): {escape(report.input)}", False)
@@ -125,6 +123,14 @@ def _render_table(report: SmoothReport) -> str:
             ),
             soft_wrap=True,
         )
+    elif report.output is not None:  # --lr-scale alone: the weights copied as they are
+        console.print(
+            Text(
+                f"no matrix smoothed; {count(report.untouched_tensors_verified, 'tensor')} "
+                f"byte-identical to the input; written to {report.output}"
+            ),
+            soft_wrap=True,
+        )
     for skipped in report.not_smoothed:
         console.print(Text(f"left alone: {skipped.name}: {skipped.reason}"), soft_wrap=True)
     for message in report.messages:
@@ -139,6 +145,8 @@ def resume_recipe(report: SmoothReport) -> str:
         "the reset Adam moments make the first updates ~lr*sign(g), larger than usual"
         if reset
         else "the repaired matrices meet gradients (and Adam moments) of the old weights"
+        if report.layers
+        else "the run went on to diverge at the old learning rate"
     )
     scaled = optimizer.lr_scale if optimizer is not None else None
     factor = scaled.get("factor") if scaled is not None else None

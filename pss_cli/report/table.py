@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sys
 
@@ -24,6 +25,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+# Wider than any table pss prints (rich tables take their natural width up to the console's).
+_UNBOUNDED_WIDTH = 1000
+
+
 def _severity_key(layer: LayerResult) -> tuple[int, float]:
     # Non-finite and all-zero matrices first (no stable rank at all), then lowest stable rank.
     if layer.stable_rank is None:
@@ -33,10 +38,18 @@ def _severity_key(layer: LayerResult) -> tuple[int, float]:
 
 def text_console(color: bool | None) -> tuple[Console, io.StringIO]:
     """A console rendering into a string: coloured and terminal-wide when `color` (None: when
-    stdout is a terminal), else plain at 160 columns (files, pipes, tests)."""
+    stdout is a terminal), else plain and as wide as the table needs (files, pipes, CI logs):
+    a fixed 160 columns cut the trend table's sparklines and headers of a 40-checkpoint run
+    there. COLUMNS, when set, is the width either way."""
     if color is None:
         color = sys.stdout.isatty()
-    width = shutil.get_terminal_size((160, 24)).columns if color else 160
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        width = int(columns)
+    elif color:
+        width = shutil.get_terminal_size((160, 24)).columns
+    else:
+        width = _UNBOUNDED_WIDTH
     buffer = io.StringIO()
     console = Console(
         file=buffer, force_terminal=color, no_color=not color, width=width, highlight=False

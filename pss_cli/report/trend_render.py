@@ -135,7 +135,8 @@ def verdict_lines(report: TrendReport) -> list[str]:
     if low:
         lines.append(
             f"  {low} of {n_layers} matrices were already below the stable-rank floor at the "
-            "first checkpoint: a level, not a trend, so no warning (pss check judges levels)"
+            "first checkpoint: a level, not a trend, so being below it is no warning (a fall "
+            "or sigma_max growth still is; pss check judges levels)"
         )
     for label, spike, lead in (
         ("loss spike", v.loss_spike_step, v.lead_steps_loss),

@@ -16,11 +16,13 @@ from pathlib import Path
 from pss_cli import __version__
 from pss_cli.checkpoint.out_names import default_output
 from pss_cli.checkpoint.selection import glob_literal
+from pss_cli.checkpoint.trainer_save import incomplete_trainer_save
 from pss_cli.config import ScanConfig, TrendConfig
 from pss_cli.errors import CheckpointError, ComputeError, PssError
 from pss_cli.results import Flag, LayerResult
 from pss_cli.trend import cache_store
 from pss_cli.trend.detect import (
+    SIGMA_GROWTH,
     SPECTRAL_COLLAPSE,
     grad_spike_step,
     layer_warnings,
@@ -227,6 +229,7 @@ def _layer_trend(
         sigma_max=sigma_max,
         warnings=events,
         low_from_start=low_from_start(present_sr, low, bad),
+        below_floor=tuple(None if p is None else Flag.LOW_STABLE_RANK in p.flags for p in points),
     )
 
 
@@ -249,13 +252,24 @@ def _verdict(
     healthy = [c for c in statuses if c.status != "failed" and (first is None or c.step < first)]
     last_healthy = healthy[-1] if healthy and first is not None else None
     repair = next((c for c in statuses if c.step == first and c.status != "failed"), None)
-    # Smooth the matrices whose spectrum collapsed (floor/drop) where the first warning fired;
-    # when only sigma_max grew there, the ones that warned at all.
+    # Smooth the matrices whose spectrum collapsed where the first warning fired: a fall below
+    # the floor or a drop there, or sigma_max growth while below the floor (a matrix of a small
+    # model can start below it, so its collapse to rank one is no `floor` event: leaving those
+    # out left rank-1 matrices in the repaired checkpoint). When none collapsed, the ones that
+    # warned at all.
     at_first = [layer for layer in layers if any(e.step == first for e in layer.warnings)]
+    first_index = run_steps_index(statuses, first)
     collapsing = [
         layer
         for layer in at_first
-        if any(e.step == first and e.kind in SPECTRAL_COLLAPSE for e in layer.warnings)
+        if any(
+            e.step == first
+            and (
+                e.kind in SPECTRAL_COLLAPSE
+                or (e.kind == SIGMA_GROWTH and layer.below_floor_at(first_index))
+            )
+            for e in layer.warnings
+        )
     ]
     to_smooth = tuple(dict.fromkeys(layer.name for layer in (collapsing or at_first)))
     status = HEALTHY if first is None else (COLLAPSE if collapse is not None else WARNING)
@@ -275,6 +289,12 @@ def _verdict(
         lead_steps_grad=_lead(grad_spike, first),
         commands=_commands(repair, last_healthy, to_smooth),
     )
+
+
+def run_steps_index(statuses: list[CheckpointStatus], step: int | None) -> int:
+    """Position of `step` among the run's checkpoints (the index of the layers' series)."""
+    steps = [c.step for c in statuses]
+    return steps.index(step) if step in steps else len(steps)
 
 
 def _lead(spike: int | None, first_warning: int | None) -> int | None:
@@ -297,4 +317,7 @@ def _commands(
         commands.append(shlex.join(parts))
     if last_healthy is not None:
         commands.append(f"# or resume from {shlex.quote(last_healthy.path)} with a lower LR")
+    incomplete = incomplete_trainer_save(Path(repair.path)) if repair is not None else None
+    if incomplete is not None:
+        commands.append(f"# note: {incomplete}")
     return tuple(commands)

@@ -51,6 +51,12 @@ class LayerTrend:
     # Already below the scan's floor at its first checkpoint: no `floor` warning can fire (it did
     # not fall while watched), but the table and JSON say so.
     low_from_start: bool = False
+    # Per checkpoint: below the scan's floor there (None where the layer is absent or has no
+    # spectrum). Not in the JSON (stable_rank says it); used to pick the layers to smooth.
+    below_floor: tuple[bool | None, ...] = ()
+
+    def below_floor_at(self, step_index: int) -> bool:
+        return bool(self.below_floor[step_index]) if step_index < len(self.below_floor) else False
 
     @property
     def display_name(self) -> str:
