@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -43,17 +44,33 @@ def _schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSc
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=50, eta_min=1e-4)
 
 
-def test_accelerate_save_state_resumes_at_half_lr(tmp_path: Path) -> None:
+def _accelerate_state(folder: Path, model: torch.nn.Module) -> float:
+    """Train `model` a few steps under accelerate and `save_state` it; returns its last LR."""
     import accelerate  # in the `test` extra: a missing package fails, never skips
 
-    model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = _schedule(optimizer)
     acc = accelerate.Accelerator(cpu=True)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     _train(model, optimizer, scheduler)
-    acc.save_state(str(tmp_path / "state"))
-    lr_before = optimizer.param_groups[0]["lr"]
+    acc.save_state(str(folder))
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _accelerate_resume(folder: Path, model: torch.nn.Module) -> tuple[Any, Any]:
+    """The optimizer and scheduler `load_state` restores from `folder`."""
+    import accelerate
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = _schedule(optimizer)
+    acc = accelerate.Accelerator(cpu=True)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    acc.load_state(str(folder))
+    return optimizer, scheduler
+
+
+def test_accelerate_save_state_resumes_at_half_lr(tmp_path: Path) -> None:
+    lr_before = _accelerate_state(tmp_path / "state", _model())
     assert (tmp_path / "state" / "scheduler.bin").is_file()
 
     code, out, err = _pss(
@@ -63,14 +80,9 @@ def test_accelerate_save_state_resumes_at_half_lr(tmp_path: Path) -> None:
     assert code == 0, err
     assert json.loads(out)["optimizer"]["lr_scale"]["verified"] is True
 
-    model2 = _model()
-    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
-    scheduler2 = _schedule(optimizer2)
-    acc2 = accelerate.Accelerator(cpu=True)
-    model2, optimizer2, scheduler2 = acc2.prepare(model2, optimizer2, scheduler2)
-    acc2.load_state(str(tmp_path / "fixed"))
-    assert math.isclose(optimizer2.param_groups[0]["lr"], 0.5 * lr_before, rel_tol=1e-9)
-    assert math.isclose(scheduler2.scheduler.eta_min, 0.5e-4, rel_tol=1e-9)
+    optimizer, scheduler = _accelerate_resume(tmp_path / "fixed", _model())
+    assert math.isclose(optimizer.param_groups[0]["lr"], 0.5 * lr_before, rel_tol=1e-9)
+    assert math.isclose(scheduler.scheduler.eta_min, 0.5e-4, rel_tol=1e-9)
 
 
 def test_dcp_resumes_at_half_lr(tmp_path: Path) -> None:
@@ -137,17 +149,11 @@ def test_lr_scale_alone_on_a_healthy_checkpoint_writes_it_with_the_scaled_lr(
     # The README's first advice: roll back to the last healthy checkpoint at a lower LR. Nothing
     # there needs smoothing, and before, smooth exited 0 with "nothing was written": the
     # --lr-scale was dropped without a word.
-    import accelerate
+    def healthy() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = _schedule(optimizer)
-    acc = accelerate.Accelerator(cpu=True)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    _train(model, optimizer, scheduler)
-    acc.save_state(str(tmp_path / "state"))
-    lr_before = optimizer.param_groups[0]["lr"]
+    lr_before = _accelerate_state(tmp_path / "state", healthy())
 
     code, out, err = _pss(
         "smooth", tmp_path / "state", "--lr-scale", "0.5", "--out", tmp_path / "fixed",
@@ -168,13 +174,8 @@ def test_lr_scale_alone_on_a_healthy_checkpoint_writes_it_with_the_scaled_lr(
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the weights as they were
 
-    model2 = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
-    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
-    scheduler2 = _schedule(optimizer2)
-    acc2 = accelerate.Accelerator(cpu=True)
-    model2, optimizer2, scheduler2 = acc2.prepare(model2, optimizer2, scheduler2)
-    acc2.load_state(str(tmp_path / "fixed"))
-    assert math.isclose(optimizer2.param_groups[0]["lr"], 0.5 * lr_before, rel_tol=1e-9)
+    optimizer, _ = _accelerate_resume(tmp_path / "fixed", healthy())
+    assert math.isclose(optimizer.param_groups[0]["lr"], 0.5 * lr_before, rel_tol=1e-9)
     # Without --lr-scale the same input still writes nothing.
     code, out, err = _pss("smooth", tmp_path / "state", "--out", tmp_path / "nothing")
     assert code == 0 and not (tmp_path / "nothing").exists()
