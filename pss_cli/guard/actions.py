@@ -157,12 +157,23 @@ def _factor_of(value: torch.Tensor, spec: MatrixSpec, key: str) -> bool:
 
 
 def _zero(value: torch.Tensor, spec: MatrixSpec, split_dim: int | None) -> None:
-    if is_dtensor(value):
-        value.to_local().zero_()  # type: ignore[attr-defined]  # sharded: each rank its shard
-    elif split_dim is None:
-        value.zero_()
-    else:
+    if split_dim is None:
+        local = value.to_local() if is_dtensor(value) else value  # type: ignore[attr-defined]
+        local.zero_()  # a sharded moment: each rank zeroes its own shard
+    elif not is_dtensor(value):
         value.chunk(3, dim=split_dim)[spec.part].zero_()
+    else:
+        # One part of a sharded fused weight: this rank's shard need not line up with the
+        # parts (zeroing the whole shard zeroed the moments of parts that were not smoothed).
+        # The full moment is rebuilt, its part zeroed, and this rank's shard kept, as the
+        # smoothing writes the weight (pss_cli/guard/smooth.py); every rank runs this, in the
+        # same order.
+        from torch.distributed.tensor import distribute_tensor
+
+        full = value.full_tensor()  # type: ignore[attr-defined]
+        full.chunk(3, dim=split_dim)[spec.part].zero_()
+        sharded = distribute_tensor(full, value.device_mesh, value.placements)  # type: ignore[attr-defined]
+        value.to_local().copy_(sharded.to_local())  # type: ignore[attr-defined]
 
 
 def outcome_rows(outcomes: list[SmoothOutcome]) -> list[dict[str, Any]]:

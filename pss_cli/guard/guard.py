@@ -33,14 +33,20 @@ from pss_cli.errors import GuardConfigError, GuardTriggered
 from pss_cli.guard.actions import measure_sje, outcome_rows, smooth_matrices
 from pss_cli.guard.config import GuardConfig, TriggerAction
 from pss_cli.guard.monitor import SpectralMonitor
-from pss_cli.guard.reading import Reading, gather_step, nonfinite_layers, read_step
+from pss_cli.guard.reading import (
+    Reading,
+    gather_step,
+    nonfinite_layers,
+    norm_share,
+    read_step,
+    world_size,
+)
 from pss_cli.guard.results import GuardDecision, GuardEvent
 from pss_cli.guard.rules import SpectralRule, SpikeRule, ZScoreRule
 from pss_cli.guard.targets import (
     MatrixSpec,
     check_optimizer_holds,
     frozen_candidates,
-    is_dtensor,
     monitored_matrices,
     trainable_now,
     trainable_parameters,
@@ -103,7 +109,7 @@ class Guard:
         self._watched: list[tuple[str, nn.Parameter]] = []
         self._params: list[nn.Parameter] = []
         self._names: list[str] = []
-        self._sharded: list[bool] = []
+        self._shares: list[float] = []
         self._watch_key: tuple[tuple[int, int], ...] | None = None
         self._trainable_key: tuple[bool, ...] | None = None
         self._refresh_watched()
@@ -165,7 +171,7 @@ class Guard:
         self._refresh_specs()
         indices = self.monitor.next_indices() if self.monitor.due(step) else []
         measure = (lambda: self.monitor.measure(indices, self._device)) if indices else None
-        values = gather_step(self._params, self._sharded, self._device, loss, measure)
+        values = gather_step(self._params, self._shares, self._device, loss, measure)
         reading = read_step(
             values, indices, len(self._params), self.config.norm_kind, self.specs, self.spectral
         )
@@ -350,7 +356,8 @@ class Guard:
         self._watched = watched
         self._params = [p for _, p in watched]
         self._names = [name for name, _ in watched]
-        self._sharded = [is_dtensor(p) for p in self._params]
+        world = world_size()
+        self._shares = [norm_share(p, world) for p in self._params]
         self._watch_key = key
 
     def _restart_rules_if_the_trainable_set_changed(self, step: int) -> None:

@@ -58,7 +58,7 @@ class Reading:
 
 def gather_step(
     params: list[nn.Parameter],
-    sharded: list[bool],
+    shares: list[float],
     device: torch.device,
     loss: torch.Tensor | float | None,
     measure: Callable[[], torch.Tensor] | None,
@@ -66,7 +66,8 @@ def gather_step(
     """[nonfinite flag, non-finite loss flag, loss, has loss, ||g_p||^2 per param...,
     monitor readings...] (the first `HEADER` entries, then the norms).
 
-    sharded: per parameter, whether it is a DTensor shard. measure: on a monitor step, the
+    shares: per parameter, the weight of its local squared norm in the all-reduced sum
+    (`norm_share`). measure: on a monitor step, the
     monitor's (2c,) float64 readings on `device` (called after the norms are queued), else None.
     """
     zero = torch.zeros((), dtype=VECTOR_DTYPE, device=device)
@@ -103,14 +104,14 @@ def gather_step(
     )
     world = world_size()
     if world > 1:
-        # Replicated numbers (DDP grads after their all-reduce, the loss, readings of
-        # replicated weights) enter as x / world, so the SUM gives their mean; a shard's
-        # squared norm enters whole, so the SUM gives the full tensor's.
+        # Replicated numbers (DDP grads after their all-reduce, the loss, the monitor's
+        # readings of full weights) enter as x / world, so the SUM gives their mean; a
+        # gradient's squared norm enters with its share (`norm_share`: whole for an FSDP2
+        # shard), so the SUM gives the full tensor's.
         scale = torch.full_like(vector, 1.0 / world)
         scale[:2] = 1.0  # the flags: counts summed over ranks
-        shard = torch.tensor(sharded, dtype=torch.bool, device=device)
-        scale[HEADER : HEADER + len(params)] = torch.where(
-            shard, torch.ones_like(norms), torch.full_like(norms, 1.0 / world)
+        scale[HEADER : HEADER + len(params)] = torch.tensor(
+            shares, dtype=VECTOR_DTYPE, device=device
         )
         vector = vector * scale
         import torch.distributed as dist
@@ -151,6 +152,25 @@ def squared_grad_norms(params: list[nn.Parameter], device: torch.device) -> torc
             squared[i] = sq
     zero = torch.zeros((), dtype=VECTOR_DTYPE, device=device)
     return torch.stack([zero if sq is None else sq for sq in squared])
+
+
+def norm_share(param: torch.Tensor, world: int) -> float:
+    """The factor of this rank's squared gradient norm in the SUM over all `world` ranks.
+
+    Each distinct piece of a gradient is held by world / (number of distinct pieces) ranks:
+    a replicated gradient (DDP) by all of them (1 / world), an FSDP2 shard by one (1); a
+    DTensor on a mesh with Replicate dimensions (HSDP, a tensor-parallel bias), or on a mesh
+    smaller than the world, by several. Counting each copy once per holder overstated the norm
+    (HSDP by exactly sqrt(2) on a 2 x 1 mesh).
+    """
+    if not is_dtensor(param):
+        return 1.0 / world
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    pieces = 1
+    for dim, placement in enumerate(param.placements):  # type: ignore[attr-defined]
+        if placement.is_shard():
+            pieces *= mesh.size(dim)
+    return min(1.0, pieces / world)
 
 
 def world_size() -> int:
@@ -240,6 +260,14 @@ def stored_values(grad: torch.Tensor) -> torch.Tensor:
     """The gradient's own entries, detached: a DTensor's local shard; a sparse gradient's
     values (nn.Embedding(sparse=True)), coalesced so that repeated indices count once, as the
     optimizer applies them; torch's norm and isfinite kernels have no sparse versions."""
+    if is_dtensor(grad) and any(p.is_partial() for p in grad.placements):  # type: ignore[attr-defined]
+        # A Partial gradient (sequence parallelism's replicated norm weights) holds partial
+        # sums, not a shard: reduced to its placement's Replicate first (a collective, made
+        # by every rank in the same parameter order).
+        from torch.distributed.tensor import Replicate
+
+        placements = [Replicate() if p.is_partial() else p for p in grad.placements]  # type: ignore[attr-defined]
+        grad = grad.redistribute(grad.device_mesh, placements)  # type: ignore[attr-defined]
     local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
     if local.layout == torch.sparse_coo:
         local = local.coalesce().values()

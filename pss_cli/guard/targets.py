@@ -73,6 +73,7 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             f"Guard needs a torch.nn.Module, got {type(model).__name__}",
             "pass the model whose parameters the optimizer updates",
         )
+    _refuse_fsdp1(model)
     named = list(model.named_parameters())
     for name, p in named:
         if p.device.type == "meta":
@@ -91,12 +92,31 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return trainable
 
 
+_FSDP1_HINT = (
+    "use FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters the guard "
+    "monitors one matrix at a time"
+)
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP1 (FullyShardedDataParallel) keeps each rank's part of the weights as 1-D slices of
+    a flat buffer outside forward, with use_orig_params=True too: no matrix to monitor, and a
+    gradient norm the guard would count as replicated."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            where = f"'{name}'" if name else type(model).__name__
+            raise GuardConfigError(
+                f"{where} is wrapped in FSDP1 (FullyShardedDataParallel): its parameters are "
+                "1-D slices of flat shards, not matrices (with use_orig_params=True too)",
+                _FSDP1_HINT,
+            )
+
+
 def _check_sharding(name: str, p: torch.Tensor) -> None:
     if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
         raise GuardConfigError(
             f"parameter '{name}' is an FSDP1 flat parameter (several weights in one shard)",
-            "use FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters the guard "
-            "monitors one matrix at a time, or use_orig_params=True",
+            _FSDP1_HINT,
         )
     if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
         raise GuardConfigError(
