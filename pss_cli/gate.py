@@ -64,6 +64,12 @@ def evaluate(
         # A gate must not pass a model it could not look at (an empty index, every tensor
         # skipped or excluded): that is a broken or mis-specified save.
         rule = RULES_BY_ID["PSS002"]
+        tensors = [s for s in report.skipped if s.name]
+        why = (
+            f"all {len(tensors)} tensors skipped, e.g. '{tensors[0].name}': {tensors[0].reason}"
+            if tensors
+            else "no 2-D float tensors found"
+        )
         findings.append(
             Finding(
                 rule.id,
@@ -71,7 +77,7 @@ def evaluate(
                 report.checkpoint.replace("\\", "/"),
                 None,
                 None,
-                "no weight matrix was analysed (no 2-D float tensors found)",
+                f"no weight matrix was analysed ({why})",
             )
         )
     if baseline is not None:
@@ -96,6 +102,11 @@ def evaluate(
                 if report.layers
                 and not any(name_matches(x.name, x.index, glob) for x in report.layers)
             )
+        ),
+        not_checked=tuple(
+            (s.file, s.reason)
+            for s in report.skipped
+            if not s.name and ("sub-folder" in s.reason or "not named by the index" in s.reason)
         ),
     )
 
@@ -130,6 +141,7 @@ def merge(results: Sequence[CheckResult]) -> CheckResult:
         unmatched_globs=tuple(
             g for g in first.unmatched_globs if all(g in r.unmatched_globs for r in results)
         ),
+        not_checked=tuple(dict.fromkeys(x for r in results for x in r.not_checked)),
     )
 
 

@@ -226,6 +226,10 @@ class CheckResult:
     # The policy's per-tensor keys that named no analysed matrix: a typo there silently
     # configured nothing (the CLI warns on stderr).
     unmatched_globs: tuple[str, ...] = ()
+    # Weight files beside or below the checkpoint that it does not include (a sentence-
+    # transformers 2_Dense/, a shard the index does not name), as (file, why): the gate says
+    # so on stderr rather than pass them in silence.
+    not_checked: tuple[tuple[str, str], ...] = ()
 
     @property
     def errors(self) -> int:

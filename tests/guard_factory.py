@@ -131,3 +131,20 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for key in a:
         assert a[key].dtype == b[key].dtype, key
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def init_gloo(out: str, rank: int, world: int) -> None:
+    """Join a CPU (gloo) process group through a rendezvous file in `out`, one intra-op thread
+    per process (the guard's multi-process tests: 2 processes on a 2-core machine)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )

@@ -683,13 +683,13 @@ def test_all_zero_matrix(runner: CliRunner, tmp_path: Path) -> None:
     path = write_tensors(
         tmp_path / "m.safetensors",
         {
-            "lora_B.weight": torch.zeros(64, 8),
+            "zero_init.weight": torch.zeros(64, 8),
             "zero16.weight": torch.zeros(600, 700, dtype=torch.float16),  # the Krylov path
             "ok.weight": torch.randn(64, 48),
         },
     )
     report = _scan_json(runner, path)
-    for name in ("lora_B.weight", "zero16.weight"):
+    for name in ("zero_init.weight", "zero16.weight"):
         layer = _layer(report, name)
         # sigma_max = 0: SR = ||W||_F^2 / sigma_max^2 is 0/0, so null and a flag, never a
         # division by zero or a made-up number
@@ -704,7 +704,7 @@ def test_all_zero_matrix(runner: CliRunner, tmp_path: Path) -> None:
     )
     assert dry.exit_code == 0, dry.stderr
     left = {x["name"]: x["reason"] for x in json.loads(dry.stdout)["not_smoothed"]}
-    assert "all-zero" in left["lora_B.weight"]
+    assert "all-zero" in left["zero_init.weight"]
 
 
 def test_one_by_n_and_n_by_one(runner: CliRunner, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,9 @@ def _worker(rank: int, out: str, mode: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from pss_cli.guard import Guard, GuardConfig
-    from tests.guard_factory import batch, make_model, make_optimizer
+    from tests.guard_factory import batch, init_gloo, make_model, make_optimizer
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(out, rank, WORLD)
     model: torch.nn.Module
     if mode == "ddp":
         model = DistributedDataParallel(make_model(seed=0, dropout=0.0))

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -70,15 +69,9 @@ def _worker(rank: int, out: str) -> None:
 
     from pss_cli.errors import GuardConfigError
     from pss_cli.guard import Guard, GuardConfig
+    from tests.guard_factory import init_gloo
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(out, rank, WORLD)
     results: dict[str, object] = {}
     x, y = _data(rank)
 

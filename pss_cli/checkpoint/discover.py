@@ -18,13 +18,21 @@ from pathlib import Path
 
 from pss_cli.checkpoint.formats import registry
 from pss_cli.checkpoint.formats.safetensors.header import stat_path
-from pss_cli.checkpoint.layout_files import list_files
+from pss_cli.checkpoint.layout_files import list_files, weight_subfolders
 from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.errors import CheckpointNotFoundError
 
 # Formats we recognise only to say so clearly.
 _UNSUPPORTED_SUFFIXES = {
-    ".gguf": "GGUF",
+    ".gguf": "a GGUF file",
+    ".onnx": "an ONNX model",
+    ".h5": "an HDF5 file (Keras, TensorFlow)",
+    ".hdf5": "an HDF5 file",
+    ".keras": "a Keras model",
+    ".msgpack": "a msgpack file (Flax)",
+    ".npz": "a NumPy archive",
+    ".npy": "a NumPy array",
+    ".tflite": "a TensorFlow Lite model",
 }
 _CONVERT_HINT = "convert the weights to safetensors (e.g. safetensors.torch.save_file) first"
 _CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
@@ -43,7 +51,7 @@ def open_checkpoint(path: Path) -> CheckpointLayout:
     suffix = path.suffix.lower()
     if suffix in _UNSUPPORTED_SUFFIXES:
         raise CheckpointNotFoundError(
-            f"'{path}' is a {_UNSUPPORTED_SUFFIXES[suffix]} file, which pss does not read",
+            f"'{path}' is {_UNSUPPORTED_SUFFIXES[suffix]}, which pss does not read",
             hint=_CONVERT_HINT,
         )
     return registry.SAFETENSORS.open_any_file(path)
@@ -66,13 +74,32 @@ def _no_safetensors_error(folder: Path, children: list[Path]) -> CheckpointNotFo
     note = f"; {'/'.join(unsupported)} files are not supported yet" if unsupported else ""
     message = f"folder '{folder}' holds no .safetensors files (found: {found}){note}"
     latest = _latest_checkpoint_dir(folder)
+    parts = weight_subfolders(folder, limit=4)
+    snapshots = _snapshots(folder)
     if latest is not None:
         hint = f"it holds trainer checkpoints: pass one of them, e.g. '{latest}'"
+    elif snapshots:
+        # A Hugging Face cache repo folder (models--org--name): the files are in a snapshot.
+        hint = f"it is a Hugging Face cache folder: pass a snapshot, e.g. '{snapshots[-1]}'"
+    elif parts:
+        # A diffusers pipeline (unet/, vae/, text_encoder/), a sentence-transformers model
+        # (0_Transformer/): each component is a checkpoint of its own.
+        named = ", ".join(f"'{p.parent}'" for p in parts)
+        hint = f"its weights are in sub-folders, each a checkpoint of its own: pass {named}"
     elif unsupported:
         hint = _CONVERT_HINT
     else:
         hint = "pass a folder or file that holds .safetensors weights"
     return CheckpointNotFoundError(message, hint=hint)
+
+
+def _snapshots(folder: Path) -> list[Path]:
+    """The snapshot folders of a Hugging Face cache repo folder, oldest first."""
+    try:
+        found = [p for p in (folder / "snapshots").iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
 def _latest_checkpoint_dir(folder: Path) -> Path | None:

@@ -81,12 +81,71 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+# Names that hold weights: a link to one of these that leads nowhere is a missing part of the
+# checkpoint, not an entry to pass over.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp", ".index.json")
+
+
 def _is_file(entry: os.DirEntry[str]) -> bool:
     try:
-        return entry.is_file()  # follows symlinks; a dangling or looping link is not a file
+        if entry.is_file():  # follows symlinks, as in the HF cache
+            return True
+    except OSError:
+        # A looping link: the reader of that file names it ("symbolic link loop") when the
+        # checkpoint needs it (a shard an index names); passed over here as before.
+        return False
+    if entry.is_symlink() and entry.name.endswith(_WEIGHT_SUFFIXES) and _dangles(entry.path):
+        # A dangling link to weights (an HF cache snapshot whose blob is missing) was dropped
+        # without a word: `check` passed on the other files alone.
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            target = "?"
+        raise CorruptCheckpointError(
+            f"'{entry.path}' is a symbolic link to '{target}', which does not lead to a file",
+            hint="the download is incomplete (a Hugging Face cache blob is missing?): fetch it "
+            "again, or remove the link",
+        )
+    return False
+
+
+def _dangles(path: str) -> bool:
+    """A link whose target does not exist (not a loop: the reader names a loop as one)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
+    return False
 
 
 def torch_weight_files(children: list[Path]) -> tuple[Path, ...]:
     return tuple(sorted(p for p in children if is_model_file(p)))
+
+
+def weight_subfolders(folder: Path, limit: int = 20) -> list[Path]:
+    """One weight file per direct sub-folder of ``folder`` that holds weights of its own (a
+    sentence-transformers `2_Dense/`, a diffusers `unet/`): not part of the checkpoint read
+    from ``folder``'s own files, so a report must say that it was not scanned. Hidden folders
+    (pss's cache, staging) and unreadable ones are passed over."""
+    found: list[Path] = []
+    try:
+        with os.scandir(folder) as it:
+            subfolders = sorted(
+                Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir()
+            )
+    except OSError:
+        return found
+    for sub in subfolders:
+        try:
+            with os.scandir(sub) as it:
+                names = sorted(e.name for e in it if e.is_file())
+        except OSError:
+            continue
+        weights = [n for n in names if n.endswith(".safetensors") or is_model_file(sub / n)]
+        if weights:
+            found.append(sub / weights[0])
+        if len(found) >= limit:
+            break
+    return found

@@ -222,6 +222,7 @@ def select(
         parts = quantized.get(entry.name)
         reason = (
             _filter_reason(entry.name, include, exclude)
+            or _adapter_reason(entry.name)
             or _shape_reason(entry)
             or refused.get(entry.name)
             or (_metadata_reason(entry) if quantized_checkpoint else None)
@@ -433,6 +434,21 @@ def _metadata_reason(entry: TensorEntry) -> str | None:
     if last == "qweight" and entry.dtype == "I32":
         return "packed quantized weights (GPTQ/AWQ int32): not unpacked, not analysed"
     return None
+
+
+# PEFT's LoRA factors (`...q_proj.lora_A.weight`, `lora_embedding_B`): the layer's update is
+# B @ A, low-rank by design. Judged alone, a trained A failed the stable-rank floor and smooth
+# rewrote A without B, changing the update arbitrarily.
+_LORA_SEGMENTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+
+
+def _adapter_reason(name: str) -> str | None:
+    if _LORA_SEGMENTS.isdisjoint(name.split(".")):
+        return None
+    return (
+        "a LoRA adapter factor (low-rank by design): not analysed; scan the merged model "
+        "(peft's merge_and_unload) to see the weights the adapter changes"
+    )
 
 
 def _filter_reason(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,7 +32,10 @@ def staged_folder(out: Path, like: Path) -> Iterator[Path]:
     """A fresh hidden folder beside ``out`` (same filesystem), removed on any failure."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
     try:
-        shutil.copymode(like, staging)  # mkdtemp makes it 0700
+        # The input folder's mode (mkdtemp makes it 0700), but writable by its owner: a
+        # read-only input folder (a finished run locked with chmod a-w, a shared model store)
+        # made the staging folder read-only before anything was written into it.
+        os.chmod(staging, stat.S_IMODE(os.stat(like).st_mode) | stat.S_IRWXU)
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -74,14 +78,19 @@ def copy_others(
     written: set[str],
     skip_copy: Callable[[Path], bool] | None,
 ) -> list[str]:
-    """Copy every other entry of ``input_folder`` unchanged; symlinks stay links (copying their
-    targets could pull in whole caches), metadata (mtime, mode) kept by copy2."""
+    """Copy every other entry of ``input_folder`` unchanged, metadata (mtime, mode) kept by
+    copy2; returns the names copied.
+
+    Symbolic links: one that leads inside ``input_folder`` stays a link (its target is copied
+    too, so it still leads there); one that leads outside it is copied as the file it points
+    to (a Hugging Face cache snapshot is made of relative links to `../../blobs/<sha>`: copied
+    as links, config.json and the tokenizer dangled in the output and `from_pretrained` failed
+    on it), or, for a folder, becomes a link to its absolute target (copying it could pull in a
+    whole cache, or loop); a dangling one stays as it is.
+    """
 
     def skipped(path: Path) -> bool:
         return skip_copy is not None and skip_copy(path)
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        return {name for name in names if skipped(Path(folder) / name)}
 
     copied = []
     with os.scandir(input_folder) as it:
@@ -90,17 +99,38 @@ def copy_others(
         src = Path(child.path)
         if child.name in written or skipped(src):
             continue
-        dst = staging / child.name
-        if child.is_symlink():
-            os.symlink(os.readlink(src), dst)
-        elif child.is_dir(follow_symlinks=False):
-            shutil.copytree(src, dst, symlinks=True, ignore=ignore, copy_function=shutil.copy2)
-        elif child.is_file(follow_symlinks=False):
-            shutil.copy2(src, dst, follow_symlinks=False)
-        else:
-            continue  # FIFOs, sockets, devices: copying them could block or never end
-        copied.append(child.name)
+        if _copy_entry(src, staging / child.name, skipped, Path(os.path.realpath(input_folder))):
+            copied.append(child.name)
     return copied
+
+
+def _copy_entry(src: Path, dst: Path, skipped: Callable[[Path], bool], root: Path) -> bool:
+    """Copy one entry (see `copy_others`); False for what is not copied (FIFOs, sockets,
+    devices: copying them could block or never end). ``root``: the input folder, resolved."""
+    if src.is_symlink():
+        target = Path(os.path.realpath(src))
+        if target.is_relative_to(root) or not target.exists():
+            os.symlink(os.readlink(src), dst)
+        elif target.is_file():
+            shutil.copy2(target, dst)
+        elif target.is_dir():
+            os.symlink(target, dst)
+        else:  # a FIFO or device behind the link: not read
+            return False
+        return True
+    if src.is_dir():
+        os.mkdir(dst)
+        with os.scandir(src) as it:
+            for entry in sorted(it, key=lambda e: e.name):
+                path = Path(entry.path)
+                if not skipped(path):
+                    _copy_entry(path, dst / entry.name, skipped, root)
+        shutil.copystat(src, dst)
+        return True
+    if src.is_file():
+        shutil.copy2(src, dst, follow_symlinks=False)
+        return True
+    return False
 
 
 def file_output_error(layout: CheckpointLayout, out: Path, names: str, why: str = "") -> UsageError:

@@ -13,16 +13,34 @@ LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 TOKEN_EMBEDDING_HINTS = ("wte", "embed_tokens", "word_embeddings", "tok_embeddings", "embed_in")
 
 
+# Architectures (config.json "architectures") with an output head over the vocabulary: a
+# tie needs one. A bare encoder (BertModel, a sentence-transformers model) has none.
+_HEAD_ARCHITECTURES = (
+    "LMHead",
+    "ForCausalLM",
+    "ForMaskedLM",
+    "ForConditionalGeneration",
+    "ForPreTraining",
+)
+
+
 def config_ties_embeddings(folder: Path) -> bool | None:
     """What the model's config.json says about tying (transformers' default, True, when it is
-    silent); None when there is no readable config.json."""
+    silent); None when there is no readable config.json. False when the architectures it names
+    have no LM head (BertModel: the note said "the output head too" of a model without one)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         return None
     try:
-        tie = json.loads(config_file.read_text(encoding="utf-8")).get("tie_word_embeddings", True)
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        tie = config.get("tie_word_embeddings", True)
+        architectures = config.get("architectures")
     except (OSError, ValueError, AttributeError):
         return True
+    if isinstance(architectures, list) and architectures:
+        names = [a for a in architectures if isinstance(a, str)]
+        if names and not any(marker in a for a in names for marker in _HEAD_ARCHITECTURES):
+            return False
     return tie is not False
 
 

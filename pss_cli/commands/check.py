@@ -136,20 +136,22 @@ def _emit(
     checks: list[CheckResult | None], output_format: CheckFormat, output: Path | None, quiet: bool
 ) -> bool:
     """Render, write and print the merged verdict (rank 0 of a distributed run); True = passed."""
-    from pss_cli.report.files import write_text_atomically
+    from pss_cli.report.files import write_stdout, write_text_atomically
 
     result = merge([check for check in checks if check is not None])
     text = render_check(result, output_format)
     if output is not None:
         write_text_atomically(output, text)
     _append_step_summary(result, output_format)
-    typer.echo(text, nl=False)
+    write_stdout(text)
     for glob in result.unmatched_globs:
         print(
             f"Warning: the policy's per-tensor key '{glob}' matches no analysed matrix (a typo, "
             "or a tensor pss skips?): it configures nothing",
             file=sys.stderr,
         )
+    for file, why in result.not_checked:
+        print(f"Warning: '{file}' was not checked: {why}", file=sys.stderr)
     if output_format is not CheckFormat.TEXT and not quiet:
         print(verdict_line(result), file=sys.stderr)
     return result.passed

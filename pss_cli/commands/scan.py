@@ -150,14 +150,14 @@ def _emit(
     output: Path | None,
     quiet: bool,
 ) -> None:
-    from pss_cli.report.files import write_text_atomically
+    from pss_cli.report.files import write_stdout, write_text_atomically
     from pss_cli.report.render import render_scan
 
     assert report is not None  # rank 0 (or a single process) always has the report
     text = render_scan(report, output_format, limit=limit)
     if output is not None:
         write_text_atomically(output, render_scan(report, output_format, limit=limit, color=False))
-    typer.echo(text, nl=not text.endswith("\n"))
+    write_stdout(text if text.endswith("\n") else text + "\n")
     if quiet or output_format is not OutputFormat.TABLE:
         return
     from pss_cli.repair import would_smooth_by_default  # the count smooth's selection gives

@@ -17,7 +17,6 @@ from pss_cli.commands.options import (
     IncludeOpt,
     MinStableRankOpt,
     PrecisionOpt,
-    QuietOpt,
     SeedOpt,
 )
 from pss_cli.config import (
@@ -111,7 +110,10 @@ def smooth_command(
     precision: PrecisionOpt = DEFAULT_PRECISION,
     seed: SeedOpt = DEFAULT_SEED,
     output_format: FormatOpt = OutputFormat.TABLE,
-    quiet: QuietOpt = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No plan, progress bar or resume recipe on stderr."),
+    ] = False,
     allow_pickle_types: AllowPickleTypesOpt = False,
 ) -> None:
     """Smooth the dominant singular values of singular matrices into a new checkpoint."""
@@ -149,6 +151,7 @@ def smooth_command(
         target_stable_rank=target_stable_rank,
         optimizer_state=optimizer_state,
     )
+    from pss_cli.report.files import write_stdout
     from pss_cli.report.progress import stderr_progress
     from pss_cli.report.smooth import render_plan, render_smooth, resume_recipe
 
@@ -180,6 +183,6 @@ def smooth_command(
             if dry_run or quiet
             else lambda plan: typer.echo(render_plan(plan), err=True),
         )
-    typer.echo(render_smooth(report, output_format), nl=False)
+    write_stdout(render_smooth(report, output_format))
     if not dry_run and report.output is not None and not quiet:
         typer.echo(resume_recipe(report), err=True)

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 RunArg = Annotated[
     list[Path],
     typer.Argument(
-        help="A run folder holding checkpoint-N/ (step-N, step_N, global_stepN, iter_N) entries, "
-        "or several checkpoints in training order.",
+        help="A run folder holding checkpoint-N/ (step-N, step_N, stepN, global_stepN, iter_N, "
+        "Lightning's step=S / epoch=E-step=S) entries, or several checkpoints in training order.",
         show_default=False,
         metavar="RUN_DIR|CHECKPOINT...",
     ),
@@ -173,7 +173,7 @@ def _check_outputs(output: Path | None, plot: Path | None) -> None:
 def _emit(
     report: TrendReport, output_format: OutputFormat, output: Path | None, plot: Path | None
 ) -> None:
-    from pss_cli.report.files import write_text_atomically
+    from pss_cli.report.files import write_stdout, write_text_atomically
     from pss_cli.report.trend_render import render_trend
     from pss_cli.trend.series import HEALTHY
 
@@ -190,7 +190,7 @@ def _emit(
         from pss_cli.report.trend_figure import write_plot
 
         write_plot(report, plot)
-    typer.echo(text, nl=not text.endswith("\n"))
+    write_stdout(text if text.endswith("\n") else text + "\n")
     if report.verdict.status != HEALTHY:
         # SystemExit, not typer.Exit: app.guarded treats any Exception as a bug.
         raise SystemExit(int(ExitCode.FINDINGS))

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pss_cli import __version__
+from pss_cli.checkpoint.layout_files import weight_subfolders
 from pss_cli.checkpoint.ties import tied_head_embedding
 from pss_cli.config import BF16_MIN_SPEEDUP, MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
 from pss_cli.pipeline.plan import (
@@ -144,6 +145,20 @@ def assemble_report(
                     "(tie_word_embeddings), which is the output head too"
                 ),
             ),
+        )
+    if not layout.one_file:
+        notes += tuple(
+            SkippedResult(
+                name="",  # not a tensor: a file of a sub-folder
+                file=str(file.relative_to(layout.folder)),
+                shape=(),
+                dtype="",
+                reason=(
+                    "weights in a sub-folder: not part of this checkpoint, not scanned (scan "
+                    f"'{file.parent}' on its own)"
+                ),
+            )
+            for file in weight_subfolders(layout.folder)
         )
     return ScanReport(
         pss_version=__version__,

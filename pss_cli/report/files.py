@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -85,3 +88,27 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         if temp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+
+
+def write_stdout(text: str) -> None:
+    """Print a command's result: every byte, or a BrokenPipeError.
+
+    Into a pipe whose reader went away mid-write (`pss scan ... | head`), Python's buffered
+    stdout wrote what the pipe took and dropped the rest without an error (measured: one write
+    of 65536 of 700000 bytes, SIGPIPE ignored, exit 0), so the documented exit 141 never came.
+    A pipe gets the bytes with os.write until all are taken; anything else (a terminal, a file,
+    a test runner's buffer) the usual text stream.
+    """
+    try:
+        fd = sys.stdout.fileno()
+        pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pipe = False
+    if not pipe:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()
+    data = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+    while data:
+        data = data[os.write(fd, data) :]

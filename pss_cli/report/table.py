@@ -98,10 +98,11 @@ def render_table(report: ScanReport, limit: int | None = None, color: bool | Non
         console.print(
             f"({len(rows) - limit} more layers not shown; drop --limit to see all)", soft_wrap=True
         )
-    console.print(_summary_line(report), soft_wrap=True)
     for skipped in report.skipped:
         if not skipped.dtype:  # not a tensor: a whole file, or a second set of weights
             console.print(Text(f"note: {skipped.file}: {skipped.reason}"), soft_wrap=True)
+    # Last, so that `pss scan ... | tail -1` reads it (docs/smooth.md) whatever notes there are.
+    console.print(_summary_line(report), soft_wrap=True)
     return buffer.getvalue()
 
 

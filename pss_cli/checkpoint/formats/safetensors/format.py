@@ -69,6 +69,7 @@ class SafetensorsFormat:
     def open_folder(self, folder: Path, children: list[Path]) -> CheckpointLayout | None:
         index = _find_index(folder, children)
         if index is not None:
+            _refuse_single_beside_index(folder, index, children)
             return _open_sharded(folder, index=index)
         shards = sorted(p for p in children if p.name.endswith(SAFETENSORS_SUFFIX))
         if not shards:
@@ -146,6 +147,27 @@ class SafetensorsFormat:
             before_commit=request.before_commit,
         )
         return WriteResult(written.out)
+
+
+def _refuse_single_beside_index(folder: Path, index: Path, children: list[Path]) -> None:
+    """A `model.safetensors` the default index does not name, beside it: two checkpoints.
+
+    transformers' `from_pretrained` loads `model.safetensors` whenever it exists and ignores the
+    index, while the index names other shards (a stale sharded save, or a later merged one).
+    pss read the index: `check` passed weights the model never loads, and `smooth` repaired
+    shards `from_pretrained` then ignored.
+    """
+    single = folder / "model.safetensors"
+    if index.name != DEFAULT_INDEX_NAME or single not in children:
+        return
+    if "model.safetensors" in set(read_weight_map(index).values()):
+        return  # a one-shard index naming the file itself: one checkpoint
+    raise UsageError(
+        f"folder '{folder}' holds both 'model.safetensors' and '{index.name}', which names "
+        "other shards: two checkpoints, and transformers loads 'model.safetensors' (it ignores "
+        "the index when that file exists)",
+        f"pass the one you mean: '{single}', or '{index}'; and remove the stale one",
+    )
 
 
 def _find_index(folder: Path, children: list[Path]) -> Path | None:

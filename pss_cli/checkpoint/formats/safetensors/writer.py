@@ -167,11 +167,13 @@ def _write_single_file(
     before_commit: Callable[[Path], None] | None = None,
 ) -> None:
     with staged_file(out) as tmp:
-        shutil.copymode(src, tmp)  # mkstemp makes it 0600; keep the input's permissions
         _write_safetensors(src, tmp, layout, replacements, provenance)
         _validate(src, tmp, layout, replacements, provenance)
         if before_commit is not None:
             before_commit(tmp)
+        # mkstemp makes it 0600: the input's permissions, once written (a 0444 input copied
+        # first made the staged file unwritable)
+        shutil.copymode(src, tmp)
         commit_file(tmp, out, force)
 
 

@@ -44,7 +44,7 @@ class TorchFormat:
     def open_file(self, path: Path) -> CheckpointLayout | None:
         if path.name.endswith(TORCH_INDEX_SUFFIX):
             return _open_torch_sharded(path, index=path)
-        if path.suffix.lower() in TORCH_SUFFIXES:
+        if path.suffix.lower() in TORCH_SUFFIXES or _torch_tar(path):
             require_regular_file(path)
             return _open_torch_files(path, [path], TorchKind.FILE)
         return None
@@ -180,3 +180,12 @@ def _open_torch_sharded(root: Path, index: Path) -> CheckpointLayout:
         # A name absent from every shard may be a tied alias listed once (entries_of keeps
         # one name per shared tensor) or a non-float tensor; the shards are what is written.
     return replace(layout, index_file=index)
+
+
+def _torch_tar(path: Path) -> bool:
+    """timm's `checkpoint-N.pth.tar` / `model_best.pth.tar`: a torch.save file whatever the
+    `.tar` says (its content decides: a real tar archive is not read)."""
+    from pss_cli.checkpoint.sniff import sniff
+
+    name = path.name.lower()
+    return name.endswith((".pth.tar", ".pt.tar")) and path.is_file() and sniff(path) == "torch"

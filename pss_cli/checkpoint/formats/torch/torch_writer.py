@@ -55,10 +55,10 @@ def write_torch_checkpoint(
     try:
         if to_file:
             with st.staged_file(out) as tmp:
-                shutil.copymode(layout.files[0], tmp)
                 _write_one(layout.files[0], tmp, layout, replacements, edit_object)
                 if before_commit is not None:
                     before_commit(tmp)
+                shutil.copymode(layout.files[0], tmp)  # once written (a 0444 input)
                 sidecar = provenance_sidecar(out)
                 sidecar.unlink(missing_ok=True)
                 st.write_provenance(sidecar, provenance)

@@ -1,0 +1,261 @@
+"""Real-world folder layouts a user points pss at: a Hugging Face cache snapshot (symlinks to
+blobs), a read-only run, a folder with both a single file and an index, sub-folders with weights
+of their own (sentence-transformers, diffusers), PEFT adapters, other frameworks' files, and a
+pipe whose reader goes away. Each test failed on the version before its fix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from pss_cli.app import app
+from tests.spectra_factory import spiky, with_spectrum
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A 2-matrix model whose first matrix is collapsed (flagged), so smooth has work."""
+    return {
+        "model.layers.0.mlp.up_proj.weight": with_spectrum(64, 48, spiky(48, (9.0,)), seed)
+        .float()
+        .contiguous(),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(
+            48, 64, generator=torch.Generator().manual_seed(seed)
+        ),
+    }
+
+
+def _run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _hub_cache(root: Path) -> Path:
+    """models--org--tiny/{blobs/<sha>, snapshots/<rev>/<name> -> ../../blobs/<sha>}."""
+    repo = root / "models--org--tiny"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / ("a" * 40)
+    blobs.mkdir(parents=True)
+    (snapshot / "1_Pooling").mkdir(parents=True)
+    staged = root / "staged"
+    staged.mkdir()
+    save_file(_weights(), str(staged / "model.safetensors"))
+    (staged / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (staged / "pooling.json").write_text("{}")
+    for name, link in [
+        ("model.safetensors", snapshot / "model.safetensors"),
+        ("config.json", snapshot / "config.json"),
+        ("pooling.json", snapshot / "1_Pooling" / "config.json"),
+    ]:
+        data = (staged / name).read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+def test_a_hub_cache_snapshot_is_smoothed_into_real_files(tmp_path: Path) -> None:
+    # The snapshot's files are relative links into ../../blobs: copied as links, config.json
+    # dangled in the output and from_pretrained failed on a "verified" repair.
+    snapshot = _hub_cache(tmp_path)
+    blobs_before = _digests(tmp_path / "models--org--tiny" / "blobs")
+    out = tmp_path / "out"
+    code, _, err = _run("smooth", snapshot, "--out", out, "-q")
+    assert code == 0, err
+    for name in ("config.json", "1_Pooling/config.json", "model.safetensors"):
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert json.loads((out / "config.json").read_text()) == {"model_type": "llama"}
+    assert _digests(tmp_path / "models--org--tiny" / "blobs") == blobs_before
+
+
+def test_a_read_only_run_is_smoothed_into_a_writable_copy(tmp_path: Path) -> None:
+    # A finished run locked with chmod a-w: the staging folder took the input's 0555 before
+    # anything was written into it (a non-root user got "Permission denied" after all the SVDs;
+    # root got a read-only output folder).
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(_weights(), str(run / "model.safetensors"))
+    (run / "config.json").write_text("{}")
+    for path in run.iterdir():
+        path.chmod(0o444)
+    run.chmod(0o555)
+    try:
+        out = tmp_path / "out"
+        code, _, err = _run("smooth", run, "--out", out, "-q")
+        assert code == 0, err
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755  # the input's, plus the owner's write
+        assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o444
+        single = tmp_path / "single.safetensors"
+        code, _, err = _run("smooth", run / "model.safetensors", "--out", single, "-q")
+        assert code == 0, err
+        assert stat.S_IMODE(single.stat().st_mode) == 0o444
+    finally:
+        run.chmod(0o755)
+
+
+def test_a_single_file_beside_an_index_of_other_shards_is_refused(tmp_path: Path) -> None:
+    # transformers loads model.safetensors when it exists; pss read the index's shards: check
+    # passed weights the model never loads.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(_weights(1), str(folder / "model.safetensors"))
+    weights = _weights(2)
+    save_file(weights, str(folder / "model-00001-of-00001.safetensors"))
+    index = {
+        "metadata": {},
+        "weight_map": dict.fromkeys(weights, "model-00001-of-00001.safetensors"),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for command in ("scan", "check"):
+        code, _, err = _run(command, folder)
+        assert code == 2, (command, err)
+        assert "transformers loads 'model.safetensors'" in err
+    code, _, err = _run("scan", folder / "model.safetensors")  # the file named: no ambiguity
+    assert code == 0, err
+
+
+def test_a_dangling_link_to_weights_is_an_error_naming_it(tmp_path: Path) -> None:
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    save_file(_weights(), str(folder / "part-a.safetensors"))
+    os.symlink("../../blobs/0123abcd", folder / "part-b.safetensors")
+    code, _, err = _run("scan", folder)
+    assert code == 3 and "part-b.safetensors" in err and "../../blobs/0123abcd" in err
+    code, out, _ = _run("check", folder)
+    assert code == 1 and "PSS002" in out  # before: passed on part-a alone
+
+
+def test_weights_in_a_sub_folder_are_named_by_scan_and_check(tmp_path: Path) -> None:
+    # sentence-transformers keeps a Dense layer in 2_Dense/: check passed without a word on it.
+    root = tmp_path / "st"
+    (root / "2_Dense").mkdir(parents=True)
+    save_file(_weights(), str(root / "model.safetensors"))
+    save_file({"linear.weight": torch.ones(16, 16)}, str(root / "2_Dense" / "model.safetensors"))
+    code, out, _ = _run("scan", root)
+    assert code == 0 and "2_Dense/model.safetensors: weights in a sub-folder" in out
+    assert out.rstrip().splitlines()[-1].startswith("2 matrices")  # the summary stays last
+    code, _, err = _run("check", root)
+    assert "'2_Dense/model.safetensors' was not checked" in err
+
+
+def test_lora_factors_are_not_judged_alone(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    adapter = {
+        "base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(8, 64, generator=g),
+        "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(64, 8, generator=g),
+    }
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(adapter, str(path))
+    code, out, _ = _run("check", path)
+    assert code == 1 and "LoRA adapter factor" in out  # PSS002, saying why nothing was analysed
+    code, out, err = _run("smooth", path, "--out", tmp_path / "o.safetensors", "--all")
+    assert code == 0 and not (tmp_path / "o.safetensors").exists(), err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("model.onnx", b"\x08\x07\x12\x07pytorch", "an ONNX model"),
+        ("tf_model.h5", b"\x89HDF\r\n\x1a\n" + bytes(64), "an HDF5 file"),
+        ("flax_model.msgpack", b"\x81\xa6params\x80", "a msgpack file (Flax)"),
+        ("pytorch_model.bin", b"version https://git-lfs.github.com/spec/v1\n", "Git LFS pointer"),
+        ("model.pt", "keras", "a Keras model"),
+        ("weights.pt", "npz", "a NumPy archive"),
+    ],
+)
+def test_other_frameworks_files_are_named_for_what_they_are(
+    tmp_path: Path, name: str, content: bytes | str, says: str
+) -> None:
+    # Before: "header length field claims 8e18 bytes ... re-download", a Keras zip called a
+    # torch checkpoint, and an LFS pointer answered with `torch.load(weights_only=False)`.
+    path = tmp_path / name
+    if content == "keras":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("config.json", "{}")
+            archive.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
+    elif content == "npz":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("w.npy", b"\x93NUMPY")
+    else:
+        assert isinstance(content, bytes)
+        path.write_bytes(content)
+    code, _, err = _run("scan", path)
+    assert code == 3 and says in err, err
+    assert "weights_only=False" not in err
+
+
+def test_a_timm_pth_tar_is_read_as_the_torch_file_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint-3.pth.tar"
+    torch.save({"state_dict": _weights(), "epoch": 3}, path)
+    code, out, err = _run("scan", path)
+    assert code == 0, err
+    assert "2 matrices, 1 flagged" in out
+
+
+def test_folders_of_components_point_at_them(tmp_path: Path) -> None:
+    pipeline = tmp_path / "tiny-sd"
+    for part in ("unet", "vae"):
+        (pipeline / part).mkdir(parents=True)
+        save_file(_weights(), str(pipeline / part / "diffusion_pytorch_model.safetensors"))
+    (pipeline / "model_index.json").write_text("{}")
+    code, _, err = _run("scan", pipeline)
+    assert code == 3 and f"'{pipeline / 'unet'}'" in err and f"'{pipeline / 'vae'}'" in err
+    repo = tmp_path / "models--org--tiny"
+    (repo / "snapshots" / ("b" * 40)).mkdir(parents=True)
+    code, _, err = _run("scan", repo)
+    assert code == 3 and "pass a snapshot" in err and "b" * 40 in err
+
+
+def test_a_bare_encoder_gets_no_tied_head_note(tmp_path: Path) -> None:
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    save_file(
+        {"embeddings.word_embeddings.weight": torch.randn(100, 32), **_weights()},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    code, out, _ = _run("scan", folder)
+    assert code == 0 and "LM head" not in out
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    code, out, _ = _run("scan", folder)
+    assert code == 0 and "the LM head is not stored" in out
+
+
+def test_a_reader_that_goes_away_mid_output_gets_exit_141(tmp_path: Path) -> None:
+    # Python's buffered stdout wrote what the pipe took and dropped the rest without an error:
+    # `pss scan ... | head -3` exited 0 with the output cut short.
+    g = torch.Generator().manual_seed(0)
+    many = {f"layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(600)}
+    path = tmp_path / "many.safetensors"
+    save_file(many, str(path))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    read, write = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pss_cli", "scan", str(path), "-q"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(write)
+    os.read(read, 100)  # the first bytes, then the reader goes away
+    os.close(read)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141, err
+    assert err == b""
