@@ -6,6 +6,7 @@ schedulers. Each test fails on the version before the fix it names.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -278,3 +279,65 @@ def test_a_metric_step_is_never_held_back_by_a_skipped_step() -> None:
     schedule.step()  # a per-step call after it: held back
     assert schedule.metrics_seen == [0.5]
     assert schedule.last_epoch == 1
+
+
+def test_norm_shares_follow_a_process_group_started_after_the_guard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shares were fixed at construction: a guard built before init_process_group counted a
+    # DDP gradient once per rank (sqrt(world) too large) for the whole run.
+    model = make_model()
+    guard = Guard(model, make_optimizer(model))
+    assert set(guard._shares) == {1.0}
+    monkeypatch.setattr("pss_cli.guard.guard.world_size", lambda: 2)
+    guard._refresh_watched()
+    assert set(guard._shares) == {0.5}
+
+
+def test_a_resumed_guard_keeps_saved_vectors_of_matrices_unfrozen_after_the_load() -> None:
+    # Resume of a progressive-unfreezing run: the guard is rebuilt with block 1 frozen (as the
+    # schedule has it at the start), loads its state, then the schedule unfreezes the block.
+    # The saved vectors of block 1 were dropped and redrawn, so the resumed run diverged from
+    # the uninterrupted one.
+    config = GuardConfig(check_every=1, matrices_per_check=4, spike_factor=1e9)
+
+    def build() -> tuple[nn.Module, Guard]:
+        model = make_model(dropout=0.0)
+        model.h[1].requires_grad_(False)  # type: ignore[operator]
+        return model, Guard(model, make_optimizer(model), config)
+
+    model, guard = build()
+    for step in range(2):
+        _step(model, guard, step)
+    model.h[1].requires_grad_(True)  # type: ignore[operator]
+    for step in range(2, 8):
+        _step(model, guard, step)
+    # Copies: the optimizer's state dict holds its live tensors, which the next steps change.
+    state = copy.deepcopy(guard.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer_state = copy.deepcopy(guard.optimizer.state_dict())
+    for step in range(8, 10):
+        _step(model, guard, step)
+
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(weights)
+    resumed.optimizer.load_state_dict(optimizer_state)
+    resumed.load_state_dict(state)
+    resumed_model.h[1].requires_grad_(True)  # type: ignore[operator]
+    for step in range(8, 10):
+        _step(resumed_model, resumed, step)
+    assert [s.name for s in resumed.specs] == [s.name for s in guard.specs]
+    for name, a, b in zip(
+        [s.name for s in guard.specs], guard.monitor.vectors, resumed.monitor.vectors, strict=True
+    ):
+        assert a is not None and b is not None and torch.equal(a, b), name
+
+
+def test_lbfgs_behind_a_clipping_wrapper_is_refused_too() -> None:
+    from pss_cli.guard.adapters.clip import ClipThenStep
+
+    model = make_model()
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    wrapped = ClipThenStep(lbfgs, list(model.parameters()), 1.0, "norm")
+    with pytest.raises(GuardConfigError, match="LBFGS"):
+        Guard(model, wrapped)

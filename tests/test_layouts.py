@@ -59,7 +59,9 @@ def _hub_cache(root: Path) -> Path:
     save_file(_weights(), str(staged / "model.safetensors"))
     (staged / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (staged / "pooling.json").write_text("{}")
+    torch.save({"w": torch.ones(4)}, staged / "consolidated.00.pth")
     for name, link in [
+        ("consolidated.00.pth", snapshot / "consolidated.00.pth"),
         ("model.safetensors", snapshot / "model.safetensors"),
         ("config.json", snapshot / "config.json"),
         ("pooling.json", snapshot / "1_Pooling" / "config.json"),
@@ -81,6 +83,9 @@ def test_a_hub_cache_snapshot_is_smoothed_into_real_files(tmp_path: Path) -> Non
     assert code == 0, err
     for name in ("config.json", "1_Pooling/config.json", "model.safetensors"):
         assert (out / name).is_file() and not (out / name).is_symlink(), name
+    # Other weights of the snapshot (Meta's original/ consolidated file): linked, not copied.
+    assert (out / "consolidated.00.pth").is_symlink()
+    assert os.path.isabs(os.readlink(out / "consolidated.00.pth"))
     assert json.loads((out / "config.json").read_text()) == {"model_type": "llama"}
     assert _digests(tmp_path / "models--org--tiny" / "blobs") == blobs_before
 
@@ -123,12 +128,22 @@ def test_a_single_file_beside_an_index_of_other_shards_is_refused(tmp_path: Path
         "weight_map": dict.fromkeys(weights, "model-00001-of-00001.safetensors"),
     }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    for command in ("scan", "check"):
-        code, _, err = _run(command, folder)
-        assert code == 2, (command, err)
-        assert "transformers loads 'model.safetensors'" in err
+    code, _, err = _run("scan", folder)
+    assert code == 3 and "transformers loads 'model.safetensors'" in err
+    code, out, _ = _run("check", folder)
+    assert code == 1 and "PSS002" in out and "transformers loads" in out
     code, _, err = _run("scan", folder / "model.safetensors")  # the file named: no ambiguity
     assert code == 0, err
+    # In a run, that checkpoint is a gap: the trend goes on over the others.
+    run = tmp_path / "run"
+    for step in (100, 200):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(_weights(step), str(run / f"checkpoint-{step}" / "model.safetensors"))
+    folder.rename(run / "checkpoint-300")
+    code, out, err = _run("trend", run, "--format", "json", "-q")
+    assert code in (0, 1), err
+    statuses = {c["step"]: c["status"] for c in json.loads(out)["checkpoints"]}
+    assert statuses == {100: "ok", 200: "ok", 300: "failed"}
 
 
 def test_a_dangling_link_to_weights_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -140,6 +155,11 @@ def test_a_dangling_link_to_weights_is_an_error_naming_it(tmp_path: Path) -> Non
     assert code == 3 and "part-b.safetensors" in err and "../../blobs/0123abcd" in err
     code, out, _ = _run("check", folder)
     assert code == 1 and "PSS002" in out  # before: passed on part-a alone
+    # A dangling link to a file that holds no weights (optimizer.pt) says nothing about them.
+    (folder / "part-b.safetensors").unlink()
+    os.symlink("../../blobs/4567", folder / "optimizer.pt")
+    code, _, err = _run("scan", folder)
+    assert code == 0, err
 
 
 def test_weights_in_a_sub_folder_are_named_by_scan_and_check(tmp_path: Path) -> None:
@@ -153,6 +173,12 @@ def test_weights_in_a_sub_folder_are_named_by_scan_and_check(tmp_path: Path) -> 
     assert out.rstrip().splitlines()[-1].startswith("2 matrices")  # the summary stays last
     code, _, err = _run("check", root)
     assert "'2_Dense/model.safetensors' was not checked" in err
+    # A run's own checkpoints beside its final model are checkpoints of their own: no note.
+    (root / "2_Dense" / "model.safetensors").unlink()
+    (root / "checkpoint-5").mkdir()
+    save_file(_weights(), str(root / "checkpoint-5" / "model.safetensors"))
+    code, out, _ = _run("scan", root)
+    assert code == 0 and "sub-folder" not in out
 
 
 def test_lora_factors_are_not_judged_alone(tmp_path: Path) -> None:
@@ -207,6 +233,11 @@ def test_a_timm_pth_tar_is_read_as_the_torch_file_it_is(tmp_path: Path) -> None:
     code, out, err = _run("scan", path)
     assert code == 0, err
     assert "2 matrices, 1 flagged" in out
+    fixed = tmp_path / "fixed.pth.tar"  # a .pth.tar output is one torch file too
+    code, _, err = _run("smooth", path, "--out", fixed, "-q")
+    assert code == 0 and fixed.is_file(), err
+    assert torch.load(fixed, weights_only=True)["epoch"] == 3
+    assert (tmp_path / "fixed.pth.tar.pss-provenance.json").is_file()
 
 
 def test_folders_of_components_point_at_them(tmp_path: Path) -> None:

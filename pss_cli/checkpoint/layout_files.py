@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -82,8 +83,13 @@ def list_files(folder: Path) -> list[Path]:
 
 
 # Names that hold weights: a link to one of these that leads nowhere is a missing part of the
-# checkpoint, not an entry to pass over.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp", ".index.json")
+# checkpoint, not an entry to pass over. (.pt/.bin/.pth/.ckpt only when `is_model_file`: a
+# dangling optimizer.pt or training_args.bin says nothing about the weights.)
+_WEIGHT_SUFFIXES = (".safetensors", ".distcp", ".index.json")
+
+
+def _names_weights(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or is_model_file(Path(name))
 
 
 def _is_file(entry: os.DirEntry[str]) -> bool:
@@ -94,7 +100,7 @@ def _is_file(entry: os.DirEntry[str]) -> bool:
         # A looping link: the reader of that file names it ("symbolic link loop") when the
         # checkpoint needs it (a shard an index names); passed over here as before.
         return False
-    if entry.is_symlink() and entry.name.endswith(_WEIGHT_SUFFIXES) and _dangles(entry.path):
+    if entry.is_symlink() and _names_weights(entry.name) and _dangles(entry.path):
         # A dangling link to weights (an HF cache snapshot whose blob is missing) was dropped
         # without a word: `check` passed on the other files alone.
         try:
@@ -124,6 +130,11 @@ def torch_weight_files(children: list[Path]) -> tuple[Path, ...]:
     return tuple(sorted(p for p in children if is_model_file(p)))
 
 
+# A run's own checkpoints beside a final model (Trainer's output_dir: model.safetensors and
+# checkpoint-N/): separate checkpoints by convention, not parts of this one left unscanned.
+_RUN_ENTRY = re.compile(r"(checkpoint|global_step|step|iter|epoch)[-_=]?\d+", re.IGNORECASE)
+
+
 def weight_subfolders(folder: Path, limit: int = 20) -> list[Path]:
     """One weight file per direct sub-folder of ``folder`` that holds weights of its own (a
     sentence-transformers `2_Dense/`, a diffusers `unet/`): not part of the checkpoint read
@@ -133,7 +144,9 @@ def weight_subfolders(folder: Path, limit: int = 20) -> list[Path]:
     try:
         with os.scandir(folder) as it:
             subfolders = sorted(
-                Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir()
+                Path(e.path)
+                for e in it
+                if not e.name.startswith(".") and not _RUN_ENTRY.match(e.name) and e.is_dir()
             )
     except OSError:
         return found

@@ -12,6 +12,15 @@ DISTCP_SUFFIX = ".distcp"
 # torch.save pickles; ``.ckpt`` is PyTorch Lightning's (a dict with ``state_dict``,
 # ``optimizer_states``, ``lr_schedulers``, ``global_step``, ...), read the same safe way.
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# timm's `checkpoint-N.pth.tar` / `model_best.pth.tar`: torch.save files under a double suffix.
+TORCH_TAR_SUFFIXES = (".pth.tar", ".pt.tar")
+
+
+def is_torch_file_name(path: Path) -> bool:
+    """A name torch.save files go by: a torch suffix, or timm's `.pth.tar`."""
+    return path.suffix.lower() in TORCH_SUFFIXES or path.name.lower().endswith(TORCH_TAR_SUFFIXES)
+
+
 LIGHTNING_SUFFIX = ".ckpt"
 TORCH_INDEX_SUFFIX = ".bin.index.json"  # pytorch_model.bin.index.json (HF sharded .bin)
 TORCH_DEFAULT_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -60,6 +69,6 @@ def is_model_file(path: Path) -> bool:
 def provenance_sidecar(out: Path) -> Path:
     """Where the provenance of a written output lives: inside a folder output, or beside a
     single-file output as ``<name>.pss-provenance.json``."""
-    if out.suffix.lower() in TORCH_SUFFIXES:
+    if is_torch_file_name(out):
         return out.with_name(f"{out.name}.{PROVENANCE_NAME}")
     return out / PROVENANCE_NAME

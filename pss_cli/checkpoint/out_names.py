@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Names that a trainer's rotation manages (HF Trainer, accelerate, Lightning step names, ...).
 _ROTATED = re.compile(r"^(checkpoint[-_]\d+|step[-_=]?\d+|global_step\d+|iter_\d+|epoch=\d+.*)")
-_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_SUFFIXES = (".safetensors", ".pth.tar", ".pt.tar", ".ckpt", ".pt", ".pth", ".bin")
 OUT_SUFFIX = "-pss-smoothed"
 RUN_SUFFIX = "-pss"
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from pss_cli.checkpoint.model import CheckpointLayout
+from pss_cli.checkpoint.names import TORCH_TAR_SUFFIXES
 from pss_cli.errors import CheckpointError, UsageError
 
 # Staging entries are named `.OUT.pss-tmp-PID-*` (out_checks.py finds stale and live ones by it).
@@ -44,9 +45,12 @@ def staged_folder(out: Path, like: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def staged_file(out: Path) -> Iterator[Path]:
-    # The suffix kept, so that the staged file can be opened (and verified) as a checkpoint.
+    # The suffix kept, so that the staged file can be opened (and verified) as a checkpoint
+    # (both of timm's `.pth.tar`).
+    lower = out.name.lower()
+    suffix = next((s for s in TORCH_TAR_SUFFIXES if lower.endswith(s)), out.suffix)
     fd, name = tempfile.mkstemp(
-        prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", suffix=out.suffix, dir=out.parent
+        prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", suffix=suffix, dir=out.parent
     )
     os.close(fd)
     tmp = Path(name)
@@ -85,8 +89,9 @@ def copy_others(
     too, so it still leads there); one that leads outside it is copied as the file it points
     to (a Hugging Face cache snapshot is made of relative links to `../../blobs/<sha>`: copied
     as links, config.json and the tokenizer dangled in the output and `from_pretrained` failed
-    on it), or, for a folder, becomes a link to its absolute target (copying it could pull in a
-    whole cache, or loop); a dangling one stays as it is.
+    on it), unless that file is weights or large (`_heavy`), which, like a folder, becomes a
+    link to its absolute target (copying could pull in gigabytes or a whole cache, or loop); a
+    dangling one stays as it is.
     """
 
     def skipped(path: Path) -> bool:
@@ -111,9 +116,11 @@ def _copy_entry(src: Path, dst: Path, skipped: Callable[[Path], bool], root: Pat
         target = Path(os.path.realpath(src))
         if target.is_relative_to(root) or not target.exists():
             os.symlink(os.readlink(src), dst)
-        elif target.is_file():
+        elif target.is_file() and not _heavy(src.name, target):
             shutil.copy2(target, dst)
-        elif target.is_dir():
+        elif target.is_file() or target.is_dir():
+            # Other weights (a snapshot's original/consolidated.00.pth, onnx/, flax: gigabytes
+            # of the unrepaired model) and folders: a link to the absolute target, not a copy.
             os.symlink(target, dst)
         else:  # a FIFO or device behind the link: not read
             return False
@@ -131,6 +138,18 @@ def _copy_entry(src: Path, dst: Path, skipped: Callable[[Path], bool], root: Pat
         shutil.copy2(src, dst, follow_symlinks=False)
         return True
     return False
+
+
+# Files that a link outside the input leads to are copied unless they are weights or large.
+_COPY_LIMIT_BYTES = 64 << 20
+_WEIGHT_FILE_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".onnx", ".msgpack", ".h5",
+    ".gguf", ".pb", ".tflite", ".npz", ".npy", ".distcp",
+)  # fmt: skip
+
+
+def _heavy(name: str, target: Path) -> bool:
+    return name.lower().endswith(_WEIGHT_FILE_SUFFIXES) or target.stat().st_size > _COPY_LIMIT_BYTES
 
 
 def file_output_error(layout: CheckpointLayout, out: Path, names: str, why: str = "") -> UsageError:

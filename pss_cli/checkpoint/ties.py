@@ -21,6 +21,7 @@ _HEAD_ARCHITECTURES = (
     "ForMaskedLM",
     "ForConditionalGeneration",
     "ForPreTraining",
+    "DoubleHeads",
 )
 
 

@@ -103,6 +103,10 @@ _ELEMENT_MOMENTS = frozenset(
         "acc_delta",
         "sum",
         "exp_inf",
+        # bitsandbytes' 32-bit optimizers (Adam: state1 = exp_avg, state2 = exp_avg_sq); its
+        # 8-bit states are integers and are left alone (not float).
+        "state1",
+        "state2",
     }
 )
 # Factored second moments of a matrix (Adafactor): a row statistic (m,) or (m, 1) and a column

@@ -110,7 +110,7 @@ class Guard:
         self._params: list[nn.Parameter] = []
         self._names: list[str] = []
         self._shares: list[float] = []
-        self._watch_key: tuple[tuple[int, int], ...] | None = None
+        self._watch_key: tuple[object, ...] | None = None
         self._trainable_key: tuple[bool, ...] | None = None
         self._refresh_watched()
         self._generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
@@ -342,7 +342,10 @@ class Guard:
         rank, in the optimizer's order, so the all-reduced vector lines up.
         """
         groups = self.optimizer.param_groups
-        key = tuple((id(group["params"]), len(group["params"])) for group in groups)
+        # The world size too: a guard built before init_process_group must not keep the
+        # one-process shares (a replicated gradient then read sqrt(world) too large).
+        world = world_size()
+        key = (world, *((id(group["params"]), len(group["params"])) for group in groups))
         if key == self._watch_key:
             return
         names = {id(p): name for name, p in self.model.named_parameters()}
@@ -356,7 +359,6 @@ class Guard:
         self._watched = watched
         self._params = [p for _, p in watched]
         self._names = [name for name, _ in watched]
-        world = world_size()
         self._shares = [norm_share(p, world) for p in self._params]
         self._watch_key = key
 

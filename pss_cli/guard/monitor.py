@@ -39,15 +39,20 @@ class SpectralMonitor:
         # Per matrix: the persistent right singular vector estimate (n,), float32 (float64 for
         # float64 weights), on the weight's device; None until its first visit.
         self.vectors: list[torch.Tensor | None] = [None] * len(specs)
+        # Vectors of the last load_state_dict, by matrix name (set_specs looks them up).
+        self._loaded: dict[str, torch.Tensor] = {}
 
     def set_specs(self, specs: list[MatrixSpec]) -> None:
         """Monitor these matrices from now on (the trainable set changed): a matrix that stays
         keeps its vector; the cursor keeps its place in the round-robin."""
-        kept = {
-            spec.name: vector
+        # In memory, else as loaded by load_state_dict (a resumed run whose trainable set
+        # changes after the load keeps the saved vectors, as the uninterrupted run did).
+        kept = {name: v.to(self._device_of(specs, name)) for name, v in self._loaded.items()}
+        kept.update(
+            (spec.name, vector)
             for spec, vector in zip(self.specs, self.vectors, strict=True)
             if vector is not None
-        }
+        )
         self.vectors = [
             kept[s.name] if s.name in kept and kept[s.name].shape == (s.shape[1],) else None
             for s in specs
@@ -99,9 +104,20 @@ class SpectralMonitor:
             },
         }
 
+    @staticmethod
+    def _device_of(specs: list[MatrixSpec], name: str) -> torch.device:
+        return next((s.param.device for s in specs if s.name == name), torch.device("cpu"))
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursor = int(state.get("cursor", 0)) % max(1, len(self.specs))
+        # Not reduced here: the specs of a resumed guard may still change (set_specs) before
+        # the round-robin reads it (next_indices takes it modulo the count then).
+        self.cursor = int(state.get("cursor", 0))
         vectors = state.get("vectors", {})
+        self._loaded = {
+            name: v
+            for name, v in vectors.items()
+            if isinstance(v, torch.Tensor) and v.ndim == 1 and bool(v.abs().amax() > 0)
+        }
         for i, spec in enumerate(self.specs):
             saved = vectors.get(spec.name)
             # A zero vector (saved by a version whose power step returned one for an all-zero

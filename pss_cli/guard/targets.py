@@ -142,7 +142,12 @@ def check_optimizer_holds(
             f"Guard needs a torch optimizer, got {type(optimizer).__name__}",
             "pass the optimizer that updates the model (torch.optim.AdamW, ...)",
         )
-    if isinstance(optimizer, torch.optim.LBFGS):
+    inner: object = optimizer
+    while not isinstance(inner, torch.optim.LBFGS) and isinstance(
+        getattr(inner, "optimizer", None), torch.optim.Optimizer
+    ):
+        inner = inner.optimizer  # type: ignore[attr-defined]  # a wrapper (ClipThenStep)
+    if isinstance(inner, torch.optim.LBFGS):
         raise GuardConfigError(
             "Guard cannot step LBFGS: it re-evaluates the loss through its closure several "
             "times per step, while the guard decides on the gradients of one backward pass",

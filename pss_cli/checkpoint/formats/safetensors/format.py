@@ -162,11 +162,13 @@ def _refuse_single_beside_index(folder: Path, index: Path, children: list[Path])
         return
     if "model.safetensors" in set(read_weight_map(index).values()):
         return  # a one-shard index naming the file itself: one checkpoint
-    raise UsageError(
+    # A broken save, like two files holding one tensor (reject_duplicates): exit 3, a PSS002
+    # finding for `check`, and a gap in `pss trend` rather than the end of it.
+    raise CorruptCheckpointError(
         f"folder '{folder}' holds both 'model.safetensors' and '{index.name}', which names "
         "other shards: two checkpoints, and transformers loads 'model.safetensors' (it ignores "
         "the index when that file exists)",
-        f"pass the one you mean: '{single}', or '{index}'; and remove the stale one",
+        hint=f"pass the one you mean: '{single}', or '{index}'; and remove the stale one",
     )
 
 

@@ -20,7 +20,13 @@ from pss_cli.checkpoint.layout_files import (
     torch_weight_files,
 )
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
-from pss_cli.checkpoint.names import TORCH_DEFAULT_INDEX_NAME, TORCH_INDEX_SUFFIX, TORCH_SUFFIXES
+from pss_cli.checkpoint.names import (
+    TORCH_DEFAULT_INDEX_NAME,
+    TORCH_INDEX_SUFFIX,
+    TORCH_SUFFIXES,
+    TORCH_TAR_SUFFIXES,
+    is_torch_file_name,
+)
 from pss_cli.errors import CorruptCheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -39,7 +45,7 @@ class TorchFormat:
     name = "torch"
     title = "PyTorch"
     kinds: frozenset[str] = frozenset(TorchKind)
-    file_suffixes: tuple[str, ...] = TORCH_SUFFIXES
+    file_suffixes: tuple[str, ...] = (*TORCH_TAR_SUFFIXES, *TORCH_SUFFIXES)
 
     def open_file(self, path: Path) -> CheckpointLayout | None:
         if path.name.endswith(TORCH_INDEX_SUFFIX):
@@ -122,7 +128,7 @@ class TorchFormat:
             request.replacements,
             request.provenance,
             force=request.force,
-            extra_files=None if out.suffix.lower() in TORCH_SUFFIXES else request.extra_files,
+            extra_files=None if is_torch_file_name(out) else request.extra_files,
             skip_copy=request.skip_copy,
             edit_object=request.edit_object,
             before_commit=request.before_commit,

@@ -23,7 +23,7 @@ import torch
 from pss_cli.checkpoint import staging as st
 from pss_cli.checkpoint.formats.torch import torch_file
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
-from pss_cli.checkpoint.names import TORCH_SUFFIXES, provenance_sidecar
+from pss_cli.checkpoint.names import is_torch_file_name, provenance_sidecar
 from pss_cli.checkpoint.torch_dtypes import safetensors_dtype
 from pss_cli.errors import CheckpointError
 
@@ -47,7 +47,7 @@ def write_torch_checkpoint(
     there publishes nothing. Returns ``out``."""
     by_name = {e.name: e for e in layout.entries}
     _check(by_name, replacements)
-    to_file = out.suffix.lower() in TORCH_SUFFIXES
+    to_file = is_torch_file_name(out)
     if to_file and not layout.one_file:
         raise st.file_output_error(layout, out, "one file")
     if to_file and extra_files is not None:
