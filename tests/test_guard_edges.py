@@ -341,3 +341,20 @@ def test_lbfgs_behind_a_clipping_wrapper_is_refused_too() -> None:
     wrapped = ClipThenStep(lbfgs, list(model.parameters()), 1.0, "norm")
     with pytest.raises(GuardConfigError, match="LBFGS"):
         Guard(model, wrapped)
+
+
+def test_a_step_with_all_gradients_zero_does_not_enter_the_averages() -> None:
+    # zero_grad(set_to_none=False), then a step without backward: every gradient exists and is
+    # exactly zero. It pulled the spike EMA towards 0 (1.72 -> 0.91 over six such steps).
+    model = make_model()
+    optimizer = make_optimizer(model)
+    guard = Guard(model, optimizer, GuardConfig(warmup_steps=0))
+    for step in range(3):
+        loss_of(model, step).backward()
+        guard.step()
+        optimizer.zero_grad(set_to_none=False)
+    ema = guard.spike.ema
+    assert ema is not None and ema > 0
+    for _ in range(3):
+        guard.step()  # no backward: zero gradients
+    assert guard.spike.ema == ema

@@ -305,3 +305,6 @@ def test_two_optimizers_each_guard_their_own_part() -> None:
     with pytest.raises(GuardConfigError, match="does not hold") as refused:
         guarded_optimizers(module, torch.optim.AdamW(module.first.parameters()))
     assert "model=part" in (refused.value.hint or "")
+    # The part given in place of the module: a clear error (an AttributeError before).
+    with pytest.raises(GuardConfigError, match="LightningModule as its first argument"):
+        guarded_optimizers(module.first, torch.optim.AdamW(module.first.parameters()))

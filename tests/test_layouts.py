@@ -227,6 +227,14 @@ def test_other_frameworks_files_are_named_for_what_they_are(
     assert "weights_only=False" not in err
 
 
+def test_an_lfs_pointer_for_an_index_says_so(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors.index.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
+    )
+    code, _, err = _run("scan", tmp_path)
+    assert code == 3 and "git lfs pull" in err
+
+
 def test_a_timm_pth_tar_is_read_as_the_torch_file_it_is(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint-3.pth.tar"
     torch.save({"state_dict": _weights(), "epoch": 3}, path)

@@ -23,6 +23,8 @@ def read_weight_map(index: Path) -> dict[str, str]:
     except UnicodeDecodeError:
         raise CorruptCheckpointError(f"index '{index}' is not UTF-8 text", hint=hint) from None
     except json.JSONDecodeError as exc:
+        if exc.doc.startswith("version https://git-lfs"):
+            hint = "it is a Git LFS pointer, not the index: fetch the files (git lfs pull)"
         raise CorruptCheckpointError(
             f"index '{index}' is not valid JSON ({exc.msg} at line {exc.lineno})", hint=hint
         ) from None

@@ -234,8 +234,10 @@ class Guard:
         fired: list[tuple[str, TriggerAction, str]] = []
         layers: list[str] = []
         # No gradient at all (a step before the first backward, or all frozen this step): the
-        # norm is 0 by construction, not a measurement; it must not drag the EMAs to zero.
-        has_grads = any(p.grad is not None for p in self._params)
+        # norm is 0 by construction, not a measurement; it must not drag the EMAs to zero. The
+        # same for gradients that are all exactly zero (a step without backward after
+        # zero_grad(set_to_none=False)): no real step has a zero gradient everywhere.
+        has_grads = any(p.grad is not None for p in self._params) and reading.grad_l2 > 0
         if reading.nonfinite or not has_grads:
             self.spike.tick()
             self.zscore.tick()

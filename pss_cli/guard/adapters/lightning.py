@@ -72,6 +72,12 @@ def guarded_optimizers(
     part (a GAN's generator and discriminator): one guard per optimizer, each watching its
     part. Default: the whole module.
     """
+    if not isinstance(module, pl.LightningModule):
+        raise GuardConfigError(
+            f"guarded_optimizers needs the LightningModule as its first argument, got "
+            f"{type(module).__name__}",
+            "pass self (the LightningModule), and the part this optimizer trains as model=part",
+        )
     trainer = module._trainer  # None outside a fit (e.g. a unit test calling this directly)
     if trainer is not None:
         _refuse_clipping(trainer)
