@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from pss_cli.checkpoint.selection import is_unanalysed_weight
 from pss_cli.gate_findings import artifact_path, baseline_findings, layer_findings
 from pss_cli.gate_rules import (
     BUILTIN_ROLE_OVERRIDES,
@@ -107,6 +108,11 @@ def evaluate(
             (s.file, s.reason)
             for s in report.skipped
             if not s.name and ("sub-folder" in s.reason or "not named by the index" in s.reason)
+        )
+        + tuple(
+            (f"{s.file}: {s.name}", s.reason)
+            for s in report.skipped
+            if s.name and is_unanalysed_weight(s.shape, s.reason)
         ),
     )
 

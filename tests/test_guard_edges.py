@@ -358,3 +358,32 @@ def test_a_step_with_all_gradients_zero_does_not_enter_the_averages() -> None:
     for _ in range(3):
         guard.step()  # no backward: zero gradients
     assert guard.spike.ema == ema
+
+
+def test_a_float16_smooth_beyond_the_range_is_not_written() -> None:
+    # The finiteness check ran in float64 before the cast: a float16 weight whose clipped
+    # result leaves float16's range (65504) would have been written as inf.
+    g = torch.Generator().manual_seed(1)
+    m, n = 128, 256
+    spike = 30000.0 * torch.outer(
+        torch.sign(torch.randn(m, generator=g)), torch.sign(torch.randn(n, generator=g))
+    )
+    bulk = torch.randn(m, n, generator=g) * 500
+    bulk[3, 5] = 95000.0 * -torch.sign(spike[3, 5])
+    model = nn.Sequential(nn.Linear(n, m, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(bulk + spike)
+    model.half()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = Guard(model, optimizer, SMOOTH_EVERY_STEP)
+    x = (torch.randn(4, n, generator=g) * 1e-3).half()  # outputs well inside float16
+    decisions = []
+    for _ in range(2):
+        loss = model(x).float().square().mean()
+        loss.backward()
+        decisions.append(guard.step(loss))
+        optimizer.zero_grad()
+    assert "smooth" in decisions[1].actions and decisions[1].smoothed == ()
+    assert bool(torch.isfinite(model[0].weight).all())
+    smooth = next(e for e in guard.events if e.kind == "smooth")
+    assert "not finite in torch.float16" in smooth.detail["matrices"][0]["note"]

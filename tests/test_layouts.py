@@ -298,3 +298,85 @@ def test_a_reader_that_goes_away_mid_output_gets_exit_141(tmp_path: Path) -> Non
     _, err = process.communicate(timeout=120)
     assert process.returncode == 141, err
     assert err == b""
+
+
+def _collapsed(m: int, n: int, seed: int) -> torch.Tensor:
+    return with_spectrum(m, n, spiky(min(m, n), (9.0,)), seed).float()
+
+
+def test_check_names_quantized_weights_it_could_not_analyse(tmp_path: Path) -> None:
+    # A GPTQ qweight, an I8 weight without a usable scale, an FP8 weight whose block scale does
+    # not tile it: check passed "0 errors in 2 matrices" without a word on them.
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(64, 32, generator=g),
+        "lm_head.weight": torch.randn(64, 32, generator=g),
+        "model.layers.0.mlp.up_proj.qweight": torch.randint(
+            0, 2**31 - 1, (4, 64), generator=g
+        ).int(),
+        "model.layers.0.mlp.up_proj.scales": torch.ones(1, 64).half(),
+        "model.layers.1.mlp.up_proj.weight": torch.randint(-127, 127, (64, 32), generator=g).to(
+            torch.int8
+        ),
+        "model.layers.2.mlp.up_proj.weight": _collapsed(300, 256, 1).to(torch.float8_e4m3fn),
+        "model.layers.2.mlp.up_proj.weight_scale_inv": torch.ones(7, 3),
+        "model.position_ids": torch.arange(64).reshape(1, 64),  # a buffer: no warning
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    result = CliRunner().invoke(app, ["check", str(path)])
+    warned = [line for line in result.stderr.splitlines() if "was not checked" in line]
+    assert len(warned) == 3, result.stderr
+    assert any("up_proj.qweight" in w for w in warned)
+    assert any("layers.1.mlp.up_proj.weight" in w for w in warned)
+    assert any("neither broadcasts nor tiles" in w for w in warned)  # the scale is named
+
+
+def test_trend_recipe_leaves_out_quantized_layers_and_says_so(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    for step, spike in ((100, 1.0), (200, 1.0), (300, 12.0)):
+        weight = with_spectrum(64, 64, spiky(64, (spike,)), 3).float()
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127
+        tensors = {
+            "model.layers.0.mlp.up_proj.weight.qweight": torch.round(weight / scale).to(torch.int8),
+            "model.layers.0.mlp.up_proj.weight.scale": scale,
+            "model.layers.1.mlp.up_proj.weight": with_spectrum(64, 64, spiky(64, (spike,)), 4)
+            .float()
+            .contiguous(),
+            "model.layers.2.mlp.up_proj.weight": torch.randn(64, 64, generator=g),
+        }
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"))
+    code, out, _ = _run("trend", tmp_path, "--format", "json", "-q")
+    verdict = json.loads(out)["verdict"]
+    assert verdict["first_warning_step"] == 300
+    assert verdict["layers_to_smooth"] == ["model.layers.1.mlp.up_proj.weight"]
+    assert any("stored quantized" in c for c in verdict["commands"])
+    # Naming the quantized layer anyway: nothing written, and the note says why.
+    code, out, _ = _run(
+        "smooth", tmp_path / "checkpoint-300", "--out", tmp_path / "o",
+        "--layers", "model.layers.0.mlp.up_proj.weight.qweight",
+    )  # fmt: skip
+    assert code == 0 and not (tmp_path / "o").exists()
+    assert "every matrix selected was left alone" in out
+
+
+def test_a_float16_result_beyond_its_range_is_refused_by_name(tmp_path: Path) -> None:
+    # Clipping sigma_1 of a float16 matrix whose outlier the rank-1 spike cancels: the exact
+    # result holds ~93000 (inf in float16). The error said "stable rank after writing unknown"
+    # and blamed rounding.
+    g = torch.Generator().manual_seed(1)
+    m, n = 128, 256
+    spike = 30000.0 * torch.outer(
+        torch.sign(torch.randn(m, generator=g)), torch.sign(torch.randn(n, generator=g))
+    )
+    bulk = torch.randn(m, n, generator=g) * 500
+    bulk[3, 5] = 95000.0 * -torch.sign(spike[3, 5])
+    weight = (bulk + spike).half()
+    assert bool(torch.isfinite(weight).all())
+    path = tmp_path / "m.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": weight}, str(path))
+    code, _, err = _run("smooth", path, "--out", tmp_path / "o.safetensors", "--method", "clip")
+    assert code == 3 and "beyond float16's largest 65504" in err, err
+    assert not (tmp_path / "o.safetensors").exists()

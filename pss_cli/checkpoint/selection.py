@@ -382,6 +382,14 @@ def _quantization_parts(entries: list[TensorEntry]) -> dict[str, _Quantization |
             broadcasts = _broadcasts(scale.shape, entry.shape)
             block = None if broadcasts else _block_of(scale.shape, entry.shape)
             if block is None and not broadcasts:
+                # Its scale is there, in a layout pss cannot tile: said so (it read as "without
+                # a scale tensor found"); another candidate may still fit.
+                found.setdefault(
+                    entry.name,
+                    f"{entry.dtype} weight whose scale '{scale.name}' {list(scale.shape)} "
+                    f"neither broadcasts nor tiles {list(entry.shape)} in blocks: not dequantized, "
+                    "not analysed",
+                )
                 continue
             zero_name = next((z for z in _zero_point_candidates(entry.name) if z in by_name), None)
             zero_point = by_name[zero_name] if zero_name is not None else None
@@ -398,6 +406,21 @@ def _quantization_parts(entries: list[TensorEntry]) -> dict[str, _Quantization |
             found[entry.name] = _Quantization(scale, zero_point, block)
             break
     return found
+
+
+# What a skip reason says when a weight matrix could not be read (quantized without a usable
+# scale, packed): `pss check` names such tensors rather than pass the model in silence.
+_UNANALYSED_MARKERS = ("without a scale tensor found", "not analysed", "not dequantized")
+
+
+def is_unanalysed_weight(shape: Sequence[int], reason: str) -> bool:
+    """A skipped 2-D (or larger) tensor that is a weight pss could not analyse (not metadata,
+    not a filter's choice, not an adapter factor)."""
+    if len(shape) < 2 or min(shape) < 2 or "LoRA" in reason:
+        return False  # a (1, N) buffer of ids is no weight matrix
+    if any(wide in reason for wide in ("I64", "I16", "U16", "U32", "BOOL", "bool")):
+        return False  # position ids, attention masks: not a quantized weight
+    return any(marker in reason for marker in _UNANALYSED_MARKERS)
 
 
 # The last name segments of quantization metadata, never weight matrices: GPTQ/AWQ (`scales`,

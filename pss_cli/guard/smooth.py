@@ -106,8 +106,12 @@ def smooth_spec(
     values = (triplets.values[changed] * norm).to(wide.device)
     new_changed = (new_values[changed] * norm).to(wide.device)
     updated = apply_spectrum_change(wide, left, values, right, new_changed)  # (m, n) float64
-    if not bool(torch.isfinite(updated).all()):
-        return _unchanged(spec, norm, sigma, stable_rank, sje, "result not finite: not written")
+    # Judged in the parameter's dtype: a float16 weight near its range (65504) can leave it
+    # when its top values move, and the cast would write inf.
+    if not bool(torch.isfinite(updated.to(full.dtype)).all()):
+        return _unchanged(
+            spec, norm, sigma, stable_rank, sje, f"result not finite in {full.dtype}: not written"
+        )
     _write(spec, full, updated)
     tail = max(unit_norm**2 - float((triplets.values**2).sum()), 0.0)
     energy = float((new_values**2).sum()) + tail

@@ -103,7 +103,10 @@ def smooth_checkpoint(
             output=None,
             messages=(
                 *planned.messages,
-                "nothing to change: no selected matrix needs smoothing; nothing was written",
+                "nothing to change: no selected matrix needs smoothing; nothing was written"
+                if not (config.layers and not_smoothed)
+                else "nothing was written: every matrix selected was left alone (see 'left "
+                "alone' for why)",
                 *why_nothing(config, not_smoothed),
             ),
         )

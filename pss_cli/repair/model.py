@@ -10,6 +10,7 @@ from pss_cli.checkpoint.model import TensorEntry
 from pss_cli.checkpoint.selection import MatrixView
 from pss_cli.config import OptimizerPolicy, ScanConfig, SmoothingMethod
 from pss_cli.core.smoothing import SmoothingParams, apply_spectrum_change
+from pss_cli.errors import ComputeError
 from pss_cli.results import LayerResult, SkippedResult
 
 # Roles left alone unless named with --layers: embeddings are low-rank by nature (docs/DESIGN.md:
@@ -76,7 +77,32 @@ class RankUpdate:
         updated = apply_spectrum_change(
             stored.to(torch.float64), self.left, self.values, self.right, self.new_values
         )
+        if stored.dtype.is_floating_point and updated.numel():
+            # A float16 matrix near its range (max 65504) can leave it when its top values
+            # are moved: the cast would write inf, which verification then reported as an
+            # unknown stable rank with a hint about rounding.
+            largest = float(updated.abs().max())
+            limit = torch.finfo(stored.dtype).max
+            if largest > limit:
+                raise ValueRangeError(largest, limit, str(stored.dtype).removeprefix("torch."))
         return updated.to(stored.dtype)
+
+
+class ValueRangeError(ArithmeticError):
+    """The repaired values do not fit the stored dtype (`RankUpdate.apply`)."""
+
+    def __init__(self, largest: float, limit: float, dtype: str) -> None:
+        super().__init__(f"{largest:.6g} > {limit:.6g} ({dtype})")
+        self.largest, self.limit, self.dtype = largest, limit, dtype
+
+    def for_matrix(self, name: str) -> ComputeError:
+        return ComputeError(
+            f"smoothing '{name}' gives values up to {self.largest:.6g}, beyond {self.dtype}'s "
+            f"largest {self.limit:.6g}: the repaired matrix cannot be stored as {self.dtype}; "
+            "nothing was written",
+            "smooth it less (cap with a higher --target-stable-rank), or "
+            "convert the checkpoint to bfloat16 or float32 first",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,10 @@ class Change:
     relative_change: float  # ||W' - W||_F / ||W||_F
 
     def apply(self, stored: torch.Tensor) -> torch.Tensor:
-        return self.update.apply(stored)
+        try:
+            return self.update.apply(stored)
+        except ValueRangeError as error:
+            raise error.for_matrix(self.plan.layer.display_name) from None
 
 
 def skip_result(layer: LayerResult, reason: str) -> SkippedResult:

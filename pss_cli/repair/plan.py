@@ -16,7 +16,14 @@ from pss_cli.core.smoothing import METHODS, NeedMoreValues, smooth_values
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
 from pss_cli.errors import UsageError
 from pss_cli.pipeline import matrix_seed, resolve_device
-from pss_cli.repair.model import Change, Plan, RankUpdate, SmoothConfig, skip_result
+from pss_cli.repair.model import (
+    Change,
+    Plan,
+    RankUpdate,
+    SmoothConfig,
+    ValueRangeError,
+    skip_result,
+)
 from pss_cli.results import SkippedResult
 
 
@@ -101,7 +108,10 @@ def _smooth_one(
         new_values[changed] * norm,
         triplets.right.to("cpu", torch.float64)[:, changed],
     )
-    new_stored = update.apply(stored)
+    try:
+        new_stored = update.apply(stored)
+    except ValueRangeError as error:
+        raise error.for_matrix(plan.layer.display_name) from None
     tail_energy = max(unit_norm**2 - float((triplets.values**2).sum()), 0.0)
     new_energy = float((new_values**2).sum()) + tail_energy
     return Change(

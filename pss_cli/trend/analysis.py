@@ -230,6 +230,7 @@ def _layer_trend(
         warnings=events,
         low_from_start=low_from_start(present_sr, low, bad),
         below_floor=tuple(None if p is None else Flag.LOW_STABLE_RANK in p.flags for p in points),
+        quantized=first.scale_tensor is not None,
     )
 
 
@@ -271,7 +272,9 @@ def _verdict(
             for e in layer.warnings
         )
     ]
-    to_smooth = tuple(dict.fromkeys(layer.name for layer in (collapsing or at_first)))
+    chosen = collapsing or at_first
+    to_smooth = tuple(dict.fromkeys(layer.name for layer in chosen if not layer.quantized))
+    quantized = tuple(dict.fromkeys(layer.name for layer in chosen if layer.quantized))
     status = HEALTHY if first is None else (COLLAPSE if collapse is not None else WARNING)
     return Verdict(
         status=status,
@@ -287,7 +290,7 @@ def _verdict(
         grad_spike_step=grad_spike,
         lead_steps_loss=_lead(loss_spike, first),
         lead_steps_grad=_lead(grad_spike, first),
-        commands=_commands(repair, last_healthy, to_smooth),
+        commands=_commands(repair, last_healthy, to_smooth, quantized),
     )
 
 
@@ -305,6 +308,7 @@ def _commands(
     repair: CheckpointStatus | None,
     last_healthy: CheckpointStatus | None,
     layers: tuple[str, ...],
+    quantized: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
     commands = []
     if repair is not None and layers:
@@ -317,6 +321,12 @@ def _commands(
         commands.append(shlex.join(parts))
     if last_healthy is not None:
         commands.append(f"# or resume from {shlex.quote(last_healthy.path)} with a lower LR")
+    if quantized:
+        shown = ", ".join(quantized[:3]) + (" ..." if len(quantized) > 3 else "")
+        commands.append(
+            f"# {shown}: stored quantized, which pss smooth leaves alone (it would have to "
+            "re-quantize): repair the float checkpoint it was quantized from"
+        )
     incomplete = incomplete_trainer_save(Path(repair.path)) if repair is not None else None
     if incomplete is not None:
         commands.append(f"# note: {incomplete}")

@@ -54,6 +54,9 @@ class LayerTrend:
     # Per checkpoint: below the scan's floor there (None where the layer is absent or has no
     # spectrum). Not in the JSON (stable_rank says it); used to pick the layers to smooth.
     below_floor: tuple[bool | None, ...] = ()
+    # Stored quantized (dequantized with a scale to be analysed): `pss smooth` leaves it alone
+    # (it would have to re-quantize), so the recipe cannot name it.
+    quantized: bool = False
 
     def below_floor_at(self, step_index: int) -> bool:
         return bool(self.below_floor[step_index]) if step_index < len(self.below_floor) else False
