@@ -27,6 +27,7 @@ from pss_cli.trend.detect import (
     low_from_start,
 )
 from pss_cli.trend.discovery import LogPoint, discover_run, step_from_name
+from tests.spectra_factory import spiky, with_spectrum
 from tests.trend_factory import LAYERS, write_run
 
 STEPS = [100, 200, 300, 400, 500, 600, 700]
@@ -627,8 +628,6 @@ def _decaying(n: int, decay: float, spike: float, seed: int) -> Any:
     """(n, n) matrix with singular values exp(-i / decay), sigma_1 raised by `spike`."""
     import torch
 
-    from tests.spectra_factory import with_spectrum
-
     s = torch.exp(-torch.arange(n, dtype=torch.float64) / decay)
     s[0] += spike
     return with_spectrum(n, n, s, seed).float().contiguous()
@@ -684,3 +683,69 @@ def test_an_incomplete_trainer_checkpoint_is_named_in_the_recipe_and_by_smooth(
     _, without = trend_json(str(plain))
     assert without["verdict"]["repair_checkpoint"] == str(plain / "checkpoint-500")
     assert not any("trainer_state" in c for c in without["verdict"]["commands"])
+
+
+def test_a_wrapper_prefix_turned_on_mid_run_is_one_series(tmp_path: Path) -> None:
+    # torch.compile switched on after a resume saves `_orig_mod.`-prefixed names: the matrices
+    # became new series whose first point was already collapsed ("low from the start"), and
+    # the collapse read as healthy (exit 0).
+    write_run(tmp_path, STEPS[:3])
+    compiled = tuple(name.replace("model.", "_orig_mod.model.", 1) for name in LAYERS)
+    write_run(
+        tmp_path, STEPS[3:5], (compiled[0], compiled[3]), STEPS[3], layers=compiled, spike=12.0
+    )
+    code, data = trend_json(str(tmp_path))
+    assert code == 1 and data["verdict"]["first_warning_step"] == STEPS[3]
+    assert len(data["layers"]) == len(LAYERS)  # one series per matrix
+    # The recipe names the matrices as the repair checkpoint stores them.
+    assert sorted(data["verdict"]["layers_to_smooth"]) == sorted([compiled[0], compiled[3]])
+
+
+def test_accelerate_and_olmo_core_step_folders(tmp_path: Path) -> None:
+    # accelerate's automatic naming: checkpoints/checkpoint_N ("no checkpoints found" before).
+    write_run(tmp_path / "acc", [0, 1, 2, 3], COLLAPSING, 3, naming="checkpoint_{step}")
+    _, data = trend_json(str(tmp_path / "acc"))
+    assert data["steps"] == [0, 1, 2, 3] and data["verdict"]["first_warning_step"] == 3
+    # OLMo-core: stepN/model_and_optim/ holds the DCP checkpoint.
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    for step in (100, 200):
+        tensors = load_file(
+            str(tmp_path / "acc" / f"checkpoint_{step // 100}" / "model.safetensors")
+        )
+        dcp.save(
+            {"model": tensors},
+            checkpoint_id=str(tmp_path / "olmo" / f"step{step}" / "model_and_optim"),
+        )
+    (tmp_path / "olmo" / "step100" / "train").mkdir()  # the trainer state beside it
+    _code, data = trend_json(str(tmp_path / "olmo"))
+    assert data["steps"] == [100, 200]
+    assert all(c["status"] == "ok" for c in data["checkpoints"])
+
+
+def test_lightning_names_with_metrics_and_versions(tmp_path: Path) -> None:
+    import torch
+
+    def save(name: str, step: int, spike: float) -> None:
+        weight = {
+            "model.layers.0.mlp.up_proj.weight": with_spectrum(
+                48, 64, spiky(48, (spike,)), 1
+            ).float()
+        }
+        torch.save({"state_dict": weight, "global_step": step}, tmp_path / name)
+
+    save("epoch=0-step=10-val_loss=1.08.ckpt", 10, 1.0)
+    save("epoch=1-step=20-val_loss=0.95.ckpt", 20, 1.0)
+    save("epoch=1-step=20-val_loss=0.95-v1.ckpt", 20, 9.0)  # a resumed run saved step 20 again
+    _code, data = trend_json(str(tmp_path))
+    assert data["steps"] == [10, 20]
+    last = next(c for c in data["checkpoints"] if c["step"] == 20)
+    assert last["path"].endswith("-v1.ckpt")  # the newest save of the step
+
+
+def test_the_same_checkpoint_named_twice_counts_once(tmp_path: Path) -> None:
+    write_run(tmp_path, STEPS[:2])
+    a, b = str(tmp_path / "checkpoint-100"), str(tmp_path / "checkpoint-200")
+    _, data = trend_json(a, b, a + "/")
+    assert data["steps"] == [100, 200]

@@ -66,6 +66,7 @@ def analyse_run(
     statuses: list[CheckpointStatus] = []
     scans: list[dict[tuple[str, int | None], LayerResult]] = []
     order: dict[tuple[str, int | None], LayerResult] = {}
+    latest: dict[tuple[str, int | None], str] = {}  # the name in the newest checkpoint
     counts = {"scanned": 0, "cached": 0, "failed": 0}
     for position, checkpoint in enumerate(run.checkpoints):
         layers, status = _layers_of(checkpoint, scan_config, cache, position, run, progress, notice)
@@ -73,13 +74,16 @@ def analyse_run(
             "failed" if status.status == "failed" else "cached" if status.from_cache else "scanned"
         ] += 1
         statuses.append(status)
-        scans.append({(layer.name, layer.index): layer for layer in layers})
+        scans.append({series_key(layer.name, layer.index): layer for layer in layers})
         for layer in layers:
-            order.setdefault((layer.name, layer.index), layer)
+            key = series_key(layer.name, layer.index)
+            order.setdefault(key, layer)
+            latest[key] = layer.name
 
     steps = tuple(c.step for c in run.checkpoints)
     trends = tuple(
-        _layer_trend(key, first, steps, scans, trend_config) for key, first in order.items()
+        _layer_trend(key, first, latest[key], steps, scans, trend_config)
+        for key, first in order.items()
     )
     verdict = _verdict(run, statuses, trends, trend_config)
     return TrendReport(
@@ -196,9 +200,25 @@ def _layers_of(
     return report.layers, status("scanned", None, len(report.layers))
 
 
+# Wrapper segments torch adds to parameter names: torch.compile's `_orig_mod.`, DDP's leading
+# `module.`, FSDP1's and activation checkpointing's wrapped-module segments. A run that turns
+# one on mid-way (compile after a resume) saved the same matrix under two names: two series,
+# and the collapsed one read as "low from the start" (its first point), a collapse called
+# healthy.
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def series_key(name: str, index: int | None) -> tuple[str, int | None]:
+    """The layer's identity across a run's checkpoints: its name without wrapper segments."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name.removeprefix("module."), index
+
+
 def _layer_trend(
     key: tuple[str, int | None],
     first: LayerResult,
+    name: str,
     steps: tuple[int, ...],
     scans: list[dict[tuple[str, int | None], LayerResult]],
     config: TrendConfig,
@@ -221,7 +241,7 @@ def _layer_trend(
         spectral=first.role not in config.quiet_roles,
     )
     return LayerTrend(
-        name=first.name,
+        name=name,  # as the newest checkpoint has it: the name `pss smooth --layers` matches
         index=first.index,
         role=first.role,
         matrix_shape=first.matrix_shape,

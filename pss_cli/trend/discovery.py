@@ -21,13 +21,15 @@ from pss_cli.errors import CheckpointNotFoundError, UsageError
 # One pattern per naming scheme; the step is the first group. Anchored on the whole name (minus
 # a checkpoint file suffix), so that `checkpoint-100-smoothed` is not taken for step 100.
 _STEP_NAMES = (
-    re.compile(r"checkpoint-(\d+)"),
+    # HF Trainer's checkpoint-N; accelerate's automatic naming checkpoints/checkpoint_N.
+    re.compile(r"checkpoint[-_](\d+)"),
     re.compile(r"step[-_]?(\d+)"),
     re.compile(r"global_step(\d+)"),
     re.compile(r"iter_(\d+)"),
-    # PyTorch Lightning's ModelCheckpoint: `epoch=E-step=S.ckpt`, `step=S.ckpt`, and the `-vN`
-    # it appends when a name is taken.
-    re.compile(r"(?:epoch=\d+-)?step=(\d+)(?:-v\d+)?"),
+    # PyTorch Lightning's ModelCheckpoint: `epoch=E-step=S.ckpt`, `step=S.ckpt`, with more
+    # metrics after it (`epoch=0-step=10-val_loss=1.08`), and the `-vN` it appends when a
+    # name is taken.
+    re.compile(r"(?:epoch=\d+-)?step=(\d+)(?:-.+)?"),
 )
 _FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")
 TRAINER_STATE = "trainer_state.json"
@@ -98,7 +100,7 @@ def _run_folder(root: Path) -> RunLayout:
         if step is None or child.name.startswith("."):
             continue
         if child.is_dir() or child.name.endswith(_FILE_SUFFIXES):
-            found.append(RunCheckpoint(child, step, "name"))
+            found.append(RunCheckpoint(_weights_of(child), step, "name"))
     if not found:
         deeper = _folder_with_checkpoints(root)
         raise CheckpointNotFoundError(
@@ -139,10 +141,28 @@ def _folder_with_checkpoints(root: Path, depth: int = 3, budget: int = 200) -> P
     return None
 
 
+# OLMo-core saves each step as stepN/model_and_optim/ (a DCP folder) beside other state.
+_DCP_SUBFOLDER = "model_and_optim"
+
+
+def _weights_of(path: Path) -> Path:
+    """The checkpoint inside a step folder: OLMo-core's `stepN/model_and_optim/`, else itself."""
+    inner = path / _DCP_SUBFOLDER
+    return inner if path.is_dir() and (inner / ".metadata").is_file() else path
+
+
 def _explicit(paths: list[Path]) -> RunLayout:
     found: list[RunCheckpoint] = []
-    for position, path in enumerate(paths):
-        step = step_from_name(path.name)
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        resolved = _weights_of(path).resolve()
+        if resolved not in seen:  # the same checkpoint named twice counts once
+            seen.add(resolved)
+            unique.append(_weights_of(path))
+    for position, path in enumerate(unique):
+        named = path.parent if path.name == _DCP_SUBFOLDER else path
+        step = step_from_name(named.name)
         if step is not None:
             found.append(RunCheckpoint(path, step, "name"))
             continue
@@ -169,10 +189,32 @@ def _explicit(paths: list[Path]) -> RunLayout:
     return RunLayout(None, checkpoints, log, source)
 
 
+_LIGHTNING_VERSION = re.compile(r"-v(\d+)(?=\.ckpt$)")
+
+
+def _lightning_version(path: Path) -> tuple[str, int] | None:
+    """(name without `-vN`, N) of a Lightning .ckpt (N = 0 without the suffix)."""
+    if not path.name.endswith(".ckpt"):
+        return None
+    match = _LIGHTNING_VERSION.search(path.name)
+    base = _LIGHTNING_VERSION.sub("", path.name)
+    return base, int(match.group(1)) if match else 0
+
+
 def _sorted_unique(found: list[RunCheckpoint]) -> tuple[RunCheckpoint, ...]:
     by_step: dict[int, RunCheckpoint] = {}
     for checkpoint in found:
         other = by_step.get(checkpoint.step)
+        mine, theirs = (
+            _lightning_version(checkpoint.path),
+            (_lightning_version(other.path) if other is not None else None),
+        )
+        if other is not None and mine and theirs and mine[0] == theirs[0]:
+            # Lightning appends -vN when a resumed run saves a step under a name already
+            # taken: the highest N is the newest save of that step.
+            if mine[1] > theirs[1]:
+                by_step[checkpoint.step] = checkpoint
+            continue
         if other is not None:
             raise UsageError(
                 f"two checkpoints claim step {checkpoint.step}: '{other.path}' and "
