@@ -45,3 +45,16 @@ def flat_bulk(r: int) -> torch.Tensor:
     quantiles = (torch.arange(r, dtype=torch.float64) + 0.5) / r
     index = torch.searchsorted(cdf, 1.0 - quantiles).clamp(max=grid.numel() - 1)
     return grid[index]
+
+
+def float16_edge(m: int = 128, n: int = 256) -> torch.Tensor:
+    """(m, n) float32 values that fit float16, whose sigma_1 clipped to sigma_2 does not: a
+    +-30000 rank-1 sign pattern over a bulk with one outlier the pattern cancels to ~65000
+    (the exact clipped matrix holds ~93000, inf in float16)."""
+    g = torch.Generator().manual_seed(1)
+    spike = 30000.0 * torch.outer(
+        torch.sign(torch.randn(m, generator=g)), torch.sign(torch.randn(n, generator=g))
+    )
+    bulk = torch.randn(m, n, generator=g) * 500
+    bulk[3, 5] = 95000.0 * -torch.sign(spike[3, 5])
+    return bulk + spike

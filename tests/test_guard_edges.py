@@ -363,16 +363,14 @@ def test_a_step_with_all_gradients_zero_does_not_enter_the_averages() -> None:
 def test_a_float16_smooth_beyond_the_range_is_not_written() -> None:
     # The finiteness check ran in float64 before the cast: a float16 weight whose clipped
     # result leaves float16's range (65504) would have been written as inf.
-    g = torch.Generator().manual_seed(1)
+    from tests.spectra_factory import float16_edge
+
     m, n = 128, 256
-    spike = 30000.0 * torch.outer(
-        torch.sign(torch.randn(m, generator=g)), torch.sign(torch.randn(n, generator=g))
-    )
-    bulk = torch.randn(m, n, generator=g) * 500
-    bulk[3, 5] = 95000.0 * -torch.sign(spike[3, 5])
+    g = torch.Generator().manual_seed(2)
+    bulk_and_spike = float16_edge(m, n)
     model = nn.Sequential(nn.Linear(n, m, bias=False))
     with torch.no_grad():
-        model[0].weight.copy_(bulk + spike)
+        model[0].weight.copy_(bulk_and_spike)
     model.half()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     guard = Guard(model, optimizer, SMOOTH_EVERY_STEP)
