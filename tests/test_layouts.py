@@ -375,3 +375,31 @@ def test_a_float16_result_beyond_its_range_is_refused_by_name(tmp_path: Path) ->
     code, _, err = _run("smooth", path, "--out", tmp_path / "o.safetensors", "--method", "clip")
     assert code == 3 and "beyond float16's largest 65504" in err, err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_non_blocking_pipe_gets_the_whole_output(tmp_path: Path) -> None:
+    # A parent that set its pipe O_NONBLOCK: os.write raises BlockingIOError when the pipe is
+    # full; the output must wait for the reader, never fail or lose bytes.
+    import fcntl
+
+    g = torch.Generator().manual_seed(0)
+    many = {f"layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(600)}
+    path = tmp_path / "many.safetensors"
+    save_file(many, str(path))
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETFL, fcntl.fcntl(write, fcntl.F_GETFL) | os.O_NONBLOCK)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pss_cli", "scan", str(path), "-q"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert b"".join(chunks).decode().rstrip().splitlines()[-1].startswith("600 matrices")

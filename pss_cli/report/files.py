@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import select
 import stat
 import sys
 import tempfile
@@ -111,4 +112,7 @@ def write_stdout(text: str) -> None:
     sys.stdout.flush()
     data = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
     while data:
-        data = data[os.write(fd, data) :]
+        try:
+            data = data[os.write(fd, data) :]
+        except BlockingIOError:  # a pipe its parent set non-blocking: wait until writable
+            select.select([], [fd], [])
