@@ -30,7 +30,7 @@ from pss_cli.gate_rules import (
     Severity,
     Thresholds,
 )
-from pss_cli.results import ScanReport, name_matches
+from pss_cli.results import ScanReport, name_matches, weights_left_out
 
 __all__ = [
     "BUILTIN_ROLE_OVERRIDES",
@@ -104,11 +104,7 @@ def evaluate(
                 and not any(name_matches(x.name, x.index, glob) for x in report.layers)
             )
         ),
-        not_checked=tuple(
-            (s.file, s.reason)
-            for s in report.skipped
-            if not s.name and ("sub-folder" in s.reason or "not named by the index" in s.reason)
-        )
+        not_checked=tuple((s.file, s.reason) for s in report.skipped if weights_left_out(s))
         + tuple(
             (f"{s.file}: {s.name}", s.reason)
             for s in report.skipped

@@ -90,6 +90,17 @@ class SkippedResult:
     reason: str
 
 
+# How a skipped entry says that a whole weights file beside the checkpoint was left out (the
+# scan builds the reasons with these; `pss check` finds them with `weights_left_out`).
+UNINDEXED_FILE = "file not named by the index"
+SUBFOLDER_WEIGHTS = "weights in a sub-folder: not part of this checkpoint, not scanned"
+
+
+def weights_left_out(skipped: SkippedResult) -> bool:
+    """A weights file the checkpoint does not include (not a tensor, not a fact about one)."""
+    return not skipped.name and skipped.reason.startswith((UNINDEXED_FILE, SUBFOLDER_WEIGHTS))
+
+
 @dataclass(frozen=True)
 class ScanSummary:
     matrices: int

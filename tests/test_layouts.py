@@ -280,19 +280,7 @@ def test_a_bare_encoder_gets_no_tied_head_note(tmp_path: Path) -> None:
 def test_a_reader_that_goes_away_mid_output_gets_exit_141(tmp_path: Path) -> None:
     # Python's buffered stdout wrote what the pipe took and dropped the rest without an error:
     # `pss scan ... | head -3` exited 0 with the output cut short.
-    g = torch.Generator().manual_seed(0)
-    many = {f"layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(600)}
-    path = tmp_path / "many.safetensors"
-    save_file(many, str(path))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    read, write = os.pipe()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pss_cli", "scan", str(path), "-q"],
-        stdout=write,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    os.close(write)
+    process, read = _scan_into_a_pipe(tmp_path)
     os.read(read, 100)  # the first bytes, then the reader goes away
     os.close(read)
     _, err = process.communicate(timeout=120)
@@ -380,14 +368,30 @@ def test_a_float16_result_beyond_its_range_is_refused_by_name(tmp_path: Path) ->
 def test_a_non_blocking_pipe_gets_the_whole_output(tmp_path: Path) -> None:
     # A parent that set its pipe O_NONBLOCK: os.write raises BlockingIOError when the pipe is
     # full; the output must wait for the reader, never fail or lose bytes.
-    import fcntl
+    process, read = _scan_into_a_pipe(tmp_path, non_blocking=True)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert b"".join(chunks).decode().rstrip().splitlines()[-1].startswith("600 matrices")
 
+
+def _scan_into_a_pipe(
+    tmp_path: Path, non_blocking: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`pss scan` of a 600-matrix checkpoint (about 90 KB of table, more than a pipe holds)
+    writing into a pipe; returns the process and the pipe's read end."""
     g = torch.Generator().manual_seed(0)
     many = {f"layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(600)}
     path = tmp_path / "many.safetensors"
     save_file(many, str(path))
     read, write = os.pipe()
-    fcntl.fcntl(write, fcntl.F_SETFL, fcntl.fcntl(write, fcntl.F_GETFL) | os.O_NONBLOCK)
+    if non_blocking:
+        import fcntl
+
+        fcntl.fcntl(write, fcntl.F_SETFL, fcntl.fcntl(write, fcntl.F_GETFL) | os.O_NONBLOCK)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     process = subprocess.Popen(
         [sys.executable, "-m", "pss_cli", "scan", str(path), "-q"],
@@ -396,10 +400,4 @@ def test_a_non_blocking_pipe_gets_the_whole_output(tmp_path: Path) -> None:
         env=env,
     )
     os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    assert b"".join(chunks).decode().rstrip().splitlines()[-1].startswith("600 matrices")
+    return process, read

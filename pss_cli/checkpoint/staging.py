@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from pss_cli.checkpoint.model import CheckpointLayout
-from pss_cli.checkpoint.names import TORCH_TAR_SUFFIXES
+from pss_cli.checkpoint.names import TORCH_SUFFIXES, TORCH_TAR_SUFFIXES
 from pss_cli.errors import CheckpointError, UsageError
 
 # Staging entries are named `.OUT.pss-tmp-PID-*` (out_checks.py finds stale and live ones by it).
@@ -143,8 +143,8 @@ def _copy_entry(src: Path, dst: Path, skipped: Callable[[Path], bool], root: Pat
 # Files that a link outside the input leads to are copied unless they are weights or large.
 _COPY_LIMIT_BYTES = 64 << 20
 _WEIGHT_FILE_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".onnx", ".msgpack", ".h5",
-    ".gguf", ".pb", ".tflite", ".npz", ".npy", ".distcp",
+    ".safetensors", *TORCH_SUFFIXES, *TORCH_TAR_SUFFIXES, ".distcp",
+    ".onnx", ".msgpack", ".h5", ".gguf", ".pb", ".tflite", ".npz", ".npy",
 )  # fmt: skip
 
 

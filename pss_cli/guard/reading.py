@@ -260,15 +260,17 @@ def stored_values(grad: torch.Tensor) -> torch.Tensor:
     """The gradient's own entries, detached: a DTensor's local shard; a sparse gradient's
     values (nn.Embedding(sparse=True)), coalesced so that repeated indices count once, as the
     optimizer applies them; torch's norm and isfinite kernels have no sparse versions."""
-    if is_dtensor(grad) and any(p.is_partial() for p in grad.placements):  # type: ignore[attr-defined]
-        # A Partial gradient (sequence parallelism's replicated norm weights) holds partial
-        # sums, not a shard: reduced to its placement's Replicate first (a collective, made
-        # by every rank in the same parameter order).
-        from torch.distributed.tensor import Replicate
+    local = grad
+    if is_dtensor(grad):
+        if any(p.is_partial() for p in grad.placements):  # type: ignore[attr-defined]
+            # A Partial gradient (sequence parallelism's replicated norm weights) holds partial
+            # sums, not a shard: reduced to its placement's Replicate first (a collective, made
+            # by every rank in the same parameter order).
+            from torch.distributed.tensor import Replicate
 
-        placements = [Replicate() if p.is_partial() else p for p in grad.placements]  # type: ignore[attr-defined]
-        grad = grad.redistribute(grad.device_mesh, placements)  # type: ignore[attr-defined]
-    local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+            placements = [Replicate() if p.is_partial() else p for p in grad.placements]  # type: ignore[attr-defined]
+            grad = grad.redistribute(grad.device_mesh, placements)  # type: ignore[attr-defined]
+        local = grad.to_local()  # type: ignore[attr-defined]
     if local.layout == torch.sparse_coo:
         local = local.coalesce().values()
     elif local.layout != torch.strided:

@@ -21,7 +21,15 @@ from pss_cli.pipeline.plan import (
     relative_file,
 )
 from pss_cli.pipeline.solve import compute_items
-from pss_cli.results import LayerResult, ScanReport, ScanSettings, ScanSummary, SkippedResult
+from pss_cli.results import (
+    SUBFOLDER_WEIGHTS,
+    UNINDEXED_FILE,
+    LayerResult,
+    ScanReport,
+    ScanSettings,
+    ScanSummary,
+    SkippedResult,
+)
 
 
 def scan_checkpoint(
@@ -78,7 +86,7 @@ def assemble_report(
                 shape=(),
                 dtype="",
                 reason=(
-                    f"file not named by the index '{index_name}': not scanned"
+                    f"{UNINDEXED_FILE} '{index_name}': not scanned"
                     if index_name and file.name.endswith(".safetensors")
                     else _BESIDE_SAFETENSORS
                 ),
@@ -153,10 +161,7 @@ def assemble_report(
                 file=str(file.relative_to(layout.folder)),
                 shape=(),
                 dtype="",
-                reason=(
-                    "weights in a sub-folder: not part of this checkpoint, not scanned (scan "
-                    f"'{file.parent}' on its own)"
-                ),
+                reason=(f"{SUBFOLDER_WEIGHTS} (scan '{file.parent}' on its own)"),
             )
             for file in weight_subfolders(layout.folder)
         )

@@ -194,4 +194,4 @@ def _torch_tar(path: Path) -> bool:
     from pss_cli.checkpoint.sniff import sniff
 
     name = path.name.lower()
-    return name.endswith((".pth.tar", ".pt.tar")) and path.is_file() and sniff(path) == "torch"
+    return name.endswith(TORCH_TAR_SUFFIXES) and path.is_file() and sniff(path) == "torch"
