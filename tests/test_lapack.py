@@ -168,3 +168,34 @@ def test_results_do_not_depend_on_threads_or_batch_mates(dtype: torch.dtype) -> 
     assert torch.equal(q1, q2) and torch.equal(r1, r2)
     for i in range(shape[0]):
         assert torch.equal(exact_singular_values(matrices[i : i + 1])[0], one_thread[i])
+
+
+def test_threads_in_lapack_sections_at_once_keep_their_own_counts() -> None:
+    # The scan's two solvers (pss_cli/pipeline/solve.py) enter and leave LAPACK sections at
+    # once, each on its own thread count. One saved count shared between threads left the
+    # thread that entered first at one thread for good, and the second one's LAPACK on two.
+    entered = threading.Barrier(2)
+    seen: dict[str, tuple[int, int]] = {}
+
+    def worker(name: str, threads: int, leave_first: bool) -> None:
+        torch.set_num_threads(threads)
+        with deterministic_lapack(torch.zeros(1)):
+            entered.wait()
+            inside = torch.get_num_threads()
+            if not leave_first:
+                time.sleep(0.05)
+        seen[name] = (inside, torch.get_num_threads())
+
+    runners = [
+        threading.Thread(target=worker, args=("first", 3, True)),
+        threading.Thread(target=worker, args=("last", 2, False)),
+    ]
+    saved = torch.get_num_threads()
+    try:
+        for runner in runners:
+            runner.start()
+        for runner in runners:
+            runner.join()
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == {"first": (1, 3), "last": (1, 2)}

@@ -167,8 +167,18 @@ def test_peak_estimate_grows_with_the_batch() -> None:
 
 
 def test_scan_loop_keeps_at_most_the_planned_batches_alive(tmp_path: Path, monkeypatch) -> None:
-    """The driver loads a batch early only where the plan allows it; otherwise every earlier
-    batch buffer is gone before the next one is allocated."""
+    """On one thread (one batch solved at a time) the driver loads a batch early only where the
+    plan allows it; otherwise every earlier batch buffer is gone before the next one is
+    allocated. With two threads: tests/test_concurrent_scan.py."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_scan_loop(tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_scan_loop(tmp_path: Path, monkeypatch) -> None:
     g = torch.Generator().manual_seed(0)
     tensors = {f"layers.{i}.w": torch.randn(96, 80, generator=g) for i in range(6)}
     tensors.update({f"layers.{i}.big": torch.randn(300, 200, generator=g) for i in range(3)})

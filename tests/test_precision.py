@@ -354,3 +354,47 @@ def test_the_loader_keeps_bf16_only_where_it_is_exact(
             torch.tensor(reference.top_singular_values, dtype=torch.float64),
         )
         assert errors[0] <= SIGMA_MAX_TOL and errors.max() <= TOP_K_TOL, layer.name
+
+
+def test_fp32_products_of_a_bf16_matrix_convert_a_slab_at_a_time(monkeypatch) -> None:
+    # The retry of a bf16 batch (fp32 products) keeps the bf16 matrix and converts slabs: the
+    # products equal those of the float32 matrix, with no float32 copy of it.
+    from pss_cli.core import mixed_precision
+
+    monkeypatch.setattr(mixed_precision, "UPCAST_CHUNK_ENTRIES", 700 * 97)  # 97-row slabs
+    stored = torch.randn(2, 900, 700, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ops = mixed_precision.Products(stored, low=False)
+    assert ops.low is None and ops.a is stored
+    right = torch.randn(2, 700, 32, dtype=torch.float32)
+    left = torch.randn(2, 900, 32, dtype=torch.float32)
+    wide = stored.float()
+    torch.testing.assert_close(ops.forward(right), wide @ right, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ops.adjoint(left), wide.mT @ left, rtol=1e-5, atol=1e-4)
+    ops.select(torch.tensor([1]))
+    torch.testing.assert_close(ops.adjoint(left[1:]), wide[1:].mT @ left[1:], rtol=1e-5, atol=1e-4)
+
+
+def test_the_retry_of_a_bf16_matrix_keeps_it_in_bf16(monkeypatch) -> None:
+    # A matrix the bf16 products cannot vouch for is solved again with fp32 products on the bf16
+    # matrix itself (the memory plan counts no float32 copy of it), to the same result as on
+    # its float32 copy.
+    from pss_cli.core import lanczos
+
+    calls: list[tuple[torch.dtype, bool]] = []
+    original = lanczos.block_lanczos
+
+    def recorded(tall, k, start, settings, vectors=None):  # type: ignore[no-untyped-def]
+        calls.append((tall.dtype, settings.bf16_products))
+        return original(tall, k, start, settings, vectors)
+
+    monkeypatch.setattr(lanczos, "block_lanczos", recorded)
+    stored = _unit(with_spectrum(800, 700, power_law(700, 0.5), seed=4).to(torch.bfloat16).float())
+    start = gaussian_start([2], 700, 32)
+    # A tolerance bf16 Ritz values never meet against the fp32 ones, but fp32 products do.
+    strict = KrylovSettings(exact_max_dim=0, tol_sigma_max=1e-9, tol_top_k=1e-3)
+    native = top_singular_values(stored.to(torch.bfloat16)[None], 16, start, strict)
+    # (spectra.py calls the first, bf16-product, pass by its own name: only the retry shows)
+    assert calls == [(torch.bfloat16, False)]
+    converted = top_singular_values(stored[None], 16, start, strict)  # fp32 products throughout
+    assert native.exact == converted.exact == (False,)
+    torch.testing.assert_close(native.values, converted.values, rtol=1e-6, atol=0.0)

@@ -47,8 +47,9 @@ def block_lanczos(
     block = start.shape[-1]
     max_iterations = iteration_budget(n, replace(settings, block_size=block))
     # Triplets for smoothing keep compute-dtype products: `pss smooth` edits along the vectors.
-    # A bf16 batch (a BF16 checkpoint loaded as stored) has only bf16 products to offer.
-    low = (settings.bf16_products and vectors is None) or tall.dtype == torch.bfloat16
+    # A bf16 batch (a BF16 checkpoint loaded as stored) without bf16 products is the retry below:
+    # its compute-dtype products convert the matrix a slab at a time (mixed_precision.Products).
+    low = settings.bf16_products and vectors is None
     if tall.dtype == torch.bfloat16 and vectors is not None:
         raise ValueError("singular vectors need a float32/float64 matrix, not bfloat16")
     retry: list[int] = []  # bf16 could not vouch for these: solved again with fp32 products
@@ -193,9 +194,9 @@ def block_lanczos(
         # beyond the tolerance: the same start, compute-dtype products (which themselves fall
         # back to a full SVD when needed). Never a value the test could not vouch for.
         chosen = torch.tensor(sorted(retry), device=tall.device)
-        again = block_lanczos(
-            tall[chosen].to(start.dtype), k, start[chosen], replace(settings, bf16_products=False)
-        )
+        # The batch itself when every matrix is retried (no copy); a bf16 batch stays bf16.
+        again_tall = tall if len(retry) == batch else tall[chosen]
+        again = block_lanczos(again_tall, k, start[chosen], replace(settings, bf16_products=False))
         for row, global_index in enumerate(chosen.tolist()):
             values[global_index] = again.values[row]
             iterations[global_index] += again.iterations[row]

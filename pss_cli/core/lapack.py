@@ -13,9 +13,9 @@ import torch
 
 T = TypeVar("T")
 
-_LAPACK_LOCK = threading.Lock()
-_lapack_users = 0
-_saved_threads = 0
+# torch keeps OpenMP's and MKL's thread counts per OS thread (`torch.set_num_threads` sets the
+# calling thread's, and the count new threads start with): each thread saves and restores its own.
+_THREAD = threading.local()
 
 
 @contextlib.contextmanager
@@ -28,25 +28,24 @@ def deterministic_lapack(like: torch.Tensor) -> Iterator[None]:
     GEMMs, the bulk of the Krylov work, are thread-count invariant and keep every thread; the
     factorisations are of (m, 32) blocks and small bidiagonals, or whole matrices with a short
     side <= 512. On a loaded 2-core CPU one thread was also 3-30x faster for them (MKL's
-    threads oversubscribe). Nested and concurrent users share one saved thread count.
-    CUDA tensors are left alone (the CPU thread count does not touch them).
+    threads oversubscribe). Nesting is allowed; the count is saved and restored per thread, so
+    threads using it at once (the scan's two solvers, pss_cli/pipeline/solve.py) never set or
+    restore each other's. CUDA tensors are left alone (the CPU thread count does not touch them).
     """
-    global _lapack_users, _saved_threads
     if like.device.type != "cpu":
         yield
         return
-    with _LAPACK_LOCK:
-        if _lapack_users == 0:
-            _saved_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _lapack_users += 1
+    depth = getattr(_THREAD, "depth", 0)
+    if depth == 0:
+        _THREAD.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+    _THREAD.depth = depth + 1
     try:
         yield
     finally:
-        with _LAPACK_LOCK:
-            _lapack_users -= 1
-            if _lapack_users == 0:
-                torch.set_num_threads(_saved_threads)
+        _THREAD.depth -= 1
+        if _THREAD.depth == 0:
+            torch.set_num_threads(_THREAD.saved)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -59,9 +58,9 @@ def per_matrix(like: torch.Tensor, count: int, solve: Callable[[int], T]) -> lis
 
     Why: one LAPACK thread keeps results reproducible, but a batched call then runs its
     matrices one after another on one core while the others idle. Each matrix's call is the
-    same single-threaded call whichever thread makes it (torch's thread count is global, and
-    LAPACK and scipy release the GIL), so the results are bit-identical to the serial loop
-    (tests/test_lapack.py). The threads share `deterministic_lapack`'s one saved thread count.
+    same single-threaded call whichever thread makes it (each pool thread sets its own count to
+    one, and LAPACK and scipy release the GIL), so the results are bit-identical to the serial
+    loop (tests/test_lapack.py).
     Nested inside `deterministic_lapack` (one thread already) or on a GPU, the loop is serial.
     """
     # torch's CPU thread budget, read before `deterministic_lapack` sets it to 1.
@@ -94,13 +93,11 @@ def _solve_share(solve: Callable[[int], T], share: range) -> list[T]:
 def _forget_pool_in_child() -> None:
     # A forked child inherits the pool object but none of its threads: a task submitted there
     # waited forever (a library user's fork-based multiprocessing pool calling api.scan).
-    # The locks too: another thread may have held one at the fork, and it never releases it
-    # in the child. That thread's LAPACK section does not exist in the child either.
-    global _POOL, _POOL_LOCK, _LAPACK_LOCK, _lapack_users
+    # The lock too: another thread may have held it at the fork, and it never releases it in
+    # the child.
+    global _POOL, _POOL_LOCK
     _POOL = None
     _POOL_LOCK = threading.Lock()
-    _LAPACK_LOCK = threading.Lock()
-    _lapack_users = 0
 
 
 os.register_at_fork(after_in_child=_forget_pool_in_child)

@@ -9,7 +9,7 @@ from pss_cli.core.krylov_settings import KrylovSettings, relative_scale
 from pss_cli.core.lapack import deterministic_lapack
 
 # Rows converted per slab in `_upcast_product`: 16 MiB of float32 scratch.
-_UPCAST_CHUNK_ENTRIES = 2**22
+UPCAST_CHUNK_ENTRIES = 2**22
 
 
 class Products:
@@ -29,8 +29,12 @@ class Products:
         self.a = a
         if a.dtype == torch.bfloat16:
             # A BF16 checkpoint loaded as stored (pss_cli/pipeline/loader.py): the matrix is its
-            # own bf16 copy, and the compute-dtype products convert it a slab at a time.
-            self.low: torch.Tensor | None = a
+            # own bf16 copy, and the compute-dtype products convert it a slab at a time. With
+            # `low` False (the fp32 retry of a matrix bf16 could not vouch for) every product is
+            # such a slab product: a float32 copy of the matrix would double its memory (an
+            # 11008 x 4096 matrix: 180 MB beside the 90 MB one), and the scan's memory plan
+            # counts on it not existing (pss_cli/pipeline/memory.py: batch_peak_bytes).
+            self.low: torch.Tensor | None = a if low else None
             self.compute = torch.float32
         else:
             self.low = a.to(torch.bfloat16) if low else None
@@ -56,6 +60,12 @@ class Products:
         return _upcast_product(matrix, right, self.compute)
 
     def _batched(self, source: torch.Tensor, block: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        if source.dtype != block.dtype:
+            # bf16 storage, compute-dtype products (the retry): one slab product per matrix.
+            product = _upcast_adjoint if adjoint else _upcast_product
+            return torch.stack(
+                [product(source[row], block[i], block.dtype) for i, row in enumerate(self.rows)]
+            )
         if len(self.rows) == source.shape[0]:
             return _product(source, block, adjoint)
         return torch.stack(
@@ -64,12 +74,12 @@ class Products:
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.low is None:
-            return self._batched(self.a, v, adjoint=False)
+            return self._batched(self.a, v.to(self.compute), adjoint=False)
         return self._batched(self.low, v.to(torch.bfloat16), adjoint=False).to(v.dtype)
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         if self.low is None:
-            return self._batched(self.a, u, adjoint=True)
+            return self._batched(self.a, u.to(self.compute), adjoint=True)
         return self._batched(self.low, u.to(torch.bfloat16), adjoint=True).to(u.dtype)
 
     def select(self, keep: torch.Tensor) -> None:
@@ -91,7 +101,7 @@ def _upcast_product(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtyp
     reused scratch buffer: the product of a compute-dtype GEMM without a compute-dtype copy of
     the matrix (torch's CPU bf16 GEMM returns bf16, rounding the product to 8 bits)."""
     m, n = matrix.shape
-    rows = max(1, _UPCAST_CHUNK_ENTRIES // n)
+    rows = max(1, UPCAST_CHUNK_ENTRIES // n)
     out = torch.empty(m, right.shape[-1], dtype=dtype, device=matrix.device)
     scratch = torch.empty(min(rows, m), n, dtype=dtype, device=matrix.device)
     for first in range(0, m, rows):
@@ -99,6 +109,21 @@ def _upcast_product(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtyp
         part = scratch[: last - first]
         part.copy_(matrix[first:last])
         torch.mm(part, right, out=out[first:last])
+    return out
+
+
+def _upcast_adjoint(matrix: torch.Tensor, left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """matrix^T @ left in `dtype` for a bf16 matrix, a slab of rows at a time as in
+    `_upcast_product`; the slabs' contributions are summed in row order (reproducible)."""
+    m, n = matrix.shape
+    rows = max(1, UPCAST_CHUNK_ENTRIES // n)
+    out = torch.zeros(n, left.shape[-1], dtype=dtype, device=matrix.device)
+    scratch = torch.empty(min(rows, m), n, dtype=dtype, device=matrix.device)
+    for first in range(0, m, rows):
+        last = min(m, first + rows)
+        part = scratch[: last - first]
+        part.copy_(matrix[first:last])
+        out.addmm_(part.mT, left[first:last])
     return out
 
 

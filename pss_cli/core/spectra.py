@@ -39,7 +39,7 @@ entry point and re-exports the names other code imports from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -119,6 +119,9 @@ def top_singular_values(
         raise ValueError("the Krylov path needs start blocks")
     # Work on the tall orientation: the Krylov vectors of the short side are cheaper to keep.
     tall = matrices if m >= n else matrices.mT
+    if matrices.dtype == torch.bfloat16:
+        # The stored values, multiplied as they are (the module docstring).
+        settings = replace(settings, bf16_products=True)
     result = block_lanczos(tall, k, start.to(device=matrices.device, dtype=compute), settings)
     return result
 

@@ -6,7 +6,9 @@ Memory: nothing larger than one device batch is ever held. Each matrix is stream
 (positional reads, no memory map) through a small staging buffer into the batch's compute buffer,
 converted to the compute dtype on the way (on the GPU for a CUDA scan), and batches are sized by
 `plan_batches` so that the batch being solved, its solver workspace and the next batch (loaded by
-a background thread while this one computes) stay within the budget.
+a background thread while this one computes) stay within the budget. On a CPU with two or more
+threads two batches are solved at once (`solve.py`), each admitted only when its peak fits
+beside those in flight.
 
 The three phases `plan_scan`, `compute_items` and `assemble_report` are separate so that a
 distributed scan (pss_cli.distributed) can give each process a share of the items and rebuild the

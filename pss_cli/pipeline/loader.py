@@ -31,7 +31,8 @@ _STREAMED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.f
 @dataclass
 class _Loaded:
     batch: Batch
-    # (B, m, n) tall, on the device, scaled to unit norm; compute dtype, or bf16 (`_Loader._dtype`)
+    # (B, m, n) tall, on the device, scaled to unit norm; compute dtype, or bf16
+    # (`_Loader.buffer_dtype`)
     buffer: torch.Tensor
     frobenius: list[float]
     nonfinite: list[int]
@@ -83,9 +84,8 @@ class _Loader:
 
     def _fill(self, batch: Batch) -> _Loaded:
         tall_m, tall_n = batch.items[0].tall_shape
-        buffer = torch.empty(
-            len(batch.items), tall_m, tall_n, dtype=self._dtype(batch), device=self.plan.device
-        )
+        dtype = self.buffer_dtype(batch)
+        buffer = torch.empty(len(batch.items), tall_m, tall_n, dtype=dtype, device=self.plan.device)
         frobenius: list[float] = []
         nonfinite: list[int] = []
         for slot, item in enumerate(batch.items):
@@ -99,7 +99,7 @@ class _Loader:
             nonfinite.append(bad)
         return _Loaded(batch, buffer, frobenius, nonfinite)
 
-    def _dtype(self, batch: Batch) -> torch.dtype:
+    def buffer_dtype(self, batch: Batch) -> torch.dtype:
         """The buffer's dtype: bfloat16 for a batch of BF16 matrices whose Krylov products are
         bf16 anyway, else the compute dtype.
 

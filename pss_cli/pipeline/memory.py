@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pss_cli.config import CUDA_FREE_MEMORY_FRACTION, ScanConfig
+from pss_cli.core.mixed_precision import UPCAST_CHUNK_ENTRIES
 from pss_cli.core.spectra import KrylovSettings, iteration_budget, uses_exact_path
 from pss_cli.pipeline.plan import MatrixItem
 
@@ -44,6 +45,7 @@ def batch_peak_bytes(
     settings: KrylovSettings,
     top_k: int,
     exact: bool,
+    buffer_itemsize: int | None = None,
 ) -> int:
     """Upper estimate of the memory a batch of `count` tall (m, n) matrices needs while solved.
 
@@ -51,18 +53,25 @@ def batch_peak_bytes(
     when some are not, and the solver drops converged matrices by indexing, which copies the
     rest); and per matrix either the two Krylov bases ((m + n) x (iterations + 1) * block) or, on
     the exact path, LAPACK's copy of the matrix plus its (n, n) workspace.
+    itemsize: the compute dtype's; buffer_itemsize: the buffer's, when it differs (a BF16
+    checkpoint's Krylov batch loaded as stored, pss_cli/pipeline/loader.py).
     """
     m, n = shape
-    matrix = m * n * itemsize
+    stored = itemsize if buffer_itemsize is None else buffer_itemsize
+    matrix = m * n * stored
     copies = 2 * (count - 1) * matrix
     if exact or uses_exact_path(m, n, min(top_k, n), settings):
-        workspace = matrix + n * n * itemsize
+        workspace = m * n * itemsize + n * n * itemsize
     else:
         columns = (iteration_budget(n, settings) + 1) * settings.block_size
         # Both bases: the bf16 path keeps no left basis, but a matrix it cannot vouch for is
         # solved again with compute-dtype products, which keep both.
         workspace = (m + n) * columns * itemsize
-        if settings.bf16_products:
+        if stored != itemsize:
+            # A bf16 buffer is its own bf16 copy; its compute-dtype products (the Rayleigh-Ritz
+            # one, and every product of the retry) convert one slab at a time.
+            workspace += min(m, max(1, UPCAST_CHUNK_ENTRIES // n)) * n * itemsize
+        elif settings.bf16_products:
             workspace += m * n * 2  # A in bf16 (core/mixed_precision.py: Products)
     return count * matrix + copies + count * workspace
 

@@ -94,7 +94,7 @@ class ScanPlan:
 @dataclass
 class ComputeOutcome:
     results: dict[tuple[str, int | None], LayerResult] = field(default_factory=dict)
-    compute_seconds: float = 0.0  # solving (norms, Krylov, metrics), main thread
+    compute_seconds: float = 0.0  # solving (Krylov, metrics): wall seconds any solver ran
     read_seconds: float = 0.0  # reading and converting, loader thread (overlaps compute)
 
 

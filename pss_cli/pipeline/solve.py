@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -23,7 +23,7 @@ from pss_cli.core.spectra import (
     uses_exact_path,
 )
 from pss_cli.pipeline.loader import _Loaded, _Loader
-from pss_cli.pipeline.memory import batch_budget_bytes, plan_batches
+from pss_cli.pipeline.memory import Batch, batch_budget_bytes, batch_peak_bytes, plan_batches
 from pss_cli.pipeline.plan import (
     FLAG_LOW_STABLE_RANK,
     FLAG_NONFINITE,
@@ -42,47 +42,190 @@ from pss_cli.results import LayerResult
 def compute_items(
     plan: ScanPlan, items: Sequence[MatrixItem], progress: ProgressCallback | None = None
 ) -> ComputeOutcome:
-    """Analyse `items` (all of the plan's, or one rank's share), one batch at a time.
+    """Analyse `items` (all of the plan's, or one rank's share), batch by batch.
 
-    Batch i+1 is read and converted by a loader thread while batch i is solved (file reads and
-    torch kernels release the GIL), when `plan_batches` says both fit the memory budget.
+    On a GPU, or a CPU with one thread: one batch at a time, batch i+1 read and converted by a
+    loader thread while batch i is solved (file reads and torch kernels release the GIL), when
+    `plan_batches` says both fit the memory budget. On a CPU with two or more threads: two
+    batches solved at once (`_compute_concurrently`, which says why).
     """
     outcome = ComputeOutcome()
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
     budget = batch_budget_bytes(plan.device, plan.config)
+    threads = torch.get_num_threads()
+    concurrent = plan.device.type == "cpu" and threads >= 2
+    # Two solvers share the budget: each plans its batches within half of it, so that two
+    # batches and a third being loaded fit (`plan_batches`' 2/3 + 1/3 rule, per half).
     batches = plan_batches(
-        items, itemsize, budget, plan.settings, plan.config.top_k, plan.config.exact
+        items,
+        itemsize,
+        budget // SOLVERS if concurrent else budget,
+        plan.settings,
+        plan.config.top_k,
+        plan.config.exact,
     )
+    concurrent = concurrent and len(batches) >= 2
     if any(krylov_path(b.items[0].tall_shape, plan.config, plan.settings) for b in batches):
         import_lapack_in_background()
-    total = len(items)
-    bytes_total = sum(item.nbytes for item in items)
-    done = 0
-    bytes_done = 0
-    if progress is not None:
-        progress(0, total, "", 0, bytes_total)
+    counter = _Progress(progress, items)
     with TensorReader(plan.layout) as reader, ThreadPoolExecutor(1, "pss-loader") as pool:
         loader = _Loader(reader, plan)
-        pending: Future[_Loaded] | None = None
-        for position, batch in enumerate(batches):
-            if pending is None:
-                pending = pool.submit(loader.load, batch)
-            loaded = pending.result()
-            pending = None
-            following = batches[position + 1] if position + 1 < len(batches) else None
-            if following is not None and following.prefetch:
-                pending = pool.submit(loader.load, following)
-            t0 = time.perf_counter()
-            for result in _solve(loaded, plan):
-                outcome.results[(result.name, result.index)] = result
-            del loaded
-            outcome.compute_seconds += time.perf_counter() - t0
-            done += len(batch.items)
-            bytes_done += sum(item.nbytes for item in batch.items)
-            if progress is not None:
-                progress(done, total, batch.items[-1].target.entry.name, bytes_done, bytes_total)
+        if concurrent:
+            _compute_concurrently(plan, batches, loader, pool, budget, threads, outcome, counter)
+        else:
+            _compute_in_turn(plan, batches, loader, pool, outcome, counter)
         outcome.read_seconds = loader.seconds
     return outcome
+
+
+# Batches solved at once on a CPU (`_compute_concurrently`).
+SOLVERS = 2
+
+
+class _Progress:
+    """The progress callback's counts, advanced as batches finish."""
+
+    def __init__(self, progress: ProgressCallback | None, items: Sequence[MatrixItem]) -> None:
+        self.progress = progress
+        self.total = len(items)
+        self.bytes_total = sum(item.nbytes for item in items)
+        self.done = 0
+        self.bytes_done = 0
+        if progress is not None:
+            progress(0, self.total, "", 0, self.bytes_total)
+
+    def advance(self, batch: Batch) -> None:
+        self.done += len(batch.items)
+        self.bytes_done += sum(item.nbytes for item in batch.items)
+        if self.progress is not None:
+            name = batch.items[-1].target.entry.name
+            self.progress(self.done, self.total, name, self.bytes_done, self.bytes_total)
+
+
+def _compute_in_turn(
+    plan: ScanPlan,
+    batches: list[Batch],
+    loader: _Loader,
+    pool: ThreadPoolExecutor,
+    outcome: ComputeOutcome,
+    counter: _Progress,
+) -> None:
+    pending: Future[_Loaded] | None = None
+    for position, batch in enumerate(batches):
+        if pending is None:
+            pending = pool.submit(loader.load, batch)
+        loaded = pending.result()
+        pending = None
+        following = batches[position + 1] if position + 1 < len(batches) else None
+        if following is not None and following.prefetch:
+            pending = pool.submit(loader.load, following)
+        t0 = time.perf_counter()
+        for result in _solve(loaded, plan):
+            outcome.results[(result.name, result.index)] = result
+        del loaded
+        outcome.compute_seconds += time.perf_counter() - t0
+        counter.advance(batch)
+
+
+def _compute_concurrently(
+    plan: ScanPlan,
+    batches: list[Batch],
+    loader: _Loader,
+    pool: ThreadPoolExecutor,
+    budget: int,
+    threads: int,
+    outcome: ComputeOutcome,
+    counter: _Progress,
+) -> None:
+    """Solve SOLVERS batches at once, each on threads // SOLVERS of torch's CPU threads.
+
+    Why: a scan's solver is not all GEMM. Its QRs, Ritz values and bookkeeping run on one thread
+    (pss_cli/core/lapack.py: one LAPACK thread keeps results reproducible) while the other cores
+    idle, and a skinny (m x n) @ (n x 32) product gains little from a second thread. Measured on
+    an AMD EPYC Zen 4 (2 threads, docs/BENCHMARKS.md): one bf16 forward + adjoint product pair of
+    an 11008 x 4096 matrix took 34.4 ms on two threads, 50.7 ms on one, and two such pairs on one
+    thread each, at once, 54.8 ms; the Llama block's seven matrices took 2.40 s one after another
+    on two threads and 1.89 s two at a time on one thread each.
+
+    Memory: a batch is loaded only once its peak (`batch_peak_bytes`, with the buffer's own
+    dtype) fits in the budget beside the peaks of the batches in flight, or when nothing is in
+    flight (a single matrix larger than the budget runs alone), so memory never holds more than
+    the budget or that one batch's peak. At most SOLVERS batches are solved and one more loaded.
+
+    Reproducibility: every matrix is solved on the same thread count (threads // SOLVERS), so
+    the results do not depend on which solver took it or what ran beside it.
+    """
+    each = max(1, threads // SOLVERS)
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    in_flight: dict[Future[tuple[list[LayerResult], float, float]], tuple[Batch, int]] = {}
+    reserved = 0
+    intervals: list[tuple[float, float]] = []
+
+    def harvest(block: bool) -> None:
+        nonlocal reserved
+        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED) if block else (set(), None)
+        for future in finished:
+            batch, peak = in_flight.pop(future)
+            results, start, end = future.result()
+            reserved -= peak
+            intervals.append((start, end))
+            for result in results:
+                outcome.results[(result.name, result.index)] = result
+            counter.advance(batch)
+
+    with ThreadPoolExecutor(SOLVERS, "pss-solver") as solvers:
+        try:
+            for batch in batches:
+                buffer_itemsize = torch.empty((), dtype=loader.buffer_dtype(batch)).element_size()
+                peak = batch_peak_bytes(
+                    len(batch.items),
+                    batch.items[0].tall_shape,
+                    itemsize,
+                    plan.settings,
+                    plan.config.top_k,
+                    plan.config.exact,
+                    buffer_itemsize,
+                )
+                while in_flight and (len(in_flight) > SOLVERS or reserved + peak > budget):
+                    harvest(block=True)
+                reserved += peak
+                loading = pool.submit(loader.load, batch)
+                in_flight[solvers.submit(_solve_when_loaded, loading, plan, each)] = (batch, peak)
+            while in_flight:
+                harvest(block=True)
+        except BaseException:
+            # An error (or Ctrl-C) stops the scan: batches not started are dropped, the running
+            # ones finish before the error propagates (a thread cannot be stopped).
+            for future in in_flight:
+                future.cancel()
+            raise
+        finally:
+            # The threads this scan's solvers set stay theirs; the caller's count is restored
+            # (torch.set_num_threads also sets the count new threads start with).
+            torch.set_num_threads(threads)
+    outcome.compute_seconds = _covered_seconds(intervals)
+
+
+def _solve_when_loaded(
+    loading: Future[_Loaded], plan: ScanPlan, threads: int
+) -> tuple[list[LayerResult], float, float]:
+    # torch keeps OpenMP's and MKL's thread counts per OS thread: this sets the solver thread's.
+    torch.set_num_threads(threads)
+    loaded = loading.result()
+    start = time.perf_counter()
+    results = _solve(loaded, plan)
+    return results, start, time.perf_counter()
+
+
+def _covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Wall seconds during which at least one of the intervals ran."""
+    covered = 0.0
+    reach = -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
 
 
 def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:

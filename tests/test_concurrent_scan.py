@@ -1,0 +1,209 @@
+"""Two batches solved at once on a CPU with two or more threads (pss_cli/pipeline/solve.py:
+`_compute_concurrently`): the same results as one batch at a time, within the memory budget,
+each matrix on its fixed share of the threads, errors propagated and the thread count restored.
+
+Wall time is the benchmark's business (benchmarks/bench_scan.py); these tests check the schedule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pss_cli import pipeline
+from pss_cli.config import ProductPrecision, ScanConfig
+from pss_cli.core.spectra import KrylovSettings
+from pss_cli.pipeline import scan_checkpoint
+from pss_cli.pipeline import solve as pipeline_solve
+from pss_cli.report.json_report import render_json
+from tests.safetensors_factory import write_tensors
+from tests.spectra_factory import power_law, with_spectrum
+
+# Six 600 x 520 matrices (short side > 512: the Krylov path), BF16 so that the bf16 path loads
+# them as stored; each batch holds one under the budgets below.
+SHAPE = (600, 520)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tensors = {
+        f"layers.{i}.mlp.up_proj.weight": with_spectrum(
+            *SHAPE, power_law(SHAPE[1], 0.4 + i / 10), i
+        ).to(torch.bfloat16)
+        for i in range(6)
+    }
+    return write_tensors(tmp_path_factory.mktemp("concurrent") / "model.safetensors", tensors)
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def _json(report: object) -> str:
+    import json
+
+    data = json.loads(render_json(report))  # type: ignore[arg-type]
+    data.pop("timings")
+    return json.dumps(data, sort_keys=True)
+
+
+def _one_matrix_budget() -> int:
+    # A budget whose half (each solver's share) holds one batch of one matrix.
+    return 3 * SHAPE[0] * SHAPE[1] * 4 * 2
+
+
+class _Recorder:
+    """Wraps `_solve` and `_Loader.load`: who solved what, on how many threads, when; and the
+    buffer bytes alive when each load started."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, pause: float = 0.0) -> None:
+        self.solves: list[tuple[str, int, float, float]] = []
+        self.loads: list[tuple[int, int]] = []  # (buffer bytes alive, this batch's buffer)
+        self.alive: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+        self.lock = threading.Lock()
+        solve, load = pipeline_solve._solve, pipeline._Loader.load
+
+        def recorded_solve(loaded, plan):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            time.sleep(pause)  # long enough for the other solver to start beside it
+            results = solve(loaded, plan)
+            with self.lock:
+                name = threading.current_thread().name
+                self.solves.append((name, torch.get_num_threads(), start, time.perf_counter()))
+            return results
+
+        def recorded_load(loader, batch):  # type: ignore[no-untyped-def]
+            with self.lock:
+                alive = sum(t.numel() * t.element_size() for t in self.alive)
+            loaded = load(loader, batch)
+            with self.lock:
+                self.loads.append((alive, loaded.buffer.numel() * loaded.buffer.element_size()))
+                self.alive.add(loaded.buffer)
+            return loaded
+
+        monkeypatch.setattr(pipeline_solve, "_solve", recorded_solve)
+        monkeypatch.setattr(pipeline._Loader, "load", recorded_load)
+
+    def overlapping(self) -> bool:
+        spans = sorted((start, end) for _, _, start, end in self.solves)
+        return any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize("precision", [ProductPrecision.FP32, ProductPrecision.BF16])
+def test_two_threads_solve_two_batches_at_once_with_the_results_of_one_thread(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch, precision: ProductPrecision
+) -> None:
+    config = ScanConfig(device="cpu", precision=precision, cpu_batch_bytes=_one_matrix_budget())
+    torch.set_num_threads(1)
+    one = _json(scan_checkpoint(checkpoint, config))
+    torch.set_num_threads(2)
+    recorder = _Recorder(monkeypatch, pause=0.05)
+    two = scan_checkpoint(checkpoint, config)
+    assert len(recorder.solves) == 6
+    assert recorder.overlapping(), recorder.solves
+    # Each matrix on one of the two threads, in the solvers' own threads, whatever ran beside it:
+    # the JSON is byte for byte that of a one-thread scan (bf16 products included).
+    assert {count for _, count, _, _ in recorder.solves} == {1}
+    assert all(name.startswith("pss-solver") for name, _, _, _ in recorder.solves)
+    assert _json(two) == one
+    assert torch.get_num_threads() == 2  # the caller's count, restored
+    assert 0 < two.timings["compute_seconds"] <= two.timings["total_seconds"]
+
+
+def test_each_solver_takes_an_equal_share_of_the_threads(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(5)
+    recorder = _Recorder(monkeypatch)
+    scan_checkpoint(checkpoint, ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget()))
+    assert {count for _, count, _, _ in recorder.solves} == {2}  # 5 // 2, never 3 and 2
+    assert torch.get_num_threads() == 5
+
+
+def test_a_batch_is_loaded_only_when_its_peak_fits_beside_those_in_flight(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A budget that holds one batch's peak but not two: never two at once, and each batch is
+    # loaded only after the one before it was solved and freed.
+    torch.set_num_threads(2)
+    one_peak = pipeline.batch_peak_bytes(1, SHAPE, 4, KrylovSettings(), 16, False)
+    recorder = _Recorder(monkeypatch, pause=0.02)
+    config = ScanConfig(device="cpu", precision=ProductPrecision.FP32, cpu_batch_bytes=one_peak)
+    report = scan_checkpoint(checkpoint, config)
+    assert report.summary.matrices == 6
+    assert not recorder.overlapping()
+    assert [alive for alive, _ in recorder.loads] == [0] * 6
+
+
+def test_loads_never_exceed_the_budget_when_two_fit(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(2)
+    recorder = _Recorder(monkeypatch, pause=0.02)
+    config = ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget())
+    scan_checkpoint(checkpoint, config)
+    assert recorder.overlapping()
+    for alive, own in recorder.loads:
+        assert alive == 0 or alive + own <= config.cpu_batch_bytes
+
+
+def test_a_failing_solve_stops_the_scan_and_restores_the_threads(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(2)
+    calls = []
+    solve = pipeline_solve._solve
+
+    def failing(loaded, plan):  # type: ignore[no-untyped-def]
+        calls.append(loaded.batch)
+        if len(calls) == 2:
+            raise MemoryError("out of memory in the second batch")
+        return solve(loaded, plan)
+
+    monkeypatch.setattr(pipeline_solve, "_solve", failing)
+    config = ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget())
+    with pytest.raises(MemoryError, match="second batch"):
+        scan_checkpoint(checkpoint, config)
+    assert torch.get_num_threads() == 2
+    assert len(calls) < 6  # the batches not started were dropped
+
+
+def test_one_thread_or_one_batch_is_solved_in_turn(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(1)
+    recorder = _Recorder(monkeypatch)
+    scan_checkpoint(checkpoint, ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget()))
+    assert {name for name, _, _, _ in recorder.solves} == {threading.current_thread().name}
+    torch.set_num_threads(2)
+    recorder = _Recorder(monkeypatch)
+    scan_checkpoint(checkpoint, ScanConfig(device="cpu", include=("layers.0.*",)))
+    assert [name for name, _, _, _ in recorder.solves] == [threading.current_thread().name]
+
+
+def test_covered_seconds_counts_overlaps_once() -> None:
+    covered = pipeline_solve._covered_seconds
+    assert covered([]) == 0.0
+    assert covered([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
+    assert covered([(0.0, 5.0), (1.0, 2.0)]) == pytest.approx(5.0)
+
+
+def test_the_memory_plan_counts_a_bf16_buffer_at_its_own_size() -> None:
+    settings = replace(KrylovSettings(), bf16_products=True)
+    shape = (11008, 4096)
+    as_fp32 = pipeline.batch_peak_bytes(1, shape, 4, settings, 16, False)
+    as_stored = pipeline.batch_peak_bytes(1, shape, 4, settings, 16, False, buffer_itemsize=2)
+    matrix = shape[0] * shape[1]
+    # float32 buffer + its bf16 copy, against the bf16 buffer and one float32 slab
+    assert as_fp32 - as_stored == matrix * 4 + matrix * 2 - matrix * 2 - 2**22 // 4096 * 4096 * 4
