@@ -157,15 +157,18 @@ def _compute_concurrently(
     """
     each = max(1, threads // SOLVERS)
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
-    in_flight: dict[Future[tuple[list[LayerResult], float, float]], tuple[Batch, int]] = {}
+    in_flight: dict[
+        Future[tuple[list[LayerResult], float, float]], tuple[Batch, int, Future[_Loaded]]
+    ] = {}
     reserved = 0
     intervals: list[tuple[float, float]] = []
 
-    def harvest(block: bool) -> None:
+    def harvest() -> None:
+        # Wait for one solve (or more) to finish; collect its results and free its reservation.
         nonlocal reserved
-        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED) if block else (set(), None)
+        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in finished:
-            batch, peak = in_flight.pop(future)
+            batch, peak, _ = in_flight.pop(future)
             results, start, end = future.result()
             reserved -= peak
             intervals.append((start, end))
@@ -187,17 +190,19 @@ def _compute_concurrently(
                     buffer_itemsize,
                 )
                 while in_flight and (len(in_flight) > SOLVERS or reserved + peak > budget):
-                    harvest(block=True)
+                    harvest()
                 reserved += peak
                 loading = pool.submit(loader.load, batch)
-                in_flight[solvers.submit(_solve_when_loaded, loading, plan, each)] = (batch, peak)
+                solving = solvers.submit(_solve_when_loaded, loading, plan, each)
+                in_flight[solving] = (batch, peak, loading)
             while in_flight:
-                harvest(block=True)
+                harvest()
         except BaseException:
             # An error (or Ctrl-C) stops the scan: batches not started are dropped, the running
             # ones finish before the error propagates (a thread cannot be stopped).
-            for future in in_flight:
+            for future, (_, _, loading) in in_flight.items():
                 future.cancel()
+                loading.cancel()
             raise
         finally:
             # The threads this scan's solvers set stay theirs; the caller's count is restored
