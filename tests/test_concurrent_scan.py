@@ -8,6 +8,7 @@ Wall time is the benchmark's business (benchmarks/bench_scan.py); these tests ch
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 import weakref
@@ -51,8 +52,6 @@ def threads() -> Iterator[None]:
 
 
 def _json(report: object) -> str:
-    import json
-
     data = json.loads(render_json(report))  # type: ignore[arg-type]
     data.pop("timings")
     return json.dumps(data, sort_keys=True)
@@ -179,17 +178,72 @@ def test_a_failing_solve_stops_the_scan_and_restores_the_threads(
     assert len(calls) < 6  # the batches not started were dropped
 
 
-def test_one_thread_or_one_batch_is_solved_in_turn(
+def test_one_thread_is_solved_in_turn(
     checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.set_num_threads(1)
     recorder = _Recorder(monkeypatch)
     scan_checkpoint(checkpoint, ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget()))
     assert {name for name, _, _, _ in recorder.solves} == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("precision", [ProductPrecision.FP32, ProductPrecision.BF16])
+def test_a_matrix_gets_the_same_threads_however_the_scan_is_batched(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch, precision: ProductPrecision
+) -> None:
+    # One batch of all six, six batches of one, one matrix alone (--include): every matrix on
+    # one of the two threads, so its numbers do not depend on the batching (products that
+    # round differently with the thread count, bf16 on some CPUs, included).
     torch.set_num_threads(2)
+    config = ScanConfig(device="cpu", precision=precision, cpu_batch_bytes=2**30)
     recorder = _Recorder(monkeypatch)
-    scan_checkpoint(checkpoint, ScanConfig(device="cpu", include=("layers.0.*",)))
-    assert [name for name, _, _, _ in recorder.solves] == [threading.current_thread().name]
+    whole = json.loads(render_json(scan_checkpoint(checkpoint, config)))
+    assert len(recorder.solves) == 2  # the lone batch, cut in two: both solvers have work
+    split = json.loads(render_json(scan_checkpoint(checkpoint, replace(config, cpu_batch_bytes=1))))
+    alone = json.loads(
+        render_json(scan_checkpoint(checkpoint, replace(config, include=("layers.3.*",))))
+    )
+    assert {count for _, count, _, _ in recorder.solves} == {1}
+    assert all(name.startswith("pss-solver") for name, _, _, _ in recorder.solves)
+    layers = {x["name"]: x for x in whole["layers"]}
+    assert layers == {x["name"]: x for x in split["layers"]}
+    assert alone["layers"] == [layers["layers.3.mlp.up_proj.weight"]]
+
+
+def test_threads_started_during_a_scan_get_the_callers_count(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.set_num_threads also sets the count new threads take: a host program's thread
+    # started while the solvers run must not inherit their one thread.
+    # (The solver threads' start is a moment in which the count new threads take is theirs:
+    # torch has no other way to set a thread's own count. Probes begin once solving has.)
+    torch.set_num_threads(2)
+    solving = threading.Event()
+    solve = pipeline_solve._solve
+
+    def slow_solve(loaded, plan):  # type: ignore[no-untyped-def]
+        solving.set()
+        time.sleep(0.05)
+        return solve(loaded, plan)
+
+    monkeypatch.setattr(pipeline_solve, "_solve", slow_solve)
+    counts: list[int] = []
+    config = ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget())
+    scan = threading.Thread(target=scan_checkpoint, args=(checkpoint, config))
+
+    def probe() -> None:
+        counts.append(torch.get_num_threads())
+
+    scan.start()
+    solving.wait(timeout=60)
+    while scan.is_alive():
+        prober = threading.Thread(target=probe)
+        prober.start()
+        prober.join()
+        time.sleep(0.005)
+    scan.join()
+    assert len(counts) > 10
+    assert set(counts) == {2}, counts
 
 
 def test_covered_seconds_counts_overlaps_once() -> None:

@@ -178,6 +178,7 @@ def test_threads_in_lapack_sections_at_once_keep_their_own_counts() -> None:
     seen: dict[str, tuple[int, int]] = {}
 
     def worker(name: str, threads: int, leave_first: bool) -> None:
+        torch.get_num_threads()  # torch's lazy per-thread set-up first, or it undoes the next
         torch.set_num_threads(threads)
         with deterministic_lapack(torch.zeros(1)):
             entered.wait()

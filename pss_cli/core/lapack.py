@@ -38,14 +38,22 @@ def deterministic_lapack(like: torch.Tensor) -> Iterator[None]:
     depth = getattr(_THREAD, "depth", 0)
     if depth == 0:
         _THREAD.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
+        _set_own_threads(1)
     _THREAD.depth = depth + 1
     try:
         yield
     finally:
         _THREAD.depth -= 1
         if _THREAD.depth == 0:
-            torch.set_num_threads(_THREAD.saved)
+            _set_own_threads(_THREAD.saved)
+
+
+def _set_own_threads(count: int) -> None:
+    # Only when it changes: `torch.set_num_threads` also sets the count that threads starting
+    # afterwards take (a thread the host program starts during a scan), so a thread already on
+    # `count` (a one-thread solver, pss_cli/pipeline/solve.py) never touches it.
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -86,7 +94,7 @@ def _solve_share(solve: Callable[[int], T], share: range) -> list[T]:
     # global count only when one of its own parallel kernels starts, never before a LAPACK call:
     # a pool thread's first QR ran MKL on every core (other last bits than one thread, for a
     # float32 600 x 32 block). Setting it here, inside `deterministic_lapack`, sets 1 again.
-    torch.set_num_threads(1)
+    _set_own_threads(1)
     return [solve(index) for index in share]
 
 

@@ -4,6 +4,7 @@ by a background thread), into per-matrix results."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -47,7 +48,7 @@ def compute_items(
     On a GPU, or a CPU with one thread: one batch at a time, batch i+1 read and converted by a
     loader thread while batch i is solved (file reads and torch kernels release the GIL), when
     `plan_batches` says both fit the memory budget. On a CPU with two or more threads: two
-    batches solved at once (`_compute_concurrently`, which says why).
+    batches solved at once, each on half of the threads (`_compute_concurrently` says why).
     """
     outcome = ComputeOutcome()
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
@@ -64,7 +65,8 @@ def compute_items(
         plan.config.top_k,
         plan.config.exact,
     )
-    concurrent = concurrent and len(batches) >= 2
+    if concurrent and len(batches) == 1 and len(batches[0].items) >= 2:
+        batches = _halves(batches[0], itemsize, plan)  # work for both solvers
     if any(krylov_path(b.items[0].tall_shape, plan.config, plan.settings) for b in batches):
         import_lapack_in_background()
     counter = _Progress(progress, items)
@@ -100,6 +102,20 @@ class _Progress:
         if self.progress is not None:
             name = batch.items[-1].target.entry.name
             self.progress(self.done, self.total, name, self.bytes_done, self.bytes_total)
+
+
+def _halves(batch: Batch, itemsize: int, plan: ScanPlan) -> list[Batch]:
+    """A batch cut in two (each within the first's memory, which both fit)."""
+    middle = (len(batch.items) + 1) // 2
+    halves: list[Batch] = []
+    for part in (batch.items[:middle], batch.items[middle:]):
+        shape = part[0].tall_shape
+        buffer = len(part) * shape[0] * shape[1] * itemsize
+        peak = batch_peak_bytes(
+            len(part), shape, itemsize, plan.settings, plan.config.top_k, plan.config.exact
+        )
+        halves.append(Batch(part, buffer, peak, prefetch=bool(halves)))
+    return halves
 
 
 def _compute_in_turn(
@@ -152,8 +168,16 @@ def _compute_concurrently(
     flight (a single matrix larger than the budget runs alone), so memory never holds more than
     the budget or that one batch's peak. At most SOLVERS batches are solved and one more loaded.
 
-    Reproducibility: every matrix is solved on the same thread count (threads // SOLVERS), so
-    the results do not depend on which solver took it or what ran beside it.
+    Reproducibility: on a CPU with two or more threads every matrix is solved on the same thread
+    count (threads // SOLVERS), however many batches the scan has, so the results do not depend
+    on the batching (a budget, an --include, a distributed rank's share), on which solver took
+    a matrix, or on what ran beside it. A lone batch of several matrices is cut in two so that
+    both solvers have work; a lone matrix runs on half of the threads.
+
+    torch keeps one thread count per OS thread, and `torch.set_num_threads` also sets the count
+    that threads starting afterwards take: each solver thread sets its own once, when the pool
+    starts, and the caller's count is then set again, so a thread that the host program starts
+    during the scan gets the caller's count, not a solver's.
     """
     each = max(1, threads // SOLVERS)
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
@@ -178,6 +202,8 @@ def _compute_concurrently(
 
     with ThreadPoolExecutor(SOLVERS, "pss-solver") as solvers:
         try:
+            _start_solvers(solvers, each)
+            torch.set_num_threads(threads)  # the count new threads take: the caller's again
             for batch in batches:
                 buffer_itemsize = torch.empty((), dtype=loader.buffer_dtype(batch)).element_size()
                 peak = batch_peak_bytes(
@@ -193,7 +219,7 @@ def _compute_concurrently(
                     harvest()
                 reserved += peak
                 loading = pool.submit(loader.load, batch)
-                solving = solvers.submit(_solve_when_loaded, loading, plan, each)
+                solving = solvers.submit(_solve_when_loaded, loading, plan)
                 in_flight[solving] = (batch, peak, loading)
             while in_flight:
                 harvest()
@@ -211,11 +237,26 @@ def _compute_concurrently(
     outcome.compute_seconds = _covered_seconds(intervals)
 
 
+def _start_solvers(solvers: ThreadPoolExecutor, threads: int) -> None:
+    """Start every solver thread and set its own torch thread count (OpenMP's and MKL's are kept
+    per OS thread). The barrier holds each start task until all have begun, so that each lands
+    on a thread of its own."""
+    barrier = threading.Barrier(SOLVERS)
+
+    def start() -> None:
+        # torch gives a thread its count lazily, from the count new threads take, at the
+        # thread's first get_num_threads or parallel kernel: that first, or it would undo this.
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+        barrier.wait()
+
+    for future in [solvers.submit(start) for _ in range(SOLVERS)]:
+        future.result()
+
+
 def _solve_when_loaded(
-    loading: Future[_Loaded], plan: ScanPlan, threads: int
+    loading: Future[_Loaded], plan: ScanPlan
 ) -> tuple[list[LayerResult], float, float]:
-    # torch keeps OpenMP's and MKL's thread counts per OS thread: this sets the solver thread's.
-    torch.set_num_threads(threads)
     loaded = loading.result()
     start = time.perf_counter()
     results = _solve(loaded, plan)
