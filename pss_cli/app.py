@@ -72,7 +72,9 @@ def guarded(command: F) -> F:
         except KeyboardInterrupt:
             report_error("interrupted", None)
             raise typer.Exit(130) from None
-        except MemoryError:
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not _is_allocation_failure(exc):
+                _internal_error(exc)  # any other RuntimeError: as below
             report_error(
                 "out of memory",
                 "use --include to scan fewer tensors, or a machine with more memory",
@@ -140,6 +142,13 @@ app.command("scan", no_args_is_help=True)(guarded(scan_command))
 app.command("smooth", no_args_is_help=True)(guarded(smooth_command))
 app.command("check", no_args_is_help=True)(guarded(check_command))
 app.command("trend", no_args_is_help=True)(guarded(trend_command))
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    # torch's CPU allocator raises RuntimeError, not MemoryError, when malloc fails ("[enforce
+    # fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory"), e.g. under
+    # `ulimit -v`: the same out-of-memory message, not "internal error: a bug in pss".
+    return "can't allocate memory" in str(exc)
 
 
 _TERMINATED: list[int] = []  # SIGTERM received (set by the handler main() installs)

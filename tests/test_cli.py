@@ -384,3 +384,55 @@ def test_a_table_in_a_pipe_is_as_wide_as_it_needs(
     rows = [line for line in narrow.splitlines() if "│" in line]
     assert not any(name in line for line in rows)  # folded at 120
     assert max(len(line) for line in rows) <= 120
+
+
+def test_output_onto_a_device_fifo_or_symlink_keeps_them(runner: CliRunner, tmp_path: Path) -> None:
+    # A rename onto -o replaced a device node with a regular file (as root, `-o /dev/null`
+    # replaced the system's /dev/null), and a symlink with a file beside its target.
+    import os
+    import stat
+    import threading
+
+    argv = ["scan", str(DIVERGED), "-f", "json", "-o"]
+    if os.geteuid() == 0:  # a private copy of /dev/null: never the machine's own
+        null = tmp_path / "null"
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        assert runner.invoke(app, [*argv, str(null)]).exit_code == 0
+        assert stat.S_ISCHR(os.lstat(null).st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    assert runner.invoke(app, [*argv, str(fifo)]).exit_code == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert json.loads(received[0])["summary"]["matrices"] == 18
+    target = tmp_path / "reports" / "latest.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    assert runner.invoke(app, [*argv, str(link)]).exit_code == 0
+    assert link.is_symlink() and json.loads(target.read_text())["summary"]["matrices"] == 18
+
+
+def test_a_failed_allocation_is_out_of_memory_not_a_bug(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's CPU allocator raises RuntimeError (under `ulimit -v`, say), not MemoryError.
+    import pss_cli.pipeline.solve as solve
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 33554432 bytes. Error code 12"
+        )
+
+    monkeypatch.setattr(solve, "_solve", fail)
+    result = runner.invoke(app, ["scan", str(DIVERGED)])
+    assert result.exit_code == ExitCode.INPUT
+    assert result.stderr.startswith("Error: out of memory") and "bug" not in result.stderr
+    monkeypatch.setattr(solve, "_solve", lambda *_: (_ for _ in ()).throw(RuntimeError("odd")))
+    result = runner.invoke(app, ["scan", str(DIVERGED)])
+    assert "internal error: RuntimeError: odd" in result.stderr

@@ -261,3 +261,53 @@ def test_the_memory_plan_counts_a_bf16_buffer_at_its_own_size() -> None:
     matrix = shape[0] * shape[1]
     # float32 buffer + its bf16 copy, against the bf16 buffer and one float32 slab
     assert as_fp32 - as_stored == matrix * 4 + matrix * 2 - matrix * 2 - 2**22 // 4096 * 4096 * 4
+
+
+def test_a_solver_thread_that_cannot_start_fails_the_scan_without_a_hang(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread or process limit: the second solver thread does not start. The first one waited
+    # at the start barrier forever, and the pool's shutdown with it.
+    import concurrent.futures.thread as pool_threads
+
+    torch.set_num_threads(2)
+    original = pool_threads.ThreadPoolExecutor._adjust_thread_count
+    started: list[int] = []
+
+    def adjust(self):  # type: ignore[no-untyped-def]
+        if self._thread_name_prefix.startswith("pss-solver"):
+            started.append(1)
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+        return original(self)
+
+    monkeypatch.setattr(pool_threads.ThreadPoolExecutor, "_adjust_thread_count", adjust)
+    config = ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget())
+    outcome: list[BaseException] = []
+
+    def scan() -> None:
+        try:
+            scan_checkpoint(checkpoint, config)
+        except BaseException as exc:  # recorded for the assertion
+            outcome.append(exc)
+
+    runner = threading.Thread(target=scan, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the scan hung"
+    assert isinstance(outcome[0], RuntimeError) and "start new thread" in str(outcome[0])
+    assert torch.get_num_threads() == 2
+
+
+def test_an_address_space_limit_solves_one_batch_at_a_time(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under `ulimit -v` every thread's stack and BLAS buffers count: two solvers hung in
+    # OpenBLAS where one finished. Such a process solves in turn.
+    import resource
+
+    torch.set_num_threads(2)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (8 * 2**30, resource.RLIM_INFINITY))
+    recorder = _Recorder(monkeypatch)
+    scan_checkpoint(checkpoint, ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget()))
+    assert {name for name, _, _, _ in recorder.solves} == {threading.current_thread().name}

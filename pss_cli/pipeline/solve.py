@@ -3,6 +3,7 @@ by a background thread), into per-matrix results."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -54,7 +55,7 @@ def compute_items(
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
     budget = batch_budget_bytes(plan.device, plan.config)
     threads = torch.get_num_threads()
-    concurrent = plan.device.type == "cpu" and threads >= 2
+    concurrent = plan.device.type == "cpu" and threads >= 2 and not _address_space_limited()
     # Two solvers share the budget: each plans its batches within half of it, so that two
     # batches and a third being loaded fit (`plan_batches`' 2/3 + 1/3 rule, per half).
     batches = plan_batches(
@@ -102,6 +103,25 @@ class _Progress:
         if self.progress is not None:
             name = batch.items[-1].target.entry.name
             self.progress(self.done, self.total, name, self.bytes_done, self.bytes_total)
+
+
+def _address_space_limited() -> bool:
+    """Whether the process runs under an address-space limit (`ulimit -v`, RLIMIT_AS).
+
+    Every thread reserves its stack and its BLAS buffers against it: two solvers took 350-420
+    MiB more address space than one, and under `ulimit -v` 1.1-1.2 GB they hung in scipy's
+    OpenBLAS where one solver finished (QA, AMD EPYC Zen 4). Under such a limit the scan solves
+    one batch at a time, on all threads.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return False
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (OSError, ValueError):
+        return False
+    return soft != resource.RLIM_INFINITY
 
 
 def _halves(batch: Batch, itemsize: int, plan: ScanPlan) -> list[Batch]:
@@ -248,9 +268,19 @@ def _start_solvers(solvers: ThreadPoolExecutor, threads: int) -> None:
         # thread's first get_num_threads or parallel kernel: that first, or it would undo this.
         torch.get_num_threads()
         torch.set_num_threads(threads)
-        barrier.wait()
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
 
-    for future in [solvers.submit(start) for _ in range(SOLVERS)]:
+    started = []
+    try:
+        for _ in range(SOLVERS):
+            started.append(solvers.submit(start))
+    except BaseException:
+        # A thread that could not start (a process or thread limit): release those waiting
+        # for it, or they, and the pool's shutdown with them, wait forever.
+        barrier.abort()
+        raise
+    for future in started:
         future.result()
 
 

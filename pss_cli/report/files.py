@@ -35,6 +35,12 @@ def refuse_overwriting_checkpoint(output: Path, checkpoint: Path) -> None:
 
 def check_report_path(path: Path) -> None:
     """Usage errors about -o FILE, raised before any work is done."""
+    if _written_in_place(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"cannot write '{path}': permission denied", "choose another path")
+        return  # a device or FIFO (/dev/null, /dev/stdout): its folder need not be writable
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # the link's target is what gets written
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UsageError(
@@ -64,6 +70,18 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file and a rename.
+
+    A symlink is followed (its target is replaced, the link stays a link), and a path that is
+    neither a file nor missing (a device such as /dev/null or /dev/stdout, a FIFO) is written
+    in place: a rename would have replaced the device node itself with a regular file (as
+    root, `-o /dev/null` replaced the system's /dev/null).
+    """
+    if _written_in_place(path):  # through any link (/dev/stdout -> /proc/self/fd/1 -> a pipe)
+        _write_in_place(path, data)
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     check_report_path(path)
     directory = path.parent if str(path.parent) else Path(".")
     temp: str | None = None
@@ -89,6 +107,21 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         if temp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+
+
+def _written_in_place(path: Path) -> bool:
+    # Neither missing, nor a file, nor a folder: a character device or a FIFO.
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    try:
+        with open(path, "wb") as handle:  # no truncation of a device; a FIFO's reader gets it
+            handle.write(data)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write '{path}': {exc.strerror or exc}", "check the path, space and permissions"
+        ) from exc
 
 
 def write_stdout(text: str) -> None:
