@@ -436,3 +436,28 @@ def test_a_failed_allocation_is_out_of_memory_not_a_bug(
     monkeypatch.setattr(solve, "_solve", lambda *_: (_ for _ in ()).throw(RuntimeError("odd")))
     result = runner.invoke(app, ["scan", str(DIVERGED)])
     assert "internal error: RuntimeError: odd" in result.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_is_a_failed_run_not_a_bug() -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "pss_cli", "scan", str(DIVERGED), "-f", "json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert done.returncode == ExitCode.INPUT
+    assert done.stderr.startswith("Error: cannot write the report to standard output: No space")
+    assert "bug" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_output_folder_removed_during_the_run_fails_the_run(tmp_path: Path) -> None:
+    # Checked before the work (exit 2 then); gone by the time the report is written, the run
+    # itself failed: exit 3.
+    from pss_cli.report.files import OutputError, write_text_atomically
+
+    gone = tmp_path / "gone"
+    with pytest.raises(OutputError, match="does not exist") as failure:
+        write_text_atomically(gone / "report.json", "{}")
+    assert failure.value.exit_code == ExitCode.INPUT

@@ -82,7 +82,12 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         return
     if path.is_symlink():
         path = Path(os.path.realpath(path))
-    check_report_path(path)
+    try:
+        check_report_path(path)
+    except UsageError as exc:
+        # Checked before the run too (a usage error then); failing now, after the work (the
+        # folder was removed meanwhile), the run itself failed: exit 3, not 2.
+        raise OutputError(exc.message, exc.hint) from exc
     directory = path.parent if str(path.parent) else Path(".")
     temp: str | None = None
     try:
@@ -139,8 +144,16 @@ def write_stdout(text: str) -> None:
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         pipe = False
     if not pipe:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # stdout on a full disk (or /dev/full): a failed run, not a bug
+            raise OutputError(
+                f"cannot write the report to standard output: {exc.strerror or exc}",
+                "check the space left where standard output goes, or use -o FILE",
+            ) from exc
         return
     sys.stdout.flush()
     data = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
