@@ -3,6 +3,8 @@ for their values (pss_cli/core/spectra.py's docstring gives the reasoning)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from pss_cli.core.krylov_settings import KrylovSettings, relative_scale
@@ -100,14 +102,8 @@ def _upcast_product(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtyp
     """matrix @ right in `dtype` for a bf16 matrix, converting ~4M entries at a time into one
     reused scratch buffer: the product of a compute-dtype GEMM without a compute-dtype copy of
     the matrix (torch's CPU bf16 GEMM returns bf16, rounding the product to 8 bits)."""
-    m, n = matrix.shape
-    rows = max(1, UPCAST_CHUNK_ENTRIES // n)
-    out = torch.empty(m, right.shape[-1], dtype=dtype, device=matrix.device)
-    scratch = torch.empty(min(rows, m), n, dtype=dtype, device=matrix.device)
-    for first in range(0, m, rows):
-        last = min(m, first + rows)
-        part = scratch[: last - first]
-        part.copy_(matrix[first:last])
+    out = torch.empty(matrix.shape[0], right.shape[-1], dtype=dtype, device=matrix.device)
+    for first, last, part in _upcast_slabs(matrix, dtype):
         torch.mm(part, right, out=out[first:last])
     return out
 
@@ -115,16 +111,25 @@ def _upcast_product(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtyp
 def _upcast_adjoint(matrix: torch.Tensor, left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """matrix^T @ left in `dtype` for a bf16 matrix, a slab of rows at a time as in
     `_upcast_product`; the slabs' contributions are summed in row order (reproducible)."""
+    out = torch.zeros(matrix.shape[1], left.shape[-1], dtype=dtype, device=matrix.device)
+    for first, last, part in _upcast_slabs(matrix, dtype):
+        out.addmm_(part.mT, left[first:last])
+    return out
+
+
+def _upcast_slabs(
+    matrix: torch.Tensor, dtype: torch.dtype
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(first row, last row, those rows in `dtype`), the rows ~4M entries at a time, each slab
+    converted into the same scratch buffer (valid until the next one)."""
     m, n = matrix.shape
     rows = max(1, UPCAST_CHUNK_ENTRIES // n)
-    out = torch.zeros(n, left.shape[-1], dtype=dtype, device=matrix.device)
     scratch = torch.empty(min(rows, m), n, dtype=dtype, device=matrix.device)
     for first in range(0, m, rows):
         last = min(m, first + rows)
         part = scratch[: last - first]
         part.copy_(matrix[first:last])
-        out.addmm_(part.mT, left[first:last])
-    return out
+        yield first, last, part
 
 
 def rayleigh_ritz(
