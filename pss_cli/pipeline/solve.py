@@ -115,7 +115,7 @@ def _address_space_limited() -> bool:
     """
     try:
         import resource
-    except ImportError:  # not on Windows
+    except ImportError:  # Windows has no resource module
         return False
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -125,7 +125,8 @@ def _address_space_limited() -> bool:
 
 
 def _halves(batch: Batch, itemsize: int, plan: ScanPlan) -> list[Batch]:
-    """A batch cut in two (each within the first's memory, which both fit)."""
+    """A batch cut in two; each half's peak is below the whole batch's, which fits half the
+    budget, so both fit beside each other."""
     middle = (len(batch.items) + 1) // 2
     halves: list[Batch] = []
     for part in (batch.items[:middle], batch.items[middle:]):
