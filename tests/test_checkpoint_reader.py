@@ -91,3 +91,43 @@ def test_entry_from_another_checkpoint_is_a_programming_error(tmp_path: Path) ->
     other = open_checkpoint(write_tensors(tmp_path / "b.safetensors", {"w": torch.ones(2, 2)}))
     with TensorReader(mine) as reader, pytest.raises(ValueError, match="not part of"):
         reader.read(other.entries[0])
+
+
+def test_a_file_made_unreadable_after_the_scan_says_permissions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod 000 mid-scan: the error named permissions, with the "changed or damaged since it
+    # was scanned; re-download it" hint. (Simulated: root reads a 000 file all the same.)
+    import builtins
+
+    from pss_cli.checkpoint import reader as reader_module
+    from pss_cli.checkpoint.formats.safetensors.header import read_header as real_read_header
+    from pss_cli.errors import CheckpointError
+
+    path = write_tensors(tmp_path / "m.safetensors", {"w": torch.ones(2, 2)})
+    layout = open_checkpoint(path)
+    out = torch.empty(2, 2)
+
+    real_open = builtins.open
+
+    def denied_open(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("buffering") == 0:  # the reader's positional-read handle, not the header's
+            raise PermissionError(13, "Permission denied")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied_open)
+    with TensorReader(layout) as reader, pytest.raises(CheckpointError) as info:
+        reader.read_into(layout.entries[0], out)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert type(info.value) is CheckpointError  # not "corrupt"
+    assert "permission denied" in info.value.message
+    assert info.value.hint is not None and "permissions" in info.value.hint
+
+    def denied_header(file: Path):  # type: ignore[no-untyped-def]
+        raise CheckpointError(f"cannot read '{file}': permission denied", hint="check perms")
+
+    monkeypatch.setattr(reader_module, "read_header", denied_header)
+    with TensorReader(layout) as reader, pytest.raises(CheckpointError) as info:
+        reader.read_into(layout.entries[0], out)
+    assert info.value.hint == "check perms"
+    monkeypatch.setattr(reader_module, "read_header", real_read_header)

@@ -178,6 +178,10 @@ class _RawFile:
         try:
             entries, _metadata = read_header(path)
         except CheckpointError as exc:
+            if type(exc) is CheckpointError:
+                # Not the file's content: its access (permission denied, a link loop) or its
+                # kind (now a folder). Its own hint says what to do, not "re-download it".
+                raise
             raise CorruptCheckpointError(exc.message, hint=_HINT) from exc
         now = {(e.name, e.dtype, e.shape, e.data_offsets) for e in entries}
         then = {(e.name, e.dtype, e.shape, e.data_offsets) for e in expected}
@@ -191,6 +195,11 @@ class _RawFile:
         try:
             self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
             (header_len,) = struct.unpack("<Q", self._handle.read(8))
+        except PermissionError as exc:
+            raise CheckpointError(
+                f"cannot read '{path}': permission denied",
+                hint="check the file's permissions (ls -l) or run as a user who can read it",
+            ) from exc
         except (OSError, struct.error) as exc:
             raise CorruptCheckpointError(f"cannot read '{path}': {exc}", hint=_HINT) from exc
         self.data_start = 8 + header_len
