@@ -72,15 +72,11 @@ def guarded(command: F) -> F:
         except KeyboardInterrupt:
             report_error("interrupted", None)
             raise typer.Exit(130) from None
-        except (MemoryError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and not _is_allocation_failure(exc):
-                _internal_error(exc)  # any other RuntimeError: as below
-            report_error(
-                "out of memory",
-                "use --include to scan fewer tensors, or a machine with more memory",
-            )
-            raise typer.Exit(int(ExitCode.INPUT)) from None
+        except MemoryError:
+            _out_of_memory()
         except Exception as exc:
+            if _is_allocation_failure(exc):
+                _out_of_memory()
             _internal_error(exc)
 
     return wrapper  # type: ignore[return-value]
@@ -144,11 +140,18 @@ app.command("check", no_args_is_help=True)(guarded(check_command))
 app.command("trend", no_args_is_help=True)(guarded(trend_command))
 
 
-def _is_allocation_failure(exc: RuntimeError) -> bool:
+def _is_allocation_failure(exc: Exception) -> bool:
     # torch's CPU allocator raises RuntimeError, not MemoryError, when malloc fails ("[enforce
     # fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory"), e.g. under
     # `ulimit -v`: the same out-of-memory message, not "internal error: a bug in pss".
-    return "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _out_of_memory() -> NoReturn:
+    report_error(
+        "out of memory", "use --include to scan fewer tensors, or a machine with more memory"
+    )
+    raise typer.Exit(int(ExitCode.INPUT)) from None
 
 
 _TERMINATED: list[int] = []  # SIGTERM received (set by the handler main() installs)

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from pss_cli.checkpoint.formats.registry import format_of
-from pss_cli.checkpoint.formats.safetensors.header import read_header
+from pss_cli.checkpoint.formats.safetensors.header import os_error, read_header
 from pss_cli.checkpoint.model import CheckpointLayout, TensorEntry
 from pss_cli.errors import CheckpointError, CorruptCheckpointError
 
@@ -196,10 +196,7 @@ class _RawFile:
             self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
             (header_len,) = struct.unpack("<Q", self._handle.read(8))
         except PermissionError as exc:
-            raise CheckpointError(
-                f"cannot read '{path}': permission denied",
-                hint="check the file's permissions (ls -l) or run as a user who can read it",
-            ) from exc
+            raise os_error(path, exc) from exc  # as when the header was read: its own hint
         except (OSError, struct.error) as exc:
             raise CorruptCheckpointError(f"cannot read '{path}': {exc}", hint=_HINT) from exc
         self.data_start = 8 + header_len

@@ -76,12 +76,12 @@ class Products:
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.low is None:
-            return self._batched(self.a, v.to(self.compute), adjoint=False)
+            return self._batched(self.a, v, adjoint=False)
         return self._batched(self.low, v.to(torch.bfloat16), adjoint=False).to(v.dtype)
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         if self.low is None:
-            return self._batched(self.a, u.to(self.compute), adjoint=True)
+            return self._batched(self.a, u, adjoint=True)
         return self._batched(self.low, u.to(torch.bfloat16), adjoint=True).to(u.dtype)
 
     def select(self, keep: torch.Tensor) -> None:

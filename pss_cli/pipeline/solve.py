@@ -74,7 +74,9 @@ def compute_items(
     with TensorReader(plan.layout) as reader, ThreadPoolExecutor(1, "pss-loader") as pool:
         loader = _Loader(reader, plan)
         if concurrent:
-            _compute_concurrently(plan, batches, loader, pool, budget, threads, outcome, counter)
+            _compute_concurrently(
+                plan, batches, loader, pool, budget, threads, itemsize, outcome, counter
+            )
         else:
             _compute_in_turn(plan, batches, loader, pool, outcome, counter)
         outcome.read_seconds = loader.seconds
@@ -171,6 +173,7 @@ def _compute_concurrently(
     pool: ThreadPoolExecutor,
     budget: int,
     threads: int,
+    itemsize: int,
     outcome: ComputeOutcome,
     counter: _Progress,
 ) -> None:
@@ -201,7 +204,6 @@ def _compute_concurrently(
     during the scan gets the caller's count, not a solver's.
     """
     each = max(1, threads // SOLVERS)
-    itemsize = torch.empty((), dtype=plan.dtype).element_size()
     in_flight: dict[
         Future[tuple[list[LayerResult], float, float]], tuple[Batch, int, Future[_Loaded]]
     ] = {}
@@ -226,7 +228,6 @@ def _compute_concurrently(
             _start_solvers(solvers, each)
             torch.set_num_threads(threads)  # the count new threads take: the caller's again
             for batch in batches:
-                buffer_itemsize = torch.empty((), dtype=loader.buffer_dtype(batch)).element_size()
                 peak = batch_peak_bytes(
                     len(batch.items),
                     batch.items[0].tall_shape,
@@ -234,7 +235,7 @@ def _compute_concurrently(
                     plan.settings,
                     plan.config.top_k,
                     plan.config.exact,
-                    buffer_itemsize,
+                    loader.buffer_dtype(batch).itemsize,
                 )
                 while in_flight and (len(in_flight) > SOLVERS or reserved + peak > budget):
                     harvest()

@@ -105,9 +105,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         os.replace(temp, path)
         temp = None
     except OSError as exc:
-        raise OutputError(
-            f"cannot write '{path}': {exc.strerror or exc}", "check the path, space and permissions"
-        ) from exc
+        raise _output_error(path, exc) from exc
     finally:
         if temp is not None:
             with contextlib.suppress(OSError):
@@ -124,9 +122,13 @@ def _write_in_place(path: Path, data: bytes) -> None:
         with open(path, "wb") as handle:  # no truncation of a device; a FIFO's reader gets it
             handle.write(data)
     except OSError as exc:
-        raise OutputError(
-            f"cannot write '{path}': {exc.strerror or exc}", "check the path, space and permissions"
-        ) from exc
+        raise _output_error(path, exc) from exc
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write '{path}': {exc.strerror or exc}", "check the path, space and permissions"
+    )
 
 
 def write_stdout(text: str) -> None:

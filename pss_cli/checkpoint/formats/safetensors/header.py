@@ -71,7 +71,7 @@ def stat_path(path: Path) -> os.stat_result:
             "file, or a folder holding a checkpoint (Trainer checkpoint-N/, sharded, DCP)",
         ) from None
     except OSError as exc:
-        raise _os_error(path, exc) from None
+        raise os_error(path, exc) from None
 
 
 def require_regular_file(path: Path) -> int:
@@ -157,7 +157,7 @@ def _read_header_bytes(path: Path, file_len: int) -> bytes:
             f.seek(8)
             return f.read(header_len)
     except OSError as exc:
-        raise _os_error(path, exc) from None
+        raise os_error(path, exc) from None
 
 
 def _decode_json(path: Path, raw: bytes) -> dict[str, Any]:
@@ -338,7 +338,8 @@ def _require_unicode(path: Path, text: str) -> None:
         )
 
 
-def _os_error(path: Path, exc: OSError) -> CheckpointError:
+def os_error(path: Path, exc: OSError) -> CheckpointError:
+    """An OS error on ``path`` as a one-line checkpoint error with a hint that fits its cause."""
     if isinstance(exc, PermissionError):
         return CheckpointError(
             f"cannot read '{path}': permission denied",
