@@ -178,6 +178,44 @@ def test_a_failing_solve_stops_the_scan_and_restores_the_threads(
     assert len(calls) < 6  # the batches not started were dropped
 
 
+@pytest.mark.parametrize("in_turn", [False, True], ids=["two-at-once", "in-turn"])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_the_loader_runs_torch_on_one_thread(
+    checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch, count: int, in_turn: bool
+) -> None:
+    # Its work overlaps the solvers', which have every thread: more would oversubscribe.
+    if in_turn:
+        monkeypatch.setattr(pipeline_solve, "_address_space_limited", lambda: True)
+    seen: list[tuple[str, int]] = []
+    load = pipeline._Loader.load
+
+    counts: list[int] = []  # of threads started during and after the scan
+
+    def probe() -> None:
+        prober = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        prober.start()
+        prober.join()
+
+    def recorded_load(self, batch):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if len(seen) == 1:
+            # Before any solve: later, a solve in turn on the caller's thread sets one thread
+            # around each LAPACK call (core/lapack.py), which the new-thread count follows.
+            probe()
+        return load(self, batch)
+
+    monkeypatch.setattr(pipeline._Loader, "load", recorded_load)
+    torch.set_num_threads(count)
+    scan_checkpoint(checkpoint, ScanConfig(device="cpu", cpu_batch_bytes=_one_matrix_budget()))
+    assert len(seen) == 6
+    assert {threads for _, threads in seen} == {1}
+    assert all(name.startswith("pss-loader") for name, _ in seen)
+    assert torch.get_num_threads() == count
+    probe()
+    # A thread started during the first load, or after the scan, takes the caller's count.
+    assert counts == [count, count], counts
+
+
 def test_one_thread_is_solved_in_turn(
     checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -72,6 +72,7 @@ def compute_items(
         import_lapack_in_background()
     counter = _Progress(progress, items)
     with TensorReader(plan.layout) as reader, ThreadPoolExecutor(1, "pss-loader") as pool:
+        _start_loader(pool, threads)
         loader = _Loader(reader, plan)
         if concurrent:
             _compute_concurrently(
@@ -257,6 +258,29 @@ def _compute_concurrently(
             # (torch.set_num_threads also sets the count new threads start with).
             torch.set_num_threads(threads)
     outcome.compute_seconds = _covered_seconds(intervals)
+
+
+def _start_loader(pool: ThreadPoolExecutor, threads: int) -> None:
+    """Start the loader's thread with its own torch thread count set to one, then set the
+    caller's `threads` again as the count new threads take (`_start_solvers` says why).
+
+    Why one: the loader's work (norms, conversions, the power-of-two scaling) overlaps the
+    solvers', which already have every thread. With the caller's count its kernels ran on two
+    OpenMP threads whose spinning took cores from the solvers: the Llama-block scan used 3.5-4.1
+    s of CPU in 1.85-2.12 s, and 2.9-3.3 s of CPU in 1.60-1.82 s with a one-thread loader
+    (Intel Xeon with AMX, 2 threads, 5 scans each, two runs of each). Its results do not
+    depend on its thread count: copies and divisions by powers of two are exact, and the norm
+    is summed in a fixed order (core/norms.py).
+    """
+
+    def one_thread() -> None:
+        torch.get_num_threads()  # torch's lazy per-thread set-up first (see `_start_solvers`)
+        torch.set_num_threads(1)
+
+    try:
+        pool.submit(one_thread).result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _start_solvers(solvers: ThreadPoolExecutor, threads: int) -> None:
