@@ -47,13 +47,39 @@ def test_buffer_norm_propagates_nan_and_frobenius_norm_survives_overflow() -> No
     assert frobenius_norm(huge) == pytest.approx(4e300, rel=1e-15)
 
 
-def test_unit_scaling_is_exact_in_bf16() -> None:
-    matrix = torch.randn(64, 48).to(torch.bfloat16)
+@pytest.mark.parametrize(
+    ("dtype", "factor", "divided"),
+    [
+        (torch.float32, 1.0, True),
+        (torch.float64, 1.0, True),
+        (torch.bfloat16, 2.0**-40, True),  # beyond BF16_UNSCALED_EXPONENT: divided
+        (torch.bfloat16, 2.0**40, True),
+        (torch.bfloat16, 1.0, False),  # a moderate norm: left as stored
+        (torch.bfloat16, 2.0**-20, False),
+        (torch.bfloat16, 2.0**20, False),
+    ],
+)
+def test_unit_scaling_is_exact_and_returns_its_exponent(
+    dtype: torch.dtype, factor: float, divided: bool
+) -> None:
+    matrix = (torch.randn(64, 48, generator=torch.Generator().manual_seed(1)) * factor).to(dtype)
     norm = buffer_norm(matrix)
     scaled = matrix.clone()
-    scale_to_unit(scaled, norm)
-    assert 0.5 <= buffer_norm(scaled) < 1.0
-    assert torch.equal(scaled.double() * unit_scale(norm), matrix.double())
+    exponent = scale_to_unit(scaled, norm)
+    if divided:
+        assert 2.0**exponent == unit_scale(norm)
+        assert 0.5 <= buffer_norm(scaled) < 1.0
+    else:
+        assert exponent == 0
+    assert abs(exponent) > norms.BF16_UNSCALED_EXPONENT or exponent == 0 or dtype != torch.bfloat16
+    assert torch.equal(scaled.double() * 2.0**exponent, matrix.double())
+
+
+def test_a_zero_or_non_finite_norm_zeroes_the_buffer() -> None:
+    for norm in (0.0, math.inf):
+        target = torch.ones(4, 3, dtype=torch.bfloat16)
+        assert scale_to_unit(target, norm) == 0
+        assert not target.any()
 
 
 @pytest.mark.parametrize(

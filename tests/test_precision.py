@@ -10,6 +10,7 @@ each top-16 value, flat bulks included (pss_cli/core/spectra.py).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,39 @@ def test_the_loader_keeps_bf16_only_where_it_is_exact(
             torch.tensor(reference.top_singular_values, dtype=torch.float64),
         )
         assert errors[0] <= SIGMA_MAX_TOL and errors.max() <= TOP_K_TOL, layer.name
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tall", "wide"])
+def test_a_bf16_buffer_left_unscaled_gives_the_values_of_a_scaled_one(
+    tmp_path: Path, wide: bool
+) -> None:
+    # A moderate norm is left as stored (core/norms.py: scale_to_unit), 2**+-40 times it is
+    # divided by its unit scale: the same matrix up to a power of two, under the same name (the
+    # start block is seeded by it), so the same values up to that power of two. Bit for bit
+    # where every partial product stays a normal float32, as here; the tolerance is a tenth of
+    # the accuracy goal, far above any rounding difference and far below a missing or doubled
+    # 2**exponent.
+    from pss_cli.core.norms import BF16_UNSCALED_EXPONENT
+
+    base = with_spectrum(900, 700, spiky(700), seed=4)
+    if wide:
+        base = base.mT.contiguous()
+    layers = {}
+    for factor in (1.0, 2.0**20, 2.0**-20, 2.0**40, 2.0**-40):
+        path = write_tensors(
+            tmp_path / f"{factor}.safetensors", {"w.weight": (base * factor).to(torch.bfloat16)}
+        )
+        (layer,) = scan_checkpoint(path, ScanConfig(precision=ProductPrecision.BF16)).layers
+        assert layer.solver == "krylov"
+        unscaled = abs(math.frexp(layer.frobenius_norm)[1]) <= BF16_UNSCALED_EXPONENT
+        assert unscaled == (abs(math.log2(factor)) < 40)
+        layers[factor] = layer
+    reference = torch.tensor(layers[1.0].top_singular_values, dtype=torch.float64)
+    for factor, layer in layers.items():
+        values = torch.tensor(layer.top_singular_values, dtype=torch.float64) / factor
+        assert torch.allclose(values, reference, rtol=SIGMA_MAX_TOL / 10, atol=0), factor
+        assert layer.iterations == layers[1.0].iterations
+        assert layer.stable_rank == pytest.approx(layers[1.0].stable_rank, rel=SIGMA_MAX_TOL / 10)
 
 
 def test_fp32_products_of_a_bf16_matrix_convert_a_slab_at_a_time(monkeypatch) -> None:

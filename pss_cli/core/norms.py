@@ -79,11 +79,11 @@ def frobenius_norm(source: torch.Tensor) -> float:
     return largest * float(torch.linalg.vector_norm(source.to(torch.float64) / largest))
 
 
-def scale_back(values: torch.Tensor, norm: float) -> torch.Tensor:
-    """values x unit_scale(norm), exactly, for any finite norm: float64 weights with a norm of
-    2**1023 or more have a unit scale that is not a float (math.ldexp overflowed and the scan
-    failed with "math range error"). A copy; the two power-of-two factors are exact."""
-    exponent = math.frexp(norm)[1]
+def scale_back(values: torch.Tensor, exponent: int) -> torch.Tensor:
+    """values x 2**exponent, exactly, for the exponent a buffer was divided by (`scale_to_unit`
+    returns it): float64 weights with a norm of 2**1023 or more have a unit scale that is not a
+    float (math.ldexp overflowed and the scan failed with "math range error"). A copy; the two
+    power-of-two factors are exact."""
     half = exponent // 2
     return values * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
@@ -98,14 +98,37 @@ def unit_scale(norm: float) -> float:
     return math.ldexp(1.0, math.frexp(norm)[1])
 
 
-def scale_to_unit(target: torch.Tensor, norm: float) -> None:
+# A bfloat16 buffer whose norm lies in [2**-BF16_UNSCALED_EXPONENT, 2**BF16_UNSCALED_EXPONENT]
+# is left as stored (`scale_to_unit`).
+BF16_UNSCALED_EXPONENT = 32
+
+
+def scale_to_unit(target: torch.Tensor, norm: float) -> int:
+    """Divide `target` by unit_scale(norm) in place, exactly; return the exponent it was divided
+    by (2**exponent), which `scale_back` multiplies the singular values by.
+
+    A bfloat16 buffer of moderate norm is not divided (exponent 0). Why: torch's bf16
+    elementwise kernels convert every entry to float32 and back, so the division was the
+    loader's costliest step, 49 ms per 11008 x 4096 matrix against 18 ms for the same division
+    of a float32 one of twice the bytes (Intel Xeon with AMX, one thread). Why it is safe: such
+    a buffer feeds only the bf16 Krylov products (pipeline/loader.py: `buffer_dtype`), which
+    accumulate in float32 with unit-norm blocks, so every partial sum stays below the norm,
+    2**95 below float32's overflow; and every value is at most 2**32 smaller than when scaled,
+    so float32's underflow starts at 2**-94 x the norm instead of 2**-126, far below what the
+    solver resolves (RELATIVE_FLOOR x sigma_1). A power-of-two factor is exact: the scan's
+    values were bit for bit those of the scaled buffer on the tests' and benchmarks' inputs.
+    """
     # Divide, never multiply by 1/scale: for a subnormal norm (5e-324) 1/scale overflows to inf
     # and 0 * inf = NaN reached LAPACK (found by tests/test_fuzz.py). A norm beyond float64's
     # range (inf without NaN/Inf entries) is reported as non-finite; the buffer is unused.
-    if 0.0 < norm < math.inf:
-        divide_by_power_of_two(target, math.frexp(norm)[1])
-    else:
+    if not 0.0 < norm < math.inf:
         target.zero_()
+        return 0
+    exponent = math.frexp(norm)[1]
+    if target.dtype == torch.bfloat16 and abs(exponent) <= BF16_UNSCALED_EXPONENT:
+        return 0
+    divide_by_power_of_two(target, exponent)
+    return exponent
 
 
 def divide_by_power_of_two(target: torch.Tensor, exponent: int) -> None:

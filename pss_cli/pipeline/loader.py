@@ -36,6 +36,8 @@ class _Loaded:
     buffer: torch.Tensor
     frobenius: list[float]
     nonfinite: list[int]
+    # per matrix, the buffer holds it divided by 2**exponent (core/norms.py: scale_to_unit)
+    exponents: list[int]
 
 
 class _Loader:
@@ -88,16 +90,18 @@ class _Loader:
         buffer = torch.empty(len(batch.items), tall_m, tall_n, dtype=dtype, device=self.plan.device)
         frobenius: list[float] = []
         nonfinite: list[int] = []
+        exponents: list[int] = []
         for slot, item in enumerate(batch.items):
             target = buffer[slot]
             if self._streamable(item):
                 self._stream_into(item, target)
-                norm, bad = _finish_target(target)
+                norm, bad, exponent = _finish_target(target)
             else:
-                norm, bad = _copy_source(_source_matrix(self.reader, item), target)
+                norm, bad, exponent = _copy_source(_source_matrix(self.reader, item), target)
             frobenius.append(norm)
             nonfinite.append(bad)
-        return _Loaded(batch, buffer, frobenius, nonfinite)
+            exponents.append(exponent)
+        return _Loaded(batch, buffer, frobenius, nonfinite, exponents)
 
     def buffer_dtype(self, batch: Batch) -> torch.dtype:
         """The buffer's dtype: bfloat16 for a batch of BF16 matrices whose Krylov products are
@@ -187,8 +191,9 @@ class _Loader:
         return self._stream
 
 
-def _finish_target(target: torch.Tensor) -> tuple[float, int]:
-    """Norm, non-finite count and unit-norm scaling of a matrix copied exactly into `target`.
+def _finish_target(target: torch.Tensor) -> tuple[float, int, int]:
+    """Norm, non-finite count and unit-norm scaling (its exponent) of a matrix copied exactly
+    into `target`.
 
     bf16/fp16/fp32 values (and float64 into float64) are exact in the buffer, so the norm and
     the NaN/Inf count can be taken from it.
@@ -200,11 +205,10 @@ def _finish_target(target: torch.Tensor) -> tuple[float, int]:
         norm = 0.0 if bad else frobenius_norm(target)
     # Scale to unit Frobenius norm: tiny fp16 or huge weights stay well inside float32's range
     # through the Krylov products; singular values are rescaled afterwards.
-    scale_to_unit(target, norm)
-    return norm, bad
+    return norm, bad, scale_to_unit(target, norm)
 
 
-def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
+def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int, int]:
     """The fallback path: a whole (m, n) source matrix (memory-mapped or dequantized)."""
     oriented = source if source.shape[0] >= source.shape[1] else source.mT
     if source.dtype == torch.float64 and target.dtype == torch.float32:
@@ -212,17 +216,16 @@ def _copy_source(source: torch.Tensor, target: torch.Tensor) -> tuple[float, int
         bad = count_nonfinite(source)
         norm = 0.0 if bad else frobenius_norm(source)
         scaled = oriented.clone()  # float64: the power-of-two division is exact there
-        scale_to_unit(scaled, norm)
+        exponent = scale_to_unit(scaled, norm)
         target.copy_(scaled)
-        return norm, bad
+        return norm, bad, exponent
     # copy_ into a reused buffer, not .float(): 10-15x faster on CPU (docs/DESIGN.md).
     target.copy_(oriented)
     norm = buffer_norm(target)
     bad = 0 if math.isfinite(norm) else count_nonfinite(source)
     if not math.isfinite(norm) or norm == 0.0:
         norm = 0.0 if bad else frobenius_norm(source)
-    scale_to_unit(target, norm)
-    return norm, bad
+    return norm, bad, scale_to_unit(target, norm)
 
 
 def _source_matrix(reader: TensorReader, item: MatrixItem) -> torch.Tensor:

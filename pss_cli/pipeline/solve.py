@@ -355,7 +355,7 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
         if config.exact:
             spectra = exact_singular_values(matrices).to("cpu", torch.float64)
             for row, slot in enumerate(usable):
-                full[slot] = scale_back(spectra[row], frobenius[slot])
+                full[slot] = scale_back(spectra[row], loaded.exponents[slot])
                 top[slot] = full[slot][:k]
                 solver[slot] = "exact"
         else:
@@ -364,7 +364,7 @@ def _solve(loaded: _Loaded, plan: ScanPlan) -> list[LayerResult]:
                 start = gaussian_start([chunk[s].seed for s in usable], tall_n, settings.block_size)
             result = top_singular_values(matrices, k, start, settings)
             for row, slot in enumerate(usable):
-                top[slot] = scale_back(result.values[row], frobenius[slot])
+                top[slot] = scale_back(result.values[row], loaded.exponents[slot])
                 iterations[slot] = result.iterations[row]
                 if result.iterations[row] == 0:
                     solver[slot] = "exact"
