@@ -157,6 +157,30 @@ def test_loads_never_exceed_the_budget_when_two_fit(
         assert alive == 0 or alive + own <= config.cpu_batch_bytes
 
 
+def test_the_batch_of_fewest_bytes_is_loaded_first_and_the_rest_largest_first(
+    checkpoint: Path, tmp_path: Path, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A solver starts as soon as the quickest load is done, while the loader reads the large
+    # batches (largest first, for the balance at the end). The order never changes a result.
+    tensors = {
+        f"big.{i}.weight": with_spectrum(900, 700, power_law(700, 0.5), i).to(torch.bfloat16)
+        for i in range(3)
+    }
+    tensors["small.weight"] = with_spectrum(*SHAPE, power_law(SHAPE[1], 0.5), 9).to(torch.bfloat16)
+    tensors["mid.weight"] = with_spectrum(800, 600, power_law(600, 0.5), 8).to(torch.bfloat16)
+    path = write_tensors(tmp_path / "m.safetensors", tensors)
+    torch.set_num_threads(1)
+    config = ScanConfig(device="cpu", precision=ProductPrecision.BF16, cpu_batch_bytes=1)
+    in_turn = _json(scan_checkpoint(path, config))
+    torch.set_num_threads(2)
+    recorder = _Recorder(monkeypatch)
+    two = _json(scan_checkpoint(path, config))
+    sizes = [own for _, own in recorder.loads]
+    assert sizes[0] == min(sizes)
+    assert sizes[1:] == sorted(sizes[1:], reverse=True)
+    assert two == in_turn
+
+
 def test_a_failing_solve_stops_the_scan_and_restores_the_threads(
     checkpoint: Path, threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -192,6 +192,7 @@ def _compute_concurrently(
     dtype) fits in the budget beside the peaks of the batches in flight, or when nothing is in
     flight (a single matrix larger than the budget runs alone), so memory never holds more than
     the budget or that one batch's peak. At most SOLVERS batches are solved and one more loaded.
+    The batch of fewest bytes is loaded first, then the rest largest first (`_quick_start`).
 
     Reproducibility: on a CPU with two or more threads every matrix is solved on the same thread
     count (threads // SOLVERS), however many batches the scan has, so the results do not depend
@@ -228,7 +229,7 @@ def _compute_concurrently(
         try:
             _start_solvers(solvers, each)
             torch.set_num_threads(threads)  # the count new threads take: the caller's again
-            for batch in batches:
+            for batch in _quick_start(batches):
                 peak = batch_peak_bytes(
                     len(batch.items),
                     batch.items[0].tall_shape,
@@ -258,6 +259,23 @@ def _compute_concurrently(
             # (torch.set_num_threads also sets the count new threads start with).
             torch.set_num_threads(threads)
     outcome.compute_seconds = _covered_seconds(intervals)
+
+
+def _quick_start(batches: list[Batch]) -> list[Batch]:
+    """The batches with the one of fewest bytes moved to the front, the rest in their order
+    (largest first, `plan_batches`, so that the small ones even out the end).
+
+    Why: at the start the solvers wait for the one loader thread, which read the largest batches
+    first: on the Llama block the first solver waited 0.24 s (the wide down_proj, transposed on
+    its way in) and the second 0.38 s. A small first batch starts a solver after 0.03 s, and the
+    loader reads the large ones beside it. Llama-block scan 1.59-1.60 -> 1.50-1.53 s,
+    GPT-2-small-shaped 1.73-1.74 -> 1.63 s (Intel Xeon with AMX, 2 threads, medians of 5, two
+    runs each).
+    """
+    if not batches:
+        return batches
+    first = min(range(len(batches)), key=lambda i: batches[i].buffer_bytes)
+    return [batches[first], *batches[:first], *batches[first + 1 :]]
 
 
 def _start_loader(pool: ThreadPoolExecutor, threads: int) -> None:
