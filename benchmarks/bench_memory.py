@@ -191,7 +191,7 @@ def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, A
     from safetensors import safe_open
 
     from pss_cli.config import DEFAULT_TOP_K
-    from pss_cli.core.norms import unit_scale
+    from pss_cli.core.norms import scale_to_unit
     from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_values
     from pss_cli.pipeline import matrix_seed, resolve_device
 
@@ -228,12 +228,13 @@ def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, A
                 matrix = torch.empty(tall.shape, dtype=dtype, device=device)
                 matrix.copy_(tall)
                 del stored, tall
-                # Scaled by a power of two, as the scan's loader does (core.norms.unit_scale):
-                # the values stay exact, so bf16 products see the checkpoint's own bf16 values.
-                # Dividing by the norm itself rounded them, and the bf16 solver then fell back
-                # to fp32 products on most matrices (the floor came out slower than the scan).
+                # Scaled by a power of two where the scan's loader scales (core.norms.
+                # scale_to_unit): the values stay exact, so bf16 products see the checkpoint's
+                # own bf16 values. Dividing by the norm itself rounded them, and the bf16 solver
+                # then fell back to fp32 products on most matrices (the floor came out slower
+                # than the scan).
                 norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
-                matrix /= unit_scale(norm)
+                scale_to_unit(matrix, norm)
                 start = gaussian_start(
                     [matrix_seed(0, name, None)], matrix.shape[1], settings.block_size
                 )

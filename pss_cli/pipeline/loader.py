@@ -31,12 +31,11 @@ _STREAMED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.f
 @dataclass
 class _Loaded:
     batch: Batch
-    # (B, m, n) tall, on the device, scaled to unit norm; compute dtype, or bf16
-    # (`_Loader.buffer_dtype`)
+    # (B, m, n) tall, on the device, each matrix divided by 2**exponents[i] (to unit norm, or
+    # by 1: core/norms.py, scale_to_unit); compute dtype, or bf16 (`_Loader.buffer_dtype`)
     buffer: torch.Tensor
     frobenius: list[float]
     nonfinite: list[int]
-    # per matrix, the buffer holds it divided by 2**exponent (core/norms.py: scale_to_unit)
     exponents: list[int]
 
 
