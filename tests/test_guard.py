@@ -401,6 +401,27 @@ def test_smooth_never_writes_non_finite_values() -> None:
     assert torch.equal(before, layer.weight.detach())
 
 
+@pytest.mark.parametrize("method", [SmoothingMethod.CAP, SmoothingMethod.CLIP])
+def test_smooth_never_shrinks_a_rank_one_weight_to_rounding_noise(method: SmoothingMethod) -> None:
+    # Capping its only value to a stable rank of 4 left 1.5e-4 of its norm: the noise of the
+    # measurement, written into the weight.
+    from pss_cli.core.spectra import KrylovSettings
+    from pss_cli.guard.smooth import smooth_spec, smoothing_params
+    from pss_cli.guard.targets import MatrixSpec
+
+    layer = nn.Linear(80, 96)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 1, generator=torch.Generator().manual_seed(2)))
+    before = layer.weight.detach().clone()
+    spec = MatrixSpec("w", "w", layer.weight, "other", None, 0, (96, 80))
+    params = smoothing_params(method, 4.0 if method is SmoothingMethod.CAP else None, 4.0, 1)
+    outcome = smooth_spec(spec, params, 16, torch.float32, 0, KrylovSettings(), write=True)
+    assert not outcome.changed
+    assert outcome.skipped_reason is not None
+    assert outcome.skipped_reason.startswith("numerically of low rank")
+    assert torch.equal(before, layer.weight.detach())
+
+
 def test_raise_action_stops_with_a_typed_error_naming_layers() -> None:
     model, guard = guarded(GuardConfig(**FIRE_AT_ONCE, spike_action=TriggerAction.RAISE))
     run(model, guard, 1)

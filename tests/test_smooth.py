@@ -486,6 +486,25 @@ def test_a_change_that_wipes_the_matrix_out_is_reported(tmp_path: Path) -> None:
     assert not any("of its norm" in message for message in healthy.messages)
 
 
+def test_an_exactly_rank_one_matrix_is_left_alone_and_the_rest_is_smoothed(
+    tmp_path: Path,
+) -> None:
+    # Smoothing it would leave only the rounding noise of its measurement, which the
+    # verification cannot reproduce: before, the whole run failed and nothing was written.
+    (tmp_path / "in").mkdir()
+    tensors = _model_tensors(torch.float32)
+    column = torch.randn(96, 1, generator=torch.Generator().manual_seed(5))
+    tensors["rank_one.weight"] = column.expand(96, 80).contiguous()  # identical columns
+    source = write_tensors(tmp_path / "in" / "m.safetensors", tensors)
+    report = smooth_checkpoint(source, tmp_path / "out", _config())
+    assert [layer.name for layer in report.layers] == ["down.weight"]
+    assert all(layer.verified for layer in report.layers)
+    (left,) = [x for x in report.not_smoothed if x.name == "rank_one.weight"]
+    assert left.reason.startswith("numerically of low rank")
+    written = load_file(str(tmp_path / "out" / "m.safetensors"))
+    assert torch.equal(written["rank_one.weight"], tensors["rank_one.weight"])
+
+
 def test_a_flagged_embedding_left_alone_is_named_with_the_way_to_smooth_it(
     tmp_path: Path,
 ) -> None:

@@ -17,9 +17,12 @@ import torch
 
 from pss_cli.core.power import stable_jacobian_energy
 from pss_cli.core.smoothing import (
+    NOISE_REASON,
     NeedMoreValues,
     SmoothingParams,
     apply_spectrum_change,
+    energy_after,
+    leaves_only_noise,
     smooth_values,
 )
 from pss_cli.core.spectra import (
@@ -101,6 +104,9 @@ def smooth_spec(
     if not write or not bool(changed.any()):
         reason = None if not write else "the method leaves this spectrum unchanged"
         return _unchanged(spec, norm, sigma, stable_rank, sje, reason)
+    if leaves_only_noise(triplets.values, new_values, unit_norm, torch.finfo(dtype).eps):
+        kept = math.sqrt(energy_after(triplets.values, new_values, unit_norm)) / unit_norm
+        return _unchanged(spec, norm, sigma, stable_rank, sje, NOISE_REASON.format(kept))
     left = triplets.left.to(wide.device, torch.float64)[:, changed.to(triplets.left.device)]
     right = triplets.right.to(wide.device, torch.float64)[:, changed.to(triplets.right.device)]
     values = (triplets.values[changed] * norm).to(wide.device)
@@ -113,8 +119,7 @@ def smooth_spec(
             spec, norm, sigma, stable_rank, sje, f"result not finite in {full.dtype}: not written"
         )
     _write(spec, full, updated)
-    tail = max(unit_norm**2 - float((triplets.values**2).sum()), 0.0)
-    energy = float((new_values**2).sum()) + tail
+    energy = energy_after(triplets.values, new_values, unit_norm)
     top_after = float(new_values.max())
     return SmoothOutcome(
         spec.name,

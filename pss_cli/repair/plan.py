@@ -12,7 +12,14 @@ from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import ComputeDtype
 from pss_cli.core.norms import frobenius_norm
 from pss_cli.core.refine import refine_float64
-from pss_cli.core.smoothing import METHODS, NeedMoreValues, smooth_values
+from pss_cli.core.smoothing import (
+    METHODS,
+    NOISE_REASON,
+    NeedMoreValues,
+    energy_after,
+    leaves_only_noise,
+    smooth_values,
+)
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
 from pss_cli.errors import UsageError
 from pss_cli.pipeline import matrix_seed, resolve_device
@@ -44,8 +51,8 @@ def compute_changes(
                 last = (plan.entry.name, reader.read(plan.entry))
             stored = _matrix_of(last[1], plan)
             change = _smooth_one(plan, stored, dtype, device, settings, config)
-            if change is None:
-                skipped.append(skip_result(plan.layer, "the method leaves this spectrum unchanged"))
+            if isinstance(change, str):
+                skipped.append(skip_result(plan.layer, change))
             else:
                 changes.append(change)
     return changes, tuple(skipped)
@@ -64,8 +71,9 @@ def _smooth_one(
     device: torch.device,
     settings: KrylovSettings,
     config: SmoothConfig,
-) -> Change | None:
-    """The update for one plan; grows k until it covers every changed value.
+) -> Change | str:
+    """The update for one plan, or why there is none; grows k until it covers every changed
+    value.
 
     Works on W / ||W||_F, like the scan, so that float64 weights near 1e300 or 1e-50 neither
     overflow nor underflow in the compute dtype; the change is scaled back at the end.
@@ -101,7 +109,11 @@ def _smooth_one(
         break
     changed = (new_values != triplets.values).cpu()
     if not bool(changed.any()):
-        return None
+        return "the method leaves this spectrum unchanged"
+    new_energy = energy_after(triplets.values, new_values, unit_norm)
+    # The values that change are refined in float64 above whatever the compute dtype.
+    if leaves_only_noise(triplets.values, new_values, unit_norm, torch.finfo(torch.float64).eps):
+        return NOISE_REASON.format(math.sqrt(new_energy) / unit_norm)
     update = RankUpdate(
         triplets.left.to("cpu", torch.float64)[:, changed],
         triplets.values[changed] * norm,
@@ -112,8 +124,6 @@ def _smooth_one(
         new_stored = update.apply(stored)
     except ValueRangeError as error:
         raise error.for_matrix(plan.layer.display_name) from None
-    tail_energy = max(unit_norm**2 - float((triplets.values**2).sum()), 0.0)
-    new_energy = float((new_values**2).sum()) + tail_energy
     return Change(
         plan,
         update,
