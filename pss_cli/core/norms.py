@@ -115,8 +115,13 @@ def scale_to_unit(target: torch.Tensor, norm: float) -> int:
     accumulate in float32 with unit-norm blocks, so every partial sum stays below the norm,
     2**95 below float32's overflow; and every value is at most 2**32 smaller than when scaled,
     so float32's underflow starts at 2**-94 x the norm instead of 2**-126, far below what the
-    solver resolves (RELATIVE_FLOOR x sigma_1). A power-of-two factor is exact: the scan's
+    solver resolves (RELATIVE_FLOOR x sigma_1). A power-of-two factor is exact, and the scan's
     values were bit for bit those of the scaled buffer on the tests' and benchmarks' inputs.
+    Not on every input: LAPACK's internal scaling thresholds see other magnitudes, so a matrix
+    and a power-of-two multiple of it can differ in values at rounding level (the zeros of an
+    exactly rank-one matrix, ~1e-7 x sigma_1: up to 2e-1 relative to themselves) and, near the
+    2**-32 boundary, in the 7th digit of a small genuine value (QA, 2026-12-06); every value
+    stays within the accuracy goal, as the scaled buffer's did.
     """
     # Divide, never multiply by 1/scale: for a subnormal norm (5e-324) 1/scale overflows to inf
     # and 0 * inf = NaN reached LAPACK (found by tests/test_fuzz.py). A norm beyond float64's
