@@ -117,8 +117,9 @@ def scale_to_unit(target: torch.Tensor, norm: float) -> int:
     so float32's underflow starts at 2**-94 x the norm instead of 2**-126, far below what the
     solver resolves (RELATIVE_FLOOR x sigma_1). A power-of-two factor is exact, and the scan's
     values were bit for bit those of the scaled buffer on the tests' and benchmarks' inputs.
-    Not on every input: LAPACK's internal scaling thresholds see other magnitudes, so a matrix
-    and a power-of-two multiple of it can differ in values at rounding level (the zeros of an
+    Not on every input (cause not isolated; the products are exact, so likely the magnitude
+    thresholds inside LAPACK's norms): a matrix and a power-of-two multiple of it can differ in
+    values at rounding level (the zeros of an
     exactly rank-one matrix, ~1e-7 x sigma_1: up to 2e-1 relative to themselves) and, near the
     2**-32 boundary, in the 7th digit of a small genuine value (QA, 2026-12-06); every value
     stays within the accuracy goal, as the scaled buffer's did.
