@@ -401,17 +401,23 @@ def test_smooth_never_writes_non_finite_values() -> None:
     assert torch.equal(before, layer.weight.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", [SmoothingMethod.CAP, SmoothingMethod.CLIP])
-def test_smooth_never_shrinks_a_rank_one_weight_to_rounding_noise(method: SmoothingMethod) -> None:
-    # Capping its only value to a stable rank of 4 left 1.5e-4 of its norm: the noise of the
-    # measurement, written into the weight.
+def test_smooth_never_shrinks_a_rank_one_weight_to_rounding_noise(
+    method: SmoothingMethod, dtype: torch.dtype
+) -> None:
+    # Capping its only value to a stable rank of 4 left 1.5e-4 of its norm (float32): the
+    # noise of the measurement, written into the weight; in bf16, the rounding of the stored
+    # entries (2e-3 of the norm).
     from pss_cli.core.spectra import KrylovSettings
     from pss_cli.guard.smooth import smooth_spec, smoothing_params
     from pss_cli.guard.targets import MatrixSpec
 
-    layer = nn.Linear(80, 96)
+    layer = nn.Linear(80, 96).to(dtype)
+    generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(96, 1, generator=torch.Generator().manual_seed(2)))
+        outer = torch.randn(96, 1, generator=generator) @ torch.randn(1, 80, generator=generator)
+        layer.weight.copy_(outer)
     before = layer.weight.detach().clone()
     spec = MatrixSpec("w", "w", layer.weight, "other", None, 0, (96, 80))
     params = smoothing_params(method, 4.0 if method is SmoothingMethod.CAP else None, 4.0, 1)

@@ -486,17 +486,47 @@ def test_a_change_that_wipes_the_matrix_out_is_reported(tmp_path: Path) -> None:
     assert not any("of its norm" in message for message in healthy.messages)
 
 
-def test_an_exactly_rank_one_matrix_is_left_alone_and_the_rest_is_smoothed(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("dtype", "kind"),
+    [
+        (torch.float32, "exact"),
+        (torch.float32, "outer"),
+        (torch.float32, "noise"),
+        (torch.bfloat16, "outer"),
+        (torch.float16, "outer"),
+    ],
+    ids=[
+        "F32-identical-columns",
+        "F32-outer-product",
+        "F32-outer-product-with-1e-6-noise",
+        "BF16-outer-product",
+        "F16-outer-product",
+    ],
+)
+@pytest.mark.parametrize("method", [SmoothingMethod.CAP, SmoothingMethod.CLIP])
+def test_a_rank_one_matrix_is_left_alone_and_the_rest_is_smoothed(
+    tmp_path: Path, dtype: torch.dtype, kind: str, method: SmoothingMethod
 ) -> None:
-    # Smoothing it would leave only the rounding noise of its measurement, which the
-    # verification cannot reproduce: before, the whole run failed and nothing was written.
+    # What lies below its sigma_1 is rounding (of the measurement, or of the stored entries:
+    # 2e-3 of the norm in bf16), which cap and clip would make the whole matrix. Before, F32
+    # failed the verification and wrote nothing for the whole run (also with noise at 1e-6 of
+    # the norm: stable rank 5.994 for 6); BF16 and F16 were written at 2e-3 and 2e-4 of their
+    # norms.
     (tmp_path / "in").mkdir()
-    tensors = _model_tensors(torch.float32)
-    column = torch.randn(96, 1, generator=torch.Generator().manual_seed(5))
-    tensors["rank_one.weight"] = column.expand(96, 80).contiguous()  # identical columns
+    tensors = _model_tensors(dtype)
+    generator = torch.Generator().manual_seed(5)
+    column = torch.randn(96, 1, generator=generator)
+    if kind == "exact":
+        rank_one = column.expand(96, 80).contiguous()  # identical columns: exactly rank one
+    else:
+        rank_one = column @ torch.randn(1, 80, generator=generator)  # rank one, then rounded
+    if kind == "noise":
+        noise = torch.randn(96, 80, generator=generator)
+        rank_one = rank_one + noise * (1e-6 * rank_one.norm() / noise.norm())
+    tensors["rank_one.weight"] = rank_one.to(dtype)
     source = write_tensors(tmp_path / "in" / "m.safetensors", tensors)
-    report = smooth_checkpoint(source, tmp_path / "out", _config())
+    params = SmoothingParams(method=method, target_stable_rank=6.0)
+    report = smooth_checkpoint(source, tmp_path / "out", _config(params=params))
     assert [layer.name for layer in report.layers] == ["down.weight"]
     assert all(layer.verified for layer in report.layers)
     (left,) = [x for x in report.not_smoothed if x.name == "rank_one.weight"]

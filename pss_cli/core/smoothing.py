@@ -26,15 +26,34 @@ class NeedMoreValues(Exception):
         self.needed = needed
 
 
-# Energy (relative to ||W||_F^2) below which what smoothing would leave of a matrix is rounding
-# noise (`leaves_only_noise`), and why such a matrix is left alone (formatted with the fraction
-# of its norm that would be left).
-NOISE_ENERGY = 1e-12
+# What smoothing would leave of a matrix, as a fraction of ||W||_F^2, at or below which it is
+# rounding noise (`noise_floor`, `leaves_only_noise`). QA on rank-one-plus-noise F32 matrices:
+# a remainder of 1e-6 of the norm (1e-12 of the energy) was smoothed and then failed `pss
+# smooth`'s verification with float32 compute (stable rank 5.994 for 6), 3e-6 and above
+# verified; 1e-5 of the norm keeps a margin.
+NOISE_ENERGY = 1e-10
+# x the eps of the dtype the values were computed in: ||W||_F^2 - sum(s_i^2) is known to
+# ~2 eps ||W||_F^2.
 NOISE_EPS_FACTOR = 16
-NOISE_REASON = (
-    "numerically of low rank: smoothing its top singular values would leave only {:.0e} of its "
-    "norm, which is rounding noise"
-)
+
+
+def noise_floor(computed: torch.dtype, stored: torch.dtype) -> float:
+    """The energy (relative to ||W||_F^2) below which what lies outside a matrix's top values
+    may be rounding: of the computation of the values (`computed`; NOISE_EPS_FACTOR x eps), or
+    of the stored entries (`stored`: each entry rounded by up to eps/2, so at most eps^2/4 of
+    the energy; eps^2 keeps a 4x margin), and never below NOISE_ENERGY.
+
+    The stored dtype matters: a rank-one matrix stored in bf16 has 1.7-2e-3 of its norm in
+    bf16 rounding below sigma_1, above what float32 values resolve, and clip or cap shrank it
+    to that (QA: norm 104 -> 0.18 in `pss smooth`, 101 -> 0.18 in the guard; F16 2.2e-4).
+    bf16: 6.1e-5 of the energy (7.8e-3 of the norm); float16 9.5e-7 (9.8e-4); float32 values
+    1.9e-6 (1.4e-3); float64 values on float32 storage NOISE_ENERGY (1e-5).
+    """
+    return max(
+        NOISE_ENERGY,
+        NOISE_EPS_FACTOR * torch.finfo(computed).eps,
+        torch.finfo(stored).eps ** 2 if stored.is_floating_point else 0.0,
+    )
 
 
 def energy_after(top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: float) -> float:
@@ -45,22 +64,27 @@ def energy_after(top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: fl
 
 
 def leaves_only_noise(
-    top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: float, precision: float
+    top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: float, floor: float
 ) -> bool:
-    """Whether the smoothed matrix would be rounding noise: a matrix (numerically) of rank at
-    most the values changed, whose energy outside them, ||W||_F^2 - sum(s_i^2), is only the
-    error of the values. precision: the relative precision of the values (the eps of the dtype
-    they were computed in); that energy is then known to ~2 precision ||W||_F^2.
+    """Whether the smoothed matrix would be rounding noise: energy_after below `floor` (a
+    `noise_floor`) x ||W||_F^2, a matrix numerically of rank at most the values changed.
 
     Why refuse it: cap and clip then shrink the matrix to that noise. An exactly rank-one
     96 x 80 weight in training went from norm 88.7 to 1.5e-4 (the guard, clip or cap to
-    stable rank 4, float32 values: 2.4e-7 of the energy left), and `pss smooth` (values refined
-    in float64: 4e-14 left) failed its verification and wrote nothing (stable rank after
-    writing 1, expected 6). The threshold, NOISE_EPS_FACTOR x precision and never below
-    NOISE_ENERGY, leaves a rank-one matrix with 1e-4 noise (1e-8 of its energy) to `pss smooth`.
+    stable rank 4), and `pss smooth` failed its verification and wrote nothing for the whole
+    checkpoint (stable rank after writing 1, expected 6).
     """
-    floor = max(NOISE_ENERGY, NOISE_EPS_FACTOR * precision) * frobenius_norm**2
-    return energy_after(top, new_values, frobenius_norm) < floor
+    return energy_after(top, new_values, frobenius_norm) < floor * frobenius_norm**2
+
+
+def noise_reason(top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: float) -> str:
+    """Why a matrix that `leaves_only_noise` is left alone, with what would be left of it."""
+    kept = math.sqrt(energy_after(top, new_values, frobenius_norm)) / frobenius_norm
+    amount = "less than 1e-12" if kept < 1e-12 else f"{kept:.0e}"
+    return (
+        f"numerically of low rank: smoothing its top singular values would leave only {amount} "
+        "of its norm, which is rounding noise"
+    )
 
 
 @dataclass(frozen=True)

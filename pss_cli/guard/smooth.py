@@ -17,12 +17,13 @@ import torch
 
 from pss_cli.core.power import stable_jacobian_energy
 from pss_cli.core.smoothing import (
-    NOISE_REASON,
     NeedMoreValues,
     SmoothingParams,
     apply_spectrum_change,
     energy_after,
     leaves_only_noise,
+    noise_floor,
+    noise_reason,
     smooth_values,
 )
 from pss_cli.core.spectra import (
@@ -104,9 +105,9 @@ def smooth_spec(
     if not write or not bool(changed.any()):
         reason = None if not write else "the method leaves this spectrum unchanged"
         return _unchanged(spec, norm, sigma, stable_rank, sje, reason)
-    if leaves_only_noise(triplets.values, new_values, unit_norm, torch.finfo(dtype).eps):
-        kept = math.sqrt(energy_after(triplets.values, new_values, unit_norm)) / unit_norm
-        return _unchanged(spec, norm, sigma, stable_rank, sje, NOISE_REASON.format(kept))
+    if leaves_only_noise(triplets.values, new_values, unit_norm, noise_floor(dtype, full.dtype)):
+        reason = noise_reason(triplets.values, new_values, unit_norm)
+        return _unchanged(spec, norm, sigma, stable_rank, sje, reason)
     left = triplets.left.to(wide.device, torch.float64)[:, changed.to(triplets.left.device)]
     right = triplets.right.to(wide.device, torch.float64)[:, changed.to(triplets.right.device)]
     values = (triplets.values[changed] * norm).to(wide.device)

@@ -14,10 +14,11 @@ from pss_cli.core.norms import frobenius_norm
 from pss_cli.core.refine import refine_float64
 from pss_cli.core.smoothing import (
     METHODS,
-    NOISE_REASON,
     NeedMoreValues,
     energy_after,
     leaves_only_noise,
+    noise_floor,
+    noise_reason,
     smooth_values,
 )
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
@@ -110,10 +111,11 @@ def _smooth_one(
     changed = (new_values != triplets.values).cpu()
     if not bool(changed.any()):
         return "the method leaves this spectrum unchanged"
-    new_energy = energy_after(triplets.values, new_values, unit_norm)
     # The values that change are refined in float64 above whatever the compute dtype.
-    if leaves_only_noise(triplets.values, new_values, unit_norm, torch.finfo(torch.float64).eps):
-        return NOISE_REASON.format(math.sqrt(new_energy) / unit_norm)
+    floor = noise_floor(torch.float64, stored.dtype)
+    if leaves_only_noise(triplets.values, new_values, unit_norm, floor):
+        return noise_reason(triplets.values, new_values, unit_norm)
+    new_energy = energy_after(triplets.values, new_values, unit_norm)
     update = RankUpdate(
         triplets.left.to("cpu", torch.float64)[:, changed],
         triplets.values[changed] * norm,
