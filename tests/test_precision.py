@@ -408,6 +408,43 @@ def test_fp32_products_of_a_bf16_matrix_convert_a_slab_at_a_time(monkeypatch) ->
     torch.testing.assert_close(ops.adjoint(left[1:]), wide[1:].mT @ left[1:], rtol=1e-5, atol=1e-4)
 
 
+def test_the_retry_of_a_bf16_matrix_starts_after_its_bases_are_freed(monkeypatch) -> None:
+    # The memory plan counts one set of Krylov bases per batch: the bf16 pass's must be gone
+    # when the fp32 retry allocates its own.
+    import gc
+    import weakref
+
+    from pss_cli.core import krylov_basis, lanczos
+
+    buffers: list[weakref.ref[torch.Tensor]] = []
+    alive_at_retry: list[int] = []
+    init, select, original = krylov_basis.Basis.__init__, krylov_basis.Basis.select, None
+
+    def recorded_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        init(self, *args, **kwargs)
+        buffers.append(weakref.ref(self.buffer))
+
+    def recorded_select(self, keep):  # type: ignore[no-untyped-def]
+        select(self, keep)
+        buffers.append(weakref.ref(self.buffer))
+
+    def recorded(tall, k, start, settings, vectors=None):  # type: ignore[no-untyped-def]
+        gc.collect()
+        alive_at_retry.append(sum(ref() is not None for ref in buffers))
+        assert original is not None
+        return original(tall, k, start, settings, vectors)
+
+    monkeypatch.setattr(krylov_basis.Basis, "__init__", recorded_init)
+    monkeypatch.setattr(krylov_basis.Basis, "select", recorded_select)
+    original = lanczos.block_lanczos
+    monkeypatch.setattr(lanczos, "block_lanczos", recorded)
+    stored = _unit(with_spectrum(800, 700, power_law(700, 0.5), seed=4).to(torch.bfloat16).float())
+    strict = KrylovSettings(exact_max_dim=0, tol_sigma_max=1e-9, tol_top_k=1e-3)
+    top_singular_values(stored.to(torch.bfloat16)[None], 16, gaussian_start([2], 700, 32), strict)
+    assert len(alive_at_retry) == 1  # the retry ran
+    assert buffers and alive_at_retry == [0]
+
+
 def test_the_retry_of_a_bf16_matrix_keeps_it_in_bf16(monkeypatch) -> None:
     # A matrix the bf16 products cannot vouch for is solved again with fp32 products on the bf16
     # matrix itself (the memory plan counts no float32 copy of it), to the same result as on

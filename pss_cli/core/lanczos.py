@@ -193,6 +193,10 @@ def block_lanczos(
         # bf16 did not converge, or its Ritz values and the fp32 Rayleigh-Ritz ones disagreed
         # beyond the tolerance: the same start, compute-dtype products (which themselves fall
         # back to a full SVD when needed). Never a value the test could not vouch for.
+        # This run's Krylov state goes first: the memory plan counts one set of bases
+        # (pipeline/memory.py: batch_peak_bytes), and this frame kept its right basis alive
+        # through the retry (21 MB for a 4096-wide matrix, beyond the planned peak).
+        del ops, u_basis, v_basis, v_first, v_last, u_last, r_blocks, s_blocks, history
         chosen = torch.tensor(sorted(retry), device=tall.device)
         # The batch itself when every matrix is retried (no copy); a bf16 batch stays bf16.
         again_tall = tall if len(retry) == batch else tall[chosen]
