@@ -38,20 +38,26 @@ def deterministic_lapack(like: torch.Tensor) -> Iterator[None]:
     depth = getattr(_THREAD, "depth", 0)
     if depth == 0:
         _THREAD.saved = torch.get_num_threads()
-        _set_own_threads(1)
+        set_own_threads(1)
     _THREAD.depth = depth + 1
     try:
         yield
     finally:
         _THREAD.depth -= 1
         if _THREAD.depth == 0:
-            _set_own_threads(_THREAD.saved)
+            set_own_threads(_THREAD.saved)
 
 
-def _set_own_threads(count: int) -> None:
-    # Only when it changes: `torch.set_num_threads` also sets the count that threads starting
-    # afterwards take (a thread the host program starts during a scan), so a thread already on
-    # `count` (a one-thread solver, pss_cli/pipeline/solve.py) never touches it.
+def set_own_threads(count: int) -> None:
+    """Set the calling thread's torch thread count (OpenMP's and MKL's are kept per OS thread).
+
+    torch gives a thread its count lazily, from the count new threads take, at the thread's
+    first get_num_threads or parallel kernel: the get_num_threads here comes first, or that
+    set-up would undo this. Only set when it changes: `torch.set_num_threads` also sets the
+    count that threads starting afterwards take (a thread the host program starts during a
+    scan), so a thread already on `count` (a one-thread solver, pss_cli/pipeline/solve.py)
+    never touches it.
+    """
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
 
@@ -94,7 +100,7 @@ def _solve_share(solve: Callable[[int], T], share: range) -> list[T]:
     # global count only when one of its own parallel kernels starts, never before a LAPACK call:
     # a pool thread's first QR ran MKL on every core (other last bits than one thread, for a
     # float32 600 x 32 block). Setting it here, inside `deterministic_lapack`, sets 1 again.
-    _set_own_threads(1)
+    set_own_threads(1)
     return [solve(index) for index in share]
 
 

@@ -63,23 +63,21 @@ def energy_after(top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: fl
     return float((new_values**2).sum()) + rest
 
 
-def leaves_only_noise(
-    top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: float, floor: float
-) -> bool:
-    """Whether the smoothed matrix would be rounding noise: energy_after below `floor` (a
-    `noise_floor`) x ||W||_F^2, a matrix numerically of rank at most the values changed.
+def leaves_only_noise(energy: float, frobenius_norm: float, floor: float) -> bool:
+    """Whether the smoothed matrix would be rounding noise: its `energy_after` below `floor`
+    (a `noise_floor`) x ||W||_F^2, a matrix numerically of rank at most the values changed.
 
     Why refuse it: cap and clip then shrink the matrix to that noise. An exactly rank-one
     96 x 80 weight in training went from norm 88.7 to 1.5e-4 (the guard, clip or cap to
     stable rank 4), and `pss smooth` failed its verification and wrote nothing for the whole
     checkpoint (stable rank after writing 1, expected 6).
     """
-    return energy_after(top, new_values, frobenius_norm) < floor * frobenius_norm**2
+    return energy < floor * frobenius_norm**2
 
 
-def noise_reason(top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: float) -> str:
+def noise_reason(energy: float, frobenius_norm: float) -> str:
     """Why a matrix that `leaves_only_noise` is left alone, with what would be left of it."""
-    kept = math.sqrt(energy_after(top, new_values, frobenius_norm)) / frobenius_norm
+    kept = math.sqrt(energy) / frobenius_norm
     amount = "less than 1e-12" if kept < 1e-12 else f"{kept:.0e}"
     return (
         f"numerically of low rank: smoothing its top singular values would leave only {amount} "

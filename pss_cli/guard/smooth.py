@@ -105,9 +105,9 @@ def smooth_spec(
     if not write or not bool(changed.any()):
         reason = None if not write else "the method leaves this spectrum unchanged"
         return _unchanged(spec, norm, sigma, stable_rank, sje, reason)
-    if leaves_only_noise(triplets.values, new_values, unit_norm, noise_floor(dtype, full.dtype)):
-        reason = noise_reason(triplets.values, new_values, unit_norm)
-        return _unchanged(spec, norm, sigma, stable_rank, sje, reason)
+    energy = energy_after(triplets.values, new_values, unit_norm)
+    if leaves_only_noise(energy, unit_norm, noise_floor(dtype, full.dtype)):
+        return _unchanged(spec, norm, sigma, stable_rank, sje, noise_reason(energy, unit_norm))
     left = triplets.left.to(wide.device, torch.float64)[:, changed.to(triplets.left.device)]
     right = triplets.right.to(wide.device, torch.float64)[:, changed.to(triplets.right.device)]
     values = (triplets.values[changed] * norm).to(wide.device)
@@ -120,7 +120,6 @@ def smooth_spec(
             spec, norm, sigma, stable_rank, sje, f"result not finite in {full.dtype}: not written"
         )
     _write(spec, full, updated)
-    energy = energy_after(triplets.values, new_values, unit_norm)
     top_after = float(new_values.max())
     return SmoothOutcome(
         spec.name,

@@ -16,6 +16,7 @@ from pss_cli.checkpoint.model import CheckpointLayout
 from pss_cli.checkpoint.reader import TensorReader
 from pss_cli.config import MIN_STABLE_RANK_FRACTION_OF_RANK, ScanConfig
 from pss_cli.core.krylov_basis import import_lapack_in_background
+from pss_cli.core.lapack import set_own_threads
 from pss_cli.core.metrics import SpectralMetrics, spectral_metrics, stable_rank_floor
 from pss_cli.core.norms import scale_back
 from pss_cli.core.spectra import (
@@ -280,7 +281,7 @@ def _quick_start(batches: list[Batch]) -> list[Batch]:
 
 def _start_loader(pool: ThreadPoolExecutor, threads: int) -> None:
     """Start the loader's thread with its own torch thread count set to one, then set the
-    caller's `threads` again as the count new threads take (`_start_solvers` says why).
+    caller's `threads` again as the count new threads take (`_compute_concurrently` says why).
 
     Why one: the loader's work (norms, conversions, the power-of-two scaling) overlaps the
     solvers', which already have every thread. With the caller's count its kernels ran on two
@@ -290,28 +291,20 @@ def _start_loader(pool: ThreadPoolExecutor, threads: int) -> None:
     depend on its thread count: copies and divisions by powers of two are exact, and the norm
     is summed in a fixed order (core/norms.py).
     """
-
-    def one_thread() -> None:
-        torch.get_num_threads()  # torch's lazy per-thread set-up first (see `_start_solvers`)
-        torch.set_num_threads(1)
-
     try:
-        pool.submit(one_thread).result()
+        pool.submit(set_own_threads, 1).result()
     finally:
         torch.set_num_threads(threads)
 
 
 def _start_solvers(solvers: ThreadPoolExecutor, threads: int) -> None:
-    """Start every solver thread and set its own torch thread count (OpenMP's and MKL's are kept
-    per OS thread). The barrier holds each start task until all have begun, so that each lands
-    on a thread of its own."""
+    """Start every solver thread and set its own torch thread count
+    (`pss_cli.core.lapack.set_own_threads`). The barrier holds each start task until all have
+    begun, so that each lands on a thread of its own."""
     barrier = threading.Barrier(SOLVERS)
 
     def start() -> None:
-        # torch gives a thread its count lazily, from the count new threads take, at the
-        # thread's first get_num_threads or parallel kernel: that first, or it would undo this.
-        torch.get_num_threads()
-        torch.set_num_threads(threads)
+        set_own_threads(threads)
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait()
 

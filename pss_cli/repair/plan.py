@@ -111,11 +111,10 @@ def _smooth_one(
     changed = (new_values != triplets.values).cpu()
     if not bool(changed.any()):
         return "the method leaves this spectrum unchanged"
-    # The values that change are refined in float64 above whatever the compute dtype.
-    floor = noise_floor(torch.float64, stored.dtype)
-    if leaves_only_noise(triplets.values, new_values, unit_norm, floor):
-        return noise_reason(triplets.values, new_values, unit_norm)
     new_energy = energy_after(triplets.values, new_values, unit_norm)
+    # The values that change are refined in float64 above whatever the compute dtype.
+    if leaves_only_noise(new_energy, unit_norm, noise_floor(torch.float64, stored.dtype)):
+        return noise_reason(new_energy, unit_norm)
     update = RankUpdate(
         triplets.left.to("cpu", torch.float64)[:, changed],
         triplets.values[changed] * norm,
