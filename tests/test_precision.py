@@ -307,6 +307,14 @@ def test_a_wide_matrix_gets_the_bf16_products_of_its_row_major_tall_copy(
     ops = Products(wide.mT, low=True)
     assert ops.low is not None and ops.low.is_contiguous()
     torch.testing.assert_close(ops.low.float(), wide.mT.to(torch.bfloat16).float(), rtol=0, atol=0)
+    # A strided batch (every other matrix of a stack) was as slow (33 against 4 ms at 4096^2).
+    stack = torch.randn(4, 40, 30).to(torch.bfloat16)
+    every_other = Products(stack[::2], low=True).low
+    assert every_other is not None and every_other.is_contiguous()
+    assert torch.equal(every_other, stack[::2])
+    # A contiguous batch, as the scan's loader makes, is used as it is: no copy.
+    as_loaded = Products(stack, low=True).low
+    assert as_loaded is not None and as_loaded.data_ptr() == stack.data_ptr()
 
 
 def test_a_bf16_matrix_that_cannot_be_vouched_for_is_converted() -> None:
