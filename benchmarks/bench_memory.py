@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cpu_info import cpu_flags, cpu_name
+from cpu_info import cpu_flags, cpu_name, isa_caps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import MatrixSpec, build_matrix  # a sibling script, not a package
@@ -440,7 +440,8 @@ def measure(args: argparse.Namespace, total: int) -> None:
     ]
     lines = [
         f"- Date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
-        f"- CPU: {cpu_name()}, flags {cpu_flags()}; {os.cpu_count()} logical CPUs, "
+        f"- CPU: {cpu_name()}, flags {cpu_flags()}; instruction-set caps: {isa_caps()}; "
+        f"{os.cpu_count()} logical CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python "
         f"{platform.python_version()}",
         f"- Checkpoint: {args.blocks} Llama-7B-shaped blocks + embedding + lm_head, BF16, "

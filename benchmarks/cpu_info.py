@@ -7,11 +7,23 @@ family/model numbers and the flags that decide the product precision."""
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 from pathlib import Path
 
 # CPU flags that decide what a bf16 product costs (see pss_cli.core.precision).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# Variables that cap the instruction sets the libraries use, whatever the CPU has: oneDNN (torch's
+# bf16 GEMM on CPU), torch's own kernels, MKL (fp32 GEMM, LAPACK). With ONEDNN_MAX_CPU_ISA=AVX2
+# ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2, an Intel Xeon with AMX multiplied
+# (2048 x 2048) @ (2048 x 32) in bf16 49x slower than in fp32, as an AVX2-only CPU does.
+ISA_CAPS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
 
 
 def cpu_fields() -> dict[str, str]:
@@ -39,3 +51,14 @@ def cpu_flags() -> str:
     """E.g. "avx2: yes, avx512f: yes, avx512_bf16: yes, amx_bf16: no, amx_tile: no"."""
     flags = set(cpu_fields().get("flags", "").split())
     return ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+
+
+def isa_caps() -> str:
+    """The instruction-set caps in effect, e.g. "none" or "ONEDNN_MAX_CPU_ISA=AVX2 (torch's
+    kernels: AVX2)": a figure measured under caps is not a figure of an older CPU, and says so."""
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    torch = sys.modules.get("torch")
+    kernels = ""
+    if torch is not None:
+        kernels = f" (torch's kernels: {torch.backends.cpu.get_cpu_capability()})"
+    return (", ".join(caps) if caps else "none") + kernels
