@@ -303,7 +303,12 @@ def test_a_wide_matrix_gets_the_bf16_products_of_its_row_major_tall_copy(
     from_view = top_singular_values(wide, 16, start, BF16)
     from_rows = top_singular_values(wide.mT.contiguous(), 16, start, BF16)
     assert from_view.iterations == from_rows.iterations
-    assert torch.equal(from_view.values, from_rows.values)
+    if stored == torch.bfloat16:
+        assert torch.equal(from_view.values, from_rows.values)
+    else:
+        # The one float32 product of the Rayleigh-Ritz step multiplies the caller's float32
+        # matrix, view or not: MKL may round that product differently (it did under AVX2 caps).
+        torch.testing.assert_close(from_view.values, from_rows.values, rtol=1e-6, atol=0.0)
     ops = Products(wide.mT, low=True)
     assert ops.low is not None and ops.low.is_contiguous()
     torch.testing.assert_close(ops.low.float(), wide.mT.to(torch.bfloat16).float(), rtol=0, atol=0)
@@ -397,7 +402,11 @@ def test_a_bf16_buffer_left_unscaled_gives_the_values_of_a_scaled_one(
     # 2**exponent.
     from pss_cli.core.norms import BF16_UNSCALED_EXPONENT
 
-    base = with_spectrum(900, 700, spiky(700), seed=4)
+    # A short side of 1100 allows 17 iterations and this matrix needs 12 (with a native bf16
+    # GEMM and with an emulated one: an Intel Xeon with and without AVX2 caps). At 900 x 700 it
+    # needed all of its budget of 10, and an emulated kernel's rounding tipped it into the
+    # full-SVD fallback, which bypasses the scaling this test is about.
+    base = with_spectrum(1300, 1100, spiky(1100), seed=4)
     if wide:
         base = base.mT.contiguous()
     layers = {}
