@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -1041,7 +1042,9 @@ def machine_info() -> str:
         f"- CPU: {cpu} ({_cpu_count()} logical CPUs visible); flags {present}; "
         f"instruction-set caps: {isa_caps()}\n"
         f"- torch {torch.__version__}, BLAS {blas} (fp32 GEMM), oneDNN for bf16 GEMM on CPU; "
-        f"torch.get_num_threads() = {torch.get_num_threads()}\n"
+        f"torch.get_num_threads() = {torch.get_num_threads()}; MKL_CBWR "
+        f"{os.environ.get('MKL_CBWR') or 'unset'} in-process (the `pss scan` process sets "
+        "AUTO,STRICT unless set: on MKL's AVX2 kernels it slowed pss's fp32 products)\n"
         f"- (4096x4096)@(4096x32), best of 7: fp32 {gemm[0] * 1e3:.2f} ms, bf16 "
         f"{gemm[1] * 1e3:.2f} ms (bf16/fp32 time ratio {gemm[1] / gemm[0]:.3f})\n"
         f"- CUDA device: {cuda}\n"
@@ -1077,8 +1080,6 @@ def choose_auto(options: argparse.Namespace) -> tuple[str, float]:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
