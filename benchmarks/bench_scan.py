@@ -434,7 +434,9 @@ def method_floor(args: argparse.Namespace, names: list[str]) -> tuple[list[float
     device = torch.device(args.compute_device)
     low = args.precision == "bf16"
     generator = torch.Generator().manual_seed(SEED)
-    sources, buffers, blocks = {}, {}, {}
+    sources: dict[str, torch.Tensor] = {}
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}  # fp32 conversion buffers, by shape
+    blocks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     with safe_open(args.checkpoint, framework="pt", device="cpu") as f:
         for name in names:
             # clone(): make the stored bytes resident, so the timed copy is a pure conversion.
@@ -445,8 +447,9 @@ def method_floor(args: argparse.Namespace, names: list[str]) -> tuple[list[float
                 source = source.to(device, torch.bfloat16).contiguous()
             sources[name] = source
             shape = tuple(source.shape)
-            if shape not in buffers:
-                buffers[shape] = torch.empty(shape, dtype=torch.float32, device=device)
+            if shape not in blocks:
+                if not low:
+                    buffers[shape] = torch.empty(shape, dtype=torch.float32, device=device)
                 m, n = shape
                 blocks[shape] = (_qr_layout(n, generator, device), _qr_layout(m, generator, device))
 
@@ -788,9 +791,10 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
         pss_runs: dict[str, dict] = {}
         pss_seconds: dict[str, float | None] = {}
         auto = choose_auto(options)
-        # Where bf16 GEMMs are slower than fp32 (no AVX512_BF16 or AMX: 40-300x, pss's `auto`
-        # then picks fp32), pss's bf16 run and its floor took minutes each; their accuracy is the
-        # test suite's business on every machine. --bf16 always measures them anyway.
+        # Where `auto` picks fp32 (bf16 GEMMs not at least BF16_MIN_SPEEDUP faster; on an
+        # AVX2-only CPU they are emulated, 40-300x slower, and pss's bf16 run and its floor took
+        # minutes each), those two are skipped: their accuracy is the test suite's business on
+        # every machine. --bf16 always measures them anyway.
         precisions = (
             ("fp32", "bf16") if options.bf16 == "always" or auto[0] == "bf16" else ("fp32",)
         )
@@ -914,9 +918,14 @@ def bench_workload(workload: Workload, options: argparse.Namespace) -> str:
         f"{auto[0]} products."
     )
     if "bf16" not in pss_runs:
+        speed = (
+            f"{auto[1]:.0f}x slower than fp32"
+            if auto[1] >= 1.0
+            else f"only {1.0 / auto[1]:.2f}x faster than fp32, so `auto` keeps fp32"
+        )
         notes.append(
-            "pss --precision bf16 and its product floor: not measured (bf16 GEMMs are "
-            f"{auto[1]:.0f}x slower than fp32 here; `--bf16 always` measures them)."
+            f"pss --precision bf16 and its product floor: not measured (bf16 GEMMs {speed} "
+            "here; `--bf16 always` measures them)."
         )
     say("\n" + "\n".join(f"- {n}" for n in notes))
 

@@ -295,7 +295,7 @@ def test_a_wide_matrix_gets_the_bf16_products_of_its_row_major_tall_copy(
     stored: torch.dtype,
 ) -> None:
     # top_singular_values works on the tall view of a wide batch. bf16 products on a transposed
-    # view were 10-70x slower (mixed_precision.Products), so the bf16 matrix is made row-major
+    # view were 8-75x slower (mixed_precision.Products), so the bf16 matrix is made row-major
     # first: the same bits as for the tall matrix laid out row-major, as the scan's loader does.
     wide = _unit(with_spectrum(600, 900, flat_bulk(600), seed=12).to(torch.bfloat16).float())
     wide = wide.to(stored)[None]
