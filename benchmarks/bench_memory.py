@@ -191,7 +191,7 @@ def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, A
     from safetensors import safe_open
 
     from pss_cli.config import DEFAULT_TOP_K
-    from pss_cli.core.norms import scale_to_unit
+    from pss_cli.core.norms import buffer_norm, scale_to_unit
     from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_values
     from pss_cli.pipeline import matrix_seed, resolve_device
 
@@ -233,7 +233,7 @@ def method_compute(folder: Path, device_spec: str, products: str) -> dict[str, A
                 # own bf16 values. Dividing by the norm itself rounded them, and the bf16 solver
                 # then fell back to fp32 products on most matrices (the floor came out slower
                 # than the scan).
-                norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+                norm = buffer_norm(matrix)  # the loader's own norm (pipeline/loader.py)
                 scale_to_unit(matrix, norm)
                 start = gaussian_start(
                     [matrix_seed(0, name, None)], matrix.shape[1], settings.block_size

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from pathlib import Path
 
 # CPU flags that decide what a bf16 product costs (see pss_cli.core.precision).
@@ -56,9 +55,8 @@ def cpu_flags() -> str:
 def isa_caps() -> str:
     """The instruction-set caps in effect, e.g. "none" or "ONEDNN_MAX_CPU_ISA=AVX2 (torch's
     kernels: AVX2)": a figure measured under caps is not a figure of an older CPU, and says so."""
+    import torch  # every benchmark has it loaded already
+
     caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
-    torch = sys.modules.get("torch")
-    kernels = ""
-    if torch is not None:
-        kernels = f" (torch's kernels: {torch.backends.cpu.get_cpu_capability()})"
-    return (", ".join(caps) if caps else "none") + kernels
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return f"{', '.join(caps) if caps else 'none'} (torch's kernels: {kernels})"

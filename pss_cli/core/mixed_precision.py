@@ -36,10 +36,8 @@ class Products:
     """
 
     def __init__(self, a: torch.Tensor, low: bool) -> None:
-        if a.dtype == torch.bfloat16 and low:
-            a = a.contiguous()
-        self.a = a
         if a.dtype == torch.bfloat16:
+            a = a.contiguous() if low else a  # row-major for bf16 products (above)
             # A BF16 checkpoint loaded as stored (pss_cli/pipeline/loader.py): the matrix is its
             # own bf16 copy, and the compute-dtype products convert it a slab at a time. With
             # `low` False (the fp32 retry of a matrix bf16 could not vouch for) every product is
@@ -51,6 +49,7 @@ class Products:
         else:
             self.low = a.to(torch.bfloat16, memory_format=torch.contiguous_format) if low else None
             self.compute = a.dtype
+        self.a = a
         # The batch rows still iterating. Converged matrices are dropped from this list, never
         # from `a`: compacting a (B, m, n) batch copied every remaining matrix (fp32 and bf16)
         # each time one converged, 50 ms per 11008 x 4096 matrix (AMD EPYC Zen 4, 2 threads),

@@ -119,10 +119,10 @@ def scale_to_unit(target: torch.Tensor, norm: float) -> int:
     values were bit for bit those of the scaled buffer on the tests' and benchmarks' inputs.
     Not on every input (cause not isolated; the products are exact, so likely the magnitude
     thresholds inside LAPACK's norms): a matrix and a power-of-two multiple of it can differ in
-    values at rounding level (the zeros of an
-    exactly rank-one matrix, ~1e-7 x sigma_1: up to 2e-1 relative to themselves) and, near the
-    2**-32 boundary, in the 7th digit of a small genuine value (QA, 2026-12-06); every value
-    stays within the accuracy goal, as the scaled buffer's did.
+    values at rounding level (the zeros of an exactly rank-one matrix, ~1e-7 x sigma_1: up to
+    2e-1 relative to themselves) and, near the 2**-32 boundary, in the 7th digit of a small
+    genuine value (QA, 2026-12-06); every value stays within the accuracy goal, as the scaled
+    buffer's did.
     """
     # Divide, never multiply by 1/scale: for a subnormal norm (5e-324) 1/scale overflows to inf
     # and 0 * inf = NaN reached LAPACK (found by tests/test_fuzz.py). A norm beyond float64's

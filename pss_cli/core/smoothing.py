@@ -27,7 +27,7 @@ class NeedMoreValues(Exception):
 
 
 # What smoothing would leave of a matrix, as a fraction of ||W||_F^2, at or below which it is
-# rounding noise (`noise_floor`, `leaves_only_noise`). QA on rank-one-plus-noise F32 matrices:
+# rounding noise (`noise_floor`, `noise_refusal`). QA on rank-one-plus-noise F32 matrices:
 # a remainder of 1e-6 of the norm (1e-12 of the energy) was smoothed and then failed `pss
 # smooth`'s verification with float32 compute (stable rank 5.994 for 6), 3e-6 and above
 # verified; 1e-5 of the norm keeps a margin.
@@ -63,20 +63,20 @@ def energy_after(top: torch.Tensor, new_values: torch.Tensor, frobenius_norm: fl
     return float((new_values**2).sum()) + rest
 
 
-def leaves_only_noise(energy: float, frobenius_norm: float, floor: float) -> bool:
-    """Whether the smoothed matrix would be rounding noise: its `energy_after` below `floor`
-    (a `noise_floor`) x ||W||_F^2, a matrix numerically of rank at most the values changed.
+def noise_refusal(
+    energy: float, frobenius_norm: float, computed: torch.dtype, stored: torch.dtype
+) -> str | None:
+    """Why the smoothed matrix is refused, or None: refused when its `energy_after` lies below
+    `noise_floor(computed, stored)` x ||W||_F^2, a matrix numerically of rank at most the values
+    changed; the reason says what would be left of it.
 
     Why refuse it: cap and clip then shrink the matrix to that noise. An exactly rank-one
     96 x 80 weight in training went from norm 88.7 to 1.5e-4 (the guard, clip or cap to
     stable rank 4), and `pss smooth` failed its verification and wrote nothing for the whole
     checkpoint (stable rank after writing 1, expected 6).
     """
-    return energy < floor * frobenius_norm**2
-
-
-def noise_reason(energy: float, frobenius_norm: float) -> str:
-    """Why a matrix that `leaves_only_noise` is left alone, with what would be left of it."""
+    if energy >= noise_floor(computed, stored) * frobenius_norm**2:
+        return None
     kept = math.sqrt(energy) / frobenius_norm
     amount = "less than 1e-12" if kept < 1e-12 else f"{kept:.0e}"
     return (

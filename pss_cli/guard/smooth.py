@@ -21,9 +21,7 @@ from pss_cli.core.smoothing import (
     SmoothingParams,
     apply_spectrum_change,
     energy_after,
-    leaves_only_noise,
-    noise_floor,
-    noise_reason,
+    noise_refusal,
     smooth_values,
 )
 from pss_cli.core.spectra import (
@@ -106,8 +104,9 @@ def smooth_spec(
         reason = None if not write else "the method leaves this spectrum unchanged"
         return _unchanged(spec, norm, sigma, stable_rank, sje, reason)
     energy = energy_after(triplets.values, new_values, unit_norm)
-    if leaves_only_noise(energy, unit_norm, noise_floor(dtype, full.dtype)):
-        return _unchanged(spec, norm, sigma, stable_rank, sje, noise_reason(energy, unit_norm))
+    refused = noise_refusal(energy, unit_norm, dtype, full.dtype)
+    if refused is not None:
+        return _unchanged(spec, norm, sigma, stable_rank, sje, refused)
     left = triplets.left.to(wide.device, torch.float64)[:, changed.to(triplets.left.device)]
     right = triplets.right.to(wide.device, torch.float64)[:, changed.to(triplets.right.device)]
     values = (triplets.values[changed] * norm).to(wide.device)

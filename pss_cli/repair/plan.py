@@ -16,9 +16,7 @@ from pss_cli.core.smoothing import (
     METHODS,
     NeedMoreValues,
     energy_after,
-    leaves_only_noise,
-    noise_floor,
-    noise_reason,
+    noise_refusal,
     smooth_values,
 )
 from pss_cli.core.spectra import KrylovSettings, gaussian_start, top_singular_triplets
@@ -113,8 +111,9 @@ def _smooth_one(
         return "the method leaves this spectrum unchanged"
     new_energy = energy_after(triplets.values, new_values, unit_norm)
     # The values that change are refined in float64 above whatever the compute dtype.
-    if leaves_only_noise(new_energy, unit_norm, noise_floor(torch.float64, stored.dtype)):
-        return noise_reason(new_energy, unit_norm)
+    refused = noise_refusal(new_energy, unit_norm, torch.float64, stored.dtype)
+    if refused is not None:
+        return refused
     update = RankUpdate(
         triplets.left.to("cpu", torch.float64)[:, changed],
         triplets.values[changed] * norm,
